@@ -1,0 +1,144 @@
+//! Assignment planning: which runnable task goes to which worker.
+//!
+//! Pure Rust, no Postgres: the scheduler loads workers with free slots and the head of each
+//! task name's queue, asks `plan` for the pairs, and applies them in one UPDATE.
+
+use std::collections::HashMap;
+
+/// A live worker and how many more tasks it can take now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerCapacity {
+    pub worker_id: i64,
+    pub task_names: Vec<String>,
+    pub free_slots: i32,
+}
+
+/// A queued, runnable task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub task_id: i64,
+    pub task_name: String,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    pub task_id: i64,
+    pub worker_id: i64,
+}
+
+/// How many tasks of each name could be placed right now: the free slots of all workers that
+/// serve it. The scheduler reads at most that many candidates per name.
+pub fn demand(workers: &[WorkerCapacity]) -> Vec<(String, i32)> {
+    let mut per_name: HashMap<&str, i32> = HashMap::new();
+    for w in workers.iter().filter(|w| w.free_slots > 0) {
+        for name in &w.task_names {
+            let slot = per_name.entry(name.as_str()).or_insert(0);
+            *slot = slot.saturating_add(w.free_slots);
+        }
+    }
+    let mut out: Vec<(String, i32)> = per_name.into_iter().map(|(n, c)| (n.to_string(), c)).collect();
+    out.sort();
+    out
+}
+
+/// Places candidates on workers: highest priority first, then oldest (lowest id), each on the
+/// serving worker with the most free slots (lowest id on ties), which spreads load evenly.
+/// Never gives a worker more tasks than its free slots.
+pub fn plan(workers: &[WorkerCapacity], candidates: &[Candidate]) -> Vec<Assignment> {
+    let mut free: Vec<i32> = workers.iter().map(|w| w.free_slots.max(0)).collect();
+    let mut serving: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, w) in workers.iter().enumerate() {
+        for name in &w.task_names {
+            serving.entry(name.as_str()).or_default().push(i);
+        }
+    }
+
+    let mut order: Vec<&Candidate> = candidates.iter().collect();
+    order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.task_id.cmp(&b.task_id)));
+
+    let mut out = Vec::new();
+    for c in order {
+        let Some(indexes) = serving.get(c.task_name.as_str()) else { continue };
+        let best = indexes
+            .iter()
+            .copied()
+            .filter(|&i| free[i] > 0)
+            .max_by(|&a, &b| free[a].cmp(&free[b]).then(workers[b].worker_id.cmp(&workers[a].worker_id)));
+        if let Some(i) = best {
+            free[i] -= 1;
+            out.push(Assignment { task_id: c.task_id, worker_id: workers[i].worker_id });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    fn worker(id: i64, names: &[&str], free: i32) -> WorkerCapacity {
+        WorkerCapacity {
+            worker_id: id,
+            task_names: names.iter().map(|s| s.to_string()).collect(),
+            free_slots: free,
+        }
+    }
+
+    fn task(id: i64, name: &str, priority: i32) -> Candidate {
+        Candidate { task_id: id, task_name: name.to_string(), priority }
+    }
+
+    #[test]
+    fn demand_sums_free_slots_per_name() {
+        let w = [worker(1, &["a", "b"], 2), worker(2, &["a"], 3), worker(3, &["c"], 0)];
+        assert_eq!(demand(&w), vec![("a".to_string(), 5), ("b".to_string(), 2)]);
+    }
+
+    #[test]
+    fn highest_priority_then_oldest() {
+        let w = [worker(1, &["a"], 2)];
+        let c = [task(1, "a", 1), task(2, "a", 3), task(3, "a", 3), task(4, "a", 2)];
+        let got: Vec<i64> = plan(&w, &c).iter().map(|a| a.task_id).collect();
+        assert_eq!(got, vec![2, 3]);
+    }
+
+    #[test]
+    fn never_exceeds_free_slots() {
+        let w = [worker(1, &["a"], 2), worker(2, &["a"], 1)];
+        let c: Vec<Candidate> = (1..=10).map(|i| task(i, "a", 1)).collect();
+        let p = plan(&w, &c);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.iter().filter(|a| a.worker_id == 1).count(), 2);
+        assert_eq!(p.iter().filter(|a| a.worker_id == 2).count(), 1);
+    }
+
+    #[test]
+    fn spreads_load_to_the_freest_worker() {
+        let w = [worker(1, &["a"], 1), worker(2, &["a"], 3)];
+        let c = [task(1, "a", 1), task(2, "a", 1)];
+        let p = plan(&w, &c);
+        assert_eq!(p, vec![Assignment { task_id: 1, worker_id: 2 }, Assignment { task_id: 2, worker_id: 2 }]);
+    }
+
+    #[test]
+    fn only_workers_serving_the_name() {
+        let w = [worker(1, &["a"], 5), worker(2, &["b"], 5)];
+        let c = [task(1, "b", 1), task(2, "a", 1), task(3, "z", 9)];
+        let p = plan(&w, &c);
+        assert_eq!(p, vec![Assignment { task_id: 1, worker_id: 2 }, Assignment { task_id: 2, worker_id: 1 }]);
+    }
+
+    #[test]
+    fn priority_across_names_for_a_shared_worker() {
+        let w = [worker(1, &["a", "b"], 1)];
+        let c = [task(1, "a", 1), task(2, "b", 2)];
+        assert_eq!(plan(&w, &c), vec![Assignment { task_id: 2, worker_id: 1 }]);
+    }
+
+    #[test]
+    fn full_or_negative_workers_get_nothing() {
+        let w = [worker(1, &["a"], 0), worker(2, &["a"], -3)];
+        assert!(plan(&w, &[task(1, "a", 1)]).is_empty());
+    }
+}

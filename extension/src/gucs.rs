@@ -1,0 +1,61 @@
+//! Configuration (`sluice.*` settings).
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// The database the scheduler serves (one scheduler per cluster).
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Longest sleep between scheduler ticks when nothing wakes it, in milliseconds.
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// A worker silent for longer than this (seconds) is stopped and its tasks requeued.
+pub static HEARTBEAT_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+/// A task lost with its worker more often than this fails instead of being requeued.
+pub static MAX_LOST_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+
+pub fn define() {
+    GucRegistry::define_string_guc(
+        c"sluice.database",
+        c"Database the Sluice scheduler serves.",
+        c"One scheduler runs per cluster; tasks enqueued in other databases are refused.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sluice.poll_interval",
+        c"Longest time the scheduler sleeps between ticks, in milliseconds.",
+        c"Commits that enqueue or complete work wake it sooner through shared memory.",
+        &POLL_INTERVAL_MS,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"sluice.heartbeat_timeout",
+        c"Seconds without a heartbeat after which a worker is considered dead.",
+        c"Its running tasks go back to the queue as lost attempts.",
+        &HEARTBEAT_TIMEOUT_S,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"sluice.max_lost_attempts",
+        c"How many times a task may be lost with its worker before it fails.",
+        c"Lost attempts do not consume retries; this bounds tasks that kill their worker.",
+        &MAX_LOST_ATTEMPTS,
+        0,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .unwrap_or_else(|| "postgres".to_string())
+}

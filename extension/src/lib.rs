@@ -1,0 +1,57 @@
+//! Sluice: task orchestration inside PostgreSQL.
+//!
+//! The SQL API and storage are plain SQL (`sql/schema.sql`, `sql/api.sql`). This crate adds
+//! what needs Rust: the scheduler background worker, the shared-memory wake-up that lets an
+//! enqueuing transaction wake it at commit without NOTIFY, and the assignment planner.
+
+use pgrx::prelude::*;
+
+pub mod assign;
+mod gucs;
+mod scheduler;
+mod wake;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/api.sql", name = "api", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::define();
+    // Shared memory and the background worker exist only when the library is preloaded; a
+    // session that loads it later gets a clear error from every API call instead.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        wake::init_shared_memory();
+        scheduler::register();
+    }
+    wake::register_commit_callback();
+}
+
+/// Raises SQLSTATE 55000 unless the scheduler can serve this session's database.
+#[pg_extern(name = "_require_preloaded")]
+fn require_preloaded_sql() {
+    wake::require_scheduler();
+}
+
+/// Wakes the scheduler when the current transaction commits (never on rollback).
+#[pg_extern(name = "_wake_scheduler")]
+fn wake_scheduler_sql() {
+    wake::require_scheduler();
+    wake::wake_at_commit();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'sluice'", "sluice.database = 'pgrx_tests'"]
+    }
+}

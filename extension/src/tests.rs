@@ -1,0 +1,146 @@
+//! SQL-visible behaviour inside one (rolled-back) transaction: validation, SQLSTATEs,
+//! idempotency, the fencing of completions. The scheduler never sees this data (the
+//! transaction never commits); its behaviour is tested end to end in the `tests` crate.
+
+use pgrx::prelude::*;
+
+fn setup() {
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION sluice_test_sqlstate(stmt text) RETURNS text
+         LANGUAGE plpgsql AS $f$
+         BEGIN
+             EXECUTE stmt;
+             RETURN 'ok';
+         EXCEPTION WHEN OTHERS THEN
+             RETURN SQLSTATE || ': ' || SQLERRM;
+         END $f$",
+    )
+    .unwrap();
+}
+
+fn outcome(stmt: &str) -> String {
+    setup();
+    Spi::get_one_with_args::<String>("SELECT sluice_test_sqlstate($1)", &[stmt.into()])
+        .unwrap()
+        .unwrap()
+}
+
+#[pg_test]
+fn define_task_validates_every_parameter() {
+    assert_eq!(outcome("SELECT sluice.define_task('t_ok', retries => 3)"), "ok");
+    let neg = outcome("SELECT sluice.define_task('t', retries => -1)");
+    assert!(neg.starts_with("22023: retries must be >= 0, got -1"), "{neg}");
+    let empty = outcome("SELECT sluice.define_task('')");
+    assert!(empty.starts_with("22023: task name must be a non-empty string"), "{empty}");
+    let factor = outcome("SELECT sluice.define_task('t', backoff_factor => 0)");
+    assert!(factor.starts_with("22023: backoff_factor must be a positive finite number, got 0"), "{factor}");
+    let exec = outcome("SELECT sluice.define_task('t', execution_timeout => '0 s')");
+    assert!(exec.starts_with("22023: execution_timeout must be positive"), "{exec}");
+    let sched = outcome("SELECT sluice.define_task('t', schedule_timeout => '-1 s')");
+    assert!(sched.starts_with("22023: schedule_timeout must be positive"), "{sched}");
+}
+
+#[pg_test]
+fn define_task_updates_in_place() {
+    Spi::run("SELECT sluice.define_task('t_upd', retries => 1)").unwrap();
+    Spi::run("SELECT sluice.define_task('t_upd', retries => 4, priority => 3)").unwrap();
+    let (retries, priority) = Spi::get_two::<i32, i32>(
+        "SELECT retries, priority FROM sluice.task_definition WHERE name = 't_upd'",
+    )
+    .unwrap();
+    assert_eq!((retries, priority), (Some(4), Some(3)));
+}
+
+#[pg_test]
+fn enqueue_rejects_bad_input_with_specific_codes() {
+    let unknown = outcome("SELECT sluice.enqueue('no_such_task')");
+    assert!(unknown.starts_with("42704: unknown task \"no_such_task\""), "{unknown}");
+    Spi::run("SELECT sluice.define_task('t_in')").unwrap();
+    let null_input = outcome("SELECT sluice.enqueue('t_in', NULL)");
+    assert!(null_input.starts_with("22004: input must not be NULL"), "{null_input}");
+    let nul = outcome(r#"SELECT sluice.enqueue('t_in', '{"a": "\u0000"}')"#);
+    assert!(nul.starts_with("22P05"), "{nul}");
+    let many_null = outcome("SELECT sluice.enqueue_many('t_in', ARRAY['{}'::jsonb, NULL])");
+    assert!(many_null.starts_with("22004: inputs[2] is NULL"), "{many_null}");
+}
+
+#[pg_test]
+fn enqueue_returns_existing_task_for_an_unfinished_idempotency_key() {
+    Spi::run("SELECT sluice.define_task('t_idem')").unwrap();
+    let a = Spi::get_one::<i64>("SELECT sluice.enqueue('t_idem', idempotency_key => 'k1')").unwrap();
+    let b = Spi::get_one::<i64>("SELECT sluice.enqueue('t_idem', idempotency_key => 'k1')").unwrap();
+    let c = Spi::get_one::<i64>("SELECT sluice.enqueue('t_idem', idempotency_key => 'k2')").unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    // Once the task finished, the key is free again.
+    Spi::run(&format!("SELECT sluice.cancel({})", a.unwrap())).unwrap();
+    let d = Spi::get_one::<i64>("SELECT sluice.enqueue('t_idem', idempotency_key => 'k1')").unwrap();
+    assert_ne!(a, d);
+}
+
+#[pg_test]
+fn enqueue_many_returns_ids_in_input_order() {
+    Spi::run("SELECT sluice.define_task('t_many', priority => 2)").unwrap();
+    let n = Spi::get_one::<i64>(
+        "SELECT count(*) FROM sluice.enqueue_many('t_many',
+            ARRAY(SELECT jsonb_build_object('i', g) FROM generate_series(1, 500) g))",
+    )
+    .unwrap();
+    assert_eq!(n, Some(500));
+    let ordered = Spi::get_one::<bool>(
+        "SELECT bool_and((input->>'i')::int = rn) FROM (
+             SELECT input, row_number() OVER (ORDER BY id) rn FROM sluice.task_run
+              WHERE task_name = 't_many') s",
+    )
+    .unwrap();
+    assert_eq!(ordered, Some(true));
+}
+
+#[pg_test]
+fn worker_registration_is_validated() {
+    Spi::run("SELECT sluice.define_task('t_w')").unwrap();
+    let zero = outcome("SELECT sluice.register_worker('w', ARRAY['t_w'], 0)");
+    assert!(zero.starts_with("22023: slots must be a positive number, got 0"), "{zero}");
+    let unknown = outcome("SELECT sluice.register_worker('w', ARRAY['t_w', 'nope'], 2)");
+    assert!(unknown.starts_with("42704: unknown task \"nope\""), "{unknown}");
+    let stale = outcome("SELECT sluice.heartbeat(-5)");
+    assert!(stale.starts_with("SL001: worker -5 is not registered"), "{stale}");
+}
+
+#[pg_test]
+fn completion_is_fenced_by_attempt_and_worker() {
+    Spi::run("SELECT sluice.define_task('t_fence', retries => 2)").unwrap();
+    let w = Spi::get_one::<i64>("SELECT sluice.register_worker('w', ARRAY['t_fence'], 1)").unwrap().unwrap();
+    let t = Spi::get_one::<i64>("SELECT sluice.enqueue('t_fence')").unwrap().unwrap();
+    // Assign attempt 1 by hand, as the scheduler would.
+    Spi::run(&format!(
+        "UPDATE sluice.task_run SET status = 'running', attempt = 1, worker_id = {w},
+                assigned_at = now(), timeout_at = now() + interval '1 minute' WHERE id = {t}"
+    ))
+    .unwrap();
+    let wrong_attempt = Spi::get_one::<bool>(&format!("SELECT sluice.complete({w}, {t}, 2, '1')")).unwrap();
+    let wrong_worker = Spi::get_one::<bool>(&format!("SELECT sluice.complete({w} + 1, {t}, 1, '1')")).unwrap();
+    assert_eq!((wrong_attempt, wrong_worker), (Some(false), Some(false)));
+    // A retryable failure requeues with backoff; completing the failed attempt is then refused.
+    assert_eq!(Spi::get_one::<bool>(&format!("SELECT sluice.fail({w}, {t}, 1, 'boom')")).unwrap(), Some(true));
+    let (status, delay_ok) = Spi::get_two::<String, bool>(&format!(
+        "SELECT status::text, run_at - now() = interval '2 seconds' FROM sluice.task_run WHERE id = {t}"
+    ))
+    .unwrap();
+    assert_eq!((status.as_deref(), delay_ok), (Some("queued"), Some(true)));
+    assert_eq!(Spi::get_one::<bool>(&format!("SELECT sluice.complete({w}, {t}, 1, '1')")).unwrap(), Some(false));
+}
+
+#[pg_test]
+fn retry_delay_is_capped_without_overflow() {
+    let cases = [
+        ("SELECT sluice.retry_delay(2, '1 hour', 1)", "00:00:02"),
+        ("SELECT sluice.retry_delay(2, '1 hour', 3)", "00:00:08"),
+        ("SELECT sluice.retry_delay(2, '1 hour', 100000)", "01:00:00"),
+        ("SELECT sluice.retry_delay(1e300, '10 seconds', 50)", "00:00:10"),
+        ("SELECT sluice.retry_delay(2, '0', 5)", "00:00:00"),
+    ];
+    for (sql, want) in cases {
+        assert_eq!(Spi::get_one::<String>(&format!("{sql}::text")).unwrap().as_deref(), Some(want), "{sql}");
+    }
+}

@@ -1,0 +1,110 @@
+//! Waking the scheduler without NOTIFY.
+//!
+//! NOTIFY takes a cluster-wide lock at commit, so an enqueuing transaction must not use it.
+//! Instead the scheduler publishes its PGPROC number in shared memory, and a transaction that
+//! enqueued or completed work sets the scheduler's latch from a commit callback: after the
+//! commit is visible, never on rollback, at most once per transaction.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgAtomic, PgSqlErrorCode};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+/// PGPROC number of the running scheduler, or -1.
+static SCHEDULER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"sluice_scheduler_procno") };
+
+/// Set in `_PG_init` when loaded through shared_preload_libraries (per process).
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+/// This backend's current transaction asked for a wake-up at commit.
+static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// This backend already checked that the scheduler serves its database.
+static DATABASE_CHECKED: AtomicBool = AtomicBool::new(false);
+
+pub fn init_shared_memory() {
+    pg_shmem_init!(SCHEDULER_PROCNO = AtomicI32::new(-1));
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+pub fn register_commit_callback() {
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+}
+
+/// Called by the scheduler once it runs, so committing backends can find its latch.
+pub fn publish_scheduler(procno: i32) {
+    SCHEDULER_PROCNO.get().store(procno, Ordering::SeqCst);
+}
+
+pub fn wake_at_commit() {
+    WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// Errors with SQLSTATE 55000 unless this session can be served by the scheduler: the library
+/// is preloaded and this is the database named by `sluice.database`.
+pub fn require_scheduler() {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "sluice is not loaded through shared_preload_libraries",
+            "Add 'sluice' to shared_preload_libraries in postgresql.conf and restart PostgreSQL: \
+             the scheduler is a background worker started with the server."
+        );
+    }
+    if DATABASE_CHECKED.load(Ordering::Relaxed) {
+        return;
+    }
+    let served = crate::gucs::database();
+    let current = unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        }
+    };
+    if current != served {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "the sluice scheduler serves database \"{served}\" (sluice.database), not \"{current}\""
+            ),
+            "Set sluice.database to this database in postgresql.conf and restart PostgreSQL."
+        );
+    }
+    DATABASE_CHECKED.store(true, Ordering::Relaxed);
+}
+
+fn set_scheduler_latch() {
+    let procno = SCHEDULER_PROCNO.get().load(Ordering::SeqCst);
+    unsafe {
+        // The scheduler does not wake itself: its loop runs again after each tick anyway.
+        if procno < 0 || (!pg_sys::MyProc.is_null() && (*pg_sys::MyProc).pgprocno == procno) {
+            return;
+        }
+        let global = pg_sys::ProcGlobal;
+        if global.is_null() || procno as u32 >= (*global).allProcCount {
+            return;
+        }
+        // A stale number (the scheduler restarting) at worst wakes another process spuriously.
+        let proc_ = (*global).allProcs.add(procno as usize);
+        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) && PRELOADED.load(Ordering::Relaxed) {
+                set_scheduler_latch();
+            }
+        }
+        // A prepared transaction commits later in another session; the scheduler's timer
+        // picks its work up.
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
