@@ -41,9 +41,12 @@ fn wake_scheduler_sql() {
     wake::wake_at_commit();
 }
 
+// #[pg_schema] needs an inline module; the tests live in their own file.
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
-mod tests;
+mod tests {
+    include!("pg_tests.rs");
+}
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! SQL-visible behaviour inside one (rolled-back) transaction: validation, SQLSTATEs,
-//! idempotency, the fencing of completions. The scheduler never sees this data (the
-//! transaction never commits); its behaviour is tested end to end in the `tests` crate.
+// SQL-visible behaviour inside one (rolled-back) transaction: validation, SQLSTATEs,
+// idempotency, the fencing of completions. The scheduler never sees this data (the
+// transaction never commits); its behaviour is tested end to end in the `tests` crate.
 
 use pgrx::prelude::*;
 
