@@ -5,6 +5,7 @@
 #   scripts/dev.sh install   build the extension (release) and install it into the system PG15
 #   scripts/dev.sh start     create (once) and start the cluster under target/, create the database
 #   scripts/dev.sh stop      stop the cluster
+#   scripts/dev.sh restart   restart it (picks up a newly installed library)
 #   scripts/dev.sh psql      open psql on the cluster
 #
 # Environment: SLUICE_PORT (28815), SLUICE_CLUSTER_DIR (target/sluice-cluster), SLUICE_DB (sluice).
@@ -47,7 +48,12 @@ deps() {
 
 install() {
     say "building and installing the sluice extension"
+    # cargo pgrx copies the library over the installed one in place; a server that has it
+    # mapped (it is preloaded) would crash, so a running cluster is stopped around the copy.
+    local was_running=0
+    if running; then was_running=1; stop; fi
     (cd "$ROOT/extension" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
+    if ((was_running)); then start; fi
 }
 
 running() { [ -f "$DATA/postmaster.pid" ] && as_postgres "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; }
@@ -84,7 +90,7 @@ CONF
     fi
     # After a reinstall the SQL may be newer than the installed extension: update in place.
     as_postgres "$PG_BIN/psql" -h "$SOCK" -p "$PORT" -d "$DB" -qAtc \
-        "CREATE EXTENSION IF NOT EXISTS sluice; ALTER EXTENSION sluice UPDATE;" >/dev/null
+        "SET client_min_messages = warning; CREATE EXTENSION IF NOT EXISTS sluice; ALTER EXTENSION sluice UPDATE;" >/dev/null
 }
 
 stop() {
@@ -99,6 +105,7 @@ case "${1:-}" in
     install) install ;;
     start) start ;;
     stop) stop ;;
+    restart) stop; start ;;
     psql) shift; exec "$PG_BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -d "$DB" "$@" ;;
-    *) sed -n '2,11p' "$0"; exit 2 ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

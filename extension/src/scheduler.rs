@@ -12,11 +12,14 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long to wait after a tick found work already due but could not take it (rows locked by
 /// another transaction): short, but not a busy loop.
 const RETRY_SOON: Duration = Duration::from_millis(50);
+/// Lost workers, timeouts and cancel signals are checked at most this often.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(100);
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub fn register() {
     BackgroundWorkerBuilder::new("sluice scheduler")
@@ -38,12 +41,39 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     log!("sluice scheduler started for database \"{database}\"");
 
     let mut sleep = Duration::ZERO;
+    let mut last_maintenance: Option<Instant> = None;
+    let mut warned_version: Option<String> = None;
     while BackgroundWorker::wait_latch(Some(sleep)) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
-        let next_due = BackgroundWorker::transaction(|| Spi::connect_mut(tick));
+        let maintain = last_maintenance.is_none_or(|at| at.elapsed() >= MAINTENANCE_INTERVAL);
+        let outcome = BackgroundWorker::transaction(|| Spi::connect_mut(|client| tick(client, maintain)));
+        let next_due = match outcome {
+            Tick::Ran { next_due, maintained } => {
+                warned_version = None;
+                if maintained {
+                    last_maintenance = Some(Instant::now());
+                    next_due
+                } else {
+                    // A skipped maintenance (e.g. a cancel's signal) must not wait a full poll.
+                    Some(next_due.map_or(MAINTENANCE_INTERVAL, |d| d.min(MAINTENANCE_INTERVAL)))
+                }
+            }
+            Tick::NotInstalled => None,
+            Tick::VersionMismatch(installed) => {
+                if warned_version.as_deref() != Some(installed.as_str()) {
+                    warning!(
+                        "sluice scheduler: the library is version {LIBRARY_VERSION} but the \
+                         extension in \"{database}\" is {installed}; run ALTER EXTENSION sluice \
+                         UPDATE. Scheduling is paused until then."
+                    );
+                    warned_version = Some(installed);
+                }
+                None
+            }
+        };
         sleep = match next_due {
             Some(due) if due.is_zero() => RETRY_SOON,
             Some(due) => due.min(poll),
@@ -54,23 +84,36 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     log!("sluice scheduler exiting");
 }
 
-/// One pass over the queue. Returns the time until the next known deadline (a delayed task
-/// becoming runnable, an execution or schedule timeout), zero if one is already overdue.
-fn tick(client: &mut SpiClient<'_>) -> Option<Duration> {
-    if !extension_installed(client) {
-        return None;
+enum Tick {
+    /// `next_due`: time until the next known deadline (a delayed task becoming runnable, an
+    /// execution or schedule timeout), zero if one is already overdue.
+    Ran { next_due: Option<Duration>, maintained: bool },
+    NotInstalled,
+    VersionMismatch(String),
+}
+
+/// One pass over the queue: maintenance when `maintain` (it is throttled because a burst of
+/// completions wakes the scheduler many times in a row, and only assignment needs to rerun),
+/// then assignment.
+fn tick(client: &mut SpiClient<'_>, maintain: bool) -> Tick {
+    match installed_version(client) {
+        None => return Tick::NotInstalled,
+        Some(v) if v != LIBRARY_VERSION => return Tick::VersionMismatch(v),
+        Some(_) => {}
     }
 
     // Notifications to send at commit, one per worker: what it should do.
     let mut notify: BTreeMap<i64, &'static str> = BTreeMap::new();
 
-    let heartbeat_timeout = format!("{} seconds", gucs::HEARTBEAT_TIMEOUT_S.get());
-    let signalled = client
-        .update("SELECT w FROM sluice._maintain($1::interval) AS w", None, &[heartbeat_timeout.into()])
-        .expect("sluice._maintain failed");
-    for row in signalled {
-        if let Ok(Some(id)) = row.get::<i64>(1) {
-            notify.insert(id, "signal");
+    if maintain {
+        let heartbeat_timeout = format!("{} seconds", gucs::HEARTBEAT_TIMEOUT_S.get());
+        let signalled = client
+            .update("SELECT w FROM sluice._maintain($1::interval) AS w", None, &[heartbeat_timeout.into()])
+            .expect("sluice._maintain failed");
+        for row in signalled {
+            if let Ok(Some(id)) = row.get::<i64>(1) {
+                notify.insert(id, "signal");
+            }
         }
     }
 
@@ -118,14 +161,16 @@ fn tick(client: &mut SpiClient<'_>) -> Option<Duration> {
             .expect("notifying workers failed");
     }
 
-    next_deadline(client)
+    Tick::Ran { next_due: next_deadline(client), maintained: maintain }
 }
 
-fn extension_installed(client: &mut SpiClient<'_>) -> bool {
+fn installed_version(client: &mut SpiClient<'_>) -> Option<String> {
     client
-        .update("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'sluice'", None, &[])
-        .map(|t| !t.is_empty())
-        .unwrap_or(false)
+        .update("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sluice'", None, &[])
+        .ok()?
+        .first()
+        .get_one::<String>()
+        .ok()?
 }
 
 fn load_workers(client: &mut SpiClient<'_>) -> Vec<WorkerCapacity> {
