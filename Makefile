@@ -2,14 +2,13 @@
 #
 #   make demo    set up everything on a fresh machine and run the demo (idempotent)
 #   make test    run every test: pgrx unit tests, client tests, integration tests
-#   make bench   run the benchmark suite
 #   make stop    stop the project-local cluster
 
 SHELL := /bin/bash
 export SLUICE_TEST_DSN ?= host=127.0.0.1 port=28815 user=postgres dbname=sluice
 PGRX_TEST_DATA := /tmp/sluice-pgrx-test-data
 
-.PHONY: demo test bench stop deps install start psql
+.PHONY: demo test stop deps install start psql
 
 deps:
 	@scripts/dev.sh deps
@@ -34,9 +33,6 @@ test: deps
 	@scripts/dev.sh start
 	cargo test -p sluice-client
 	cargo test -p sluice-tests -- --nocapture
-
-bench: start
-	cargo run --release -p sluice-benches
 
 stop:
 	@scripts/dev.sh stop
