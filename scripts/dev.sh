@@ -47,13 +47,26 @@ deps() {
 }
 
 install() {
-    say "building and installing the sluice extension"
-    # cargo pgrx copies the library over the installed one in place; a server that has it
-    # mapped (it is preloaded) would crash, so a running cluster is stopped around the copy.
-    local was_running=0
-    if running; then was_running=1; stop; fi
-    (cd "$ROOT/extension" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
-    if ((was_running)); then start; fi
+    say "building the sluice extension"
+    local stage="$ROOT/target/sluice-package"
+    rm -rf "$stage"
+    (cd "$ROOT/extension" && cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$stage" >/dev/null)
+    # Copy only what changed, each as a new file (install unlinks first): a running server that
+    # has the old library mapped keeps it intact. A changed library needs a restart to load.
+    local changed_library=0 src dst
+    while IFS= read -r -d '' src; do
+        dst="/${src#"$stage"/}"
+        if ! cmp -s "$src" "$dst"; then
+            install -D -m 0755 "$src" "$dst"
+            [[ "$dst" == *.so ]] && changed_library=1
+            say "installed $dst"
+        fi
+    done < <(find "$stage" -type f -print0)
+    if ((changed_library)) && running; then
+        say "library changed: restarting the cluster"
+        stop
+        start
+    fi
 }
 
 running() { [ -f "$DATA/postmaster.pid" ] && as_postgres "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; }

@@ -1,0 +1,59 @@
+//! Client for Sluice, the task orchestrator that lives inside PostgreSQL.
+//!
+//! * Producers define tasks and enqueue runs with [`define_task`], [`enqueue`],
+//!   [`enqueue_many`], [`enqueue_json`] and [`cancel`], on a client or inside their own
+//!   transaction.
+//! * A [`Worker`] registers with the scheduler, runs typed handlers for the tasks assigned to
+//!   it, and reports their endings. [`TaskContext::transaction`] makes a handler's database
+//!   writes and its task's completion a single atomic change.
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//! use sluice_client::{TaskContext, TaskDefinition, TaskError, Worker};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Email { to: String }
+//!
+//! struct SendEmail;
+//! impl TaskDefinition for SendEmail {
+//!     const NAME: &'static str = "send_email";
+//!     type Input = Email;
+//!     type Output = ();
+//! }
+//!
+//! async fn send_email(_ctx: TaskContext, email: Email) -> Result<(), TaskError> {
+//!     println!("sending to {}", email.to);
+//!     Ok(())
+//! }
+//!
+//! # async fn example() -> Result<(), sluice_client::Error> {
+//! Worker::builder("host=127.0.0.1 user=postgres dbname=sluice")
+//!     .task::<SendEmail, _, _>(send_email)
+//!     .build()?
+//!     .run()
+//!     .await
+//! # }
+//! ```
+//!
+//! Connections are made without TLS.
+
+mod backoff;
+mod batch;
+mod context;
+mod error;
+mod pool;
+mod producer;
+mod runtime;
+mod task;
+mod worker;
+
+pub use context::{TaskContext, TaskTransaction};
+pub use error::{Error, ErrorKind};
+pub use producer::{
+    cancel, define_task, enqueue, enqueue_json, enqueue_many, EnqueueOptions, TaskOptions,
+};
+pub use task::{TaskDefinition, TaskError};
+pub use worker::{Worker, WorkerBuilder};
+
+/// Re-exported so callers can name the client types and SQLSTATEs without a version mismatch.
+pub use tokio_postgres;

@@ -1,0 +1,206 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+
+use crate::batch::AttemptKey;
+use crate::error::{Error, ErrorKind};
+use crate::pool::{ConnectionPool, PooledConnection};
+
+/// What a handler knows about the attempt it runs. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskContext {
+    shared: Arc<AttemptShared>,
+}
+
+struct AttemptShared {
+    key: AttemptKey,
+    task_name: String,
+    cancel: watch::Receiver<bool>,
+    pool: Arc<ConnectionPool>,
+    completed_in_transaction: Arc<AtomicBool>,
+}
+
+impl TaskContext {
+    pub(crate) fn new(
+        key: AttemptKey,
+        task_name: String,
+        cancel: watch::Receiver<bool>,
+        pool: Arc<ConnectionPool>,
+        completed_in_transaction: Arc<AtomicBool>,
+    ) -> Self {
+        TaskContext {
+            shared: Arc::new(AttemptShared {
+                key,
+                task_name,
+                cancel,
+                pool,
+                completed_in_transaction,
+            }),
+        }
+    }
+
+    pub fn task_id(&self) -> i64 {
+        self.shared.key.task_id
+    }
+
+    pub fn attempt(&self) -> i32 {
+        self.shared.key.attempt
+    }
+
+    pub fn worker_id(&self) -> i64 {
+        self.shared.key.worker_id
+    }
+
+    pub fn task_name(&self) -> &str {
+        &self.shared.task_name
+    }
+
+    /// True once the attempt must stop: it was cancelled, timed out or lost, or the worker is
+    /// shutting down and the shutdown timeout has passed.
+    pub fn is_cancelled(&self) -> bool {
+        // A dropped sender means the runtime has let go of this attempt altogether.
+        *self.shared.cancel.borrow() || self.shared.cancel.has_changed().is_err()
+    }
+
+    /// Resolves when the attempt must stop (see [`TaskContext::is_cancelled`]).
+    pub async fn cancelled(&self) {
+        let mut cancel = self.shared.cancel.clone();
+        // Err means the sender is gone, which also ends the attempt.
+        let _ = cancel.wait_for(|cancelled| *cancelled).await;
+    }
+
+    /// Opens a transaction on a connection owned by the worker. Commit it with
+    /// [`TaskTransaction::commit_with`] to make the handler's writes and the task's completion
+    /// one atomic change.
+    pub async fn transaction(&self) -> Result<TaskTransaction, Error> {
+        let mut connection = self.shared.pool.checkout().await?;
+        if let Err(e) = connection.client().batch_execute("BEGIN").await {
+            connection.discard();
+            return Err(Error::postgres("starting the task transaction failed", e));
+        }
+        Ok(TaskTransaction {
+            connection,
+            key: self.shared.key,
+            completed_in_transaction: Arc::clone(&self.shared.completed_in_transaction),
+            open: true,
+        })
+    }
+}
+
+impl std::fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("task_id", &self.task_id())
+            .field("attempt", &self.attempt())
+            .field("worker_id", &self.worker_id())
+            .field("task_name", &self.task_name())
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+/// An open transaction on one of the worker's connections, tied to one attempt.
+///
+/// Dropping it without [`commit_with`](TaskTransaction::commit_with) or
+/// [`rollback`](TaskTransaction::rollback) rolls it back.
+pub struct TaskTransaction {
+    connection: PooledConnection,
+    key: AttemptKey,
+    completed_in_transaction: Arc<AtomicBool>,
+    open: bool,
+}
+
+impl TaskTransaction {
+    /// The connection, inside the open transaction. Do not run COMMIT or ROLLBACK on it
+    /// directly; use [`commit_with`](TaskTransaction::commit_with) and
+    /// [`rollback`](TaskTransaction::rollback).
+    pub fn client(&self) -> &Client {
+        self.connection.client()
+    }
+
+    /// Completes the attempt with `output` in this transaction and commits, so the handler's
+    /// writes become visible if and only if the task succeeds. If the attempt is no longer
+    /// current, rolls back and fails with [`ErrorKind::Fenced`].
+    pub async fn commit_with<O: Serialize>(mut self, output: &O) -> Result<(), Error> {
+        let output = serde_json::to_value(output)
+            .map_err(|e| Error::json("serializing the task output", e))?;
+        let key = self.key;
+        let params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&key.worker_id, Type::INT8),
+            (&key.task_id, Type::INT8),
+            (&key.attempt, Type::INT4),
+            (&output, Type::JSONB),
+        ];
+        let completed: bool = match self
+            .client()
+            .query_typed_one("SELECT sluice.complete($1, $2, $3, $4)", &params)
+            .await
+        {
+            Ok(row) => row
+                .try_get(0)
+                .map_err(|e| Error::postgres("reading the completion result", e))?,
+            Err(e) => {
+                let error = Error::postgres("completing the task in its transaction failed", e);
+                if error.kind() == ErrorKind::Connection {
+                    self.connection.discard();
+                    self.open = false;
+                }
+                return Err(error);
+            }
+        };
+        if !completed {
+            // Fenced is the answer either way: a failed ROLLBACK discards the connection, and
+            // closing it aborts the transaction on the server.
+            self.finish("ROLLBACK").await.ok();
+            return Err(Error::fenced(key.task_id, key.attempt));
+        }
+        self.finish("COMMIT").await?;
+        self.completed_in_transaction.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        self.finish("ROLLBACK").await
+    }
+
+    /// Ends the transaction with `command`. Postgres ends it even when COMMIT fails, so the
+    /// connection stays reusable unless the failure was the connection's own.
+    async fn finish(&mut self, command: &str) -> Result<(), Error> {
+        self.open = false;
+        match self.connection.client().batch_execute(command).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let error = Error::postgres(format!("{command} of the task transaction failed"), e);
+                if error.kind() != ErrorKind::Db {
+                    self.connection.discard();
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Drop for TaskTransaction {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let mut connection = self.connection.take();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if connection.client().batch_execute("ROLLBACK").await.is_err() {
+                        connection.discard();
+                    }
+                });
+            }
+            // Without a runtime the ROLLBACK cannot be sent; closing the connection aborts the
+            // transaction on the server just the same.
+            Err(_) => connection.discard(),
+        }
+    }
+}
