@@ -1,0 +1,162 @@
+//! A worker process for the integration tests: `test_worker <dsn> <task name> <slots>`.
+//!
+//! Every execution is logged in `sluice_test.execution` (autocommit, so a killed process leaves
+//! its trace). The input drives the handler:
+//!   {"sleep_ms": n}                      sleep before finishing
+//!   {"effect": true}                     write sluice_test.effect and complete in one transaction
+//!   {"pause_before_commit_ms": n}        with effect, on attempt 1 only: pause after the write,
+//!                                        before the commit (the test kills the process there)
+//!   {"sleep_on_attempt": k}             sleep only on attempt k (0: every attempt)
+//!   {"fail_attempts": n, "fatal": bool}  fail attempts 1..=n (non-retryable if fatal)
+//! A handler that sees its cancellation signal records outcome 'cancelled'.
+//! Output: {"worker_pid": pid, "attempt": attempt}.
+
+use serde::{Deserialize, Serialize};
+use sluice_client::{TaskContext, TaskDefinition, TaskError, Worker};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+static TASK_NAME: OnceLock<String> = OnceLock::new();
+
+struct TestTask;
+
+#[derive(Serialize, Deserialize, Default)]
+struct Input {
+    #[serde(default)]
+    sleep_ms: u64,
+    #[serde(default)]
+    effect: bool,
+    #[serde(default)]
+    pause_before_commit_ms: u64,
+    #[serde(default)]
+    sleep_on_attempt: i32,
+    #[serde(default)]
+    fail_attempts: i32,
+    #[serde(default)]
+    fatal: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Output {
+    worker_pid: u32,
+    attempt: i32,
+}
+
+impl TaskDefinition for TestTask {
+    const NAME: &'static str = "test_task";
+    type Input = Input;
+    type Output = Output;
+    fn name() -> &'static str {
+        TASK_NAME.get().map(String::as_str).unwrap_or(Self::NAME)
+    }
+}
+
+/// The execution log's own autocommit connection, reopened after Postgres restarts.
+struct Log {
+    dsn: String,
+    client: Mutex<Option<Client>>,
+}
+
+impl Log {
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, TaskError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, connection) = tokio_postgres::connect(&self.dsn, NoTls).await?;
+            tokio::spawn(connection);
+            *guard = Some(client);
+        }
+        let client = guard.as_ref().ok_or_else(|| TaskError::retryable("no log connection"))?;
+        match client.execute(sql, params).await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                *guard = None;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output, TaskError> {
+    let pid = std::process::id() as i32;
+    log.execute(
+        "INSERT INTO sluice_test.execution (task_id, attempt, worker_pid, started_at)
+         VALUES ($1, $2, $3, clock_timestamp())",
+        &[&ctx.task_id(), &ctx.attempt(), &pid],
+    )
+    .await?;
+    let sleep_now = input.sleep_on_attempt == 0 || input.sleep_on_attempt == ctx.attempt();
+    if input.sleep_ms > 0 && sleep_now {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(input.sleep_ms)) => {}
+            _ = ctx.cancelled() => {
+                log.execute(
+                    "UPDATE sluice_test.execution SET finished_at = clock_timestamp(), outcome = 'cancelled'
+                      WHERE task_id = $1 AND attempt = $2 AND worker_pid = $3",
+                    &[&ctx.task_id(), &ctx.attempt(), &pid],
+                )
+                .await?;
+                return Err(TaskError::retryable("cancelled"));
+            }
+        }
+    }
+    let output = Output { worker_pid: pid as u32, attempt: ctx.attempt() };
+    let (task_id, attempt) = (ctx.task_id(), ctx.attempt());
+    let finish_params: [&(dyn ToSql + Sync); 3] = [&task_id, &attempt, &pid];
+    let mark_finished = log.execute(
+        "UPDATE sluice_test.execution SET finished_at = clock_timestamp(), outcome = 'finished'
+          WHERE task_id = $1 AND attempt = $2 AND worker_pid = $3",
+        &finish_params,
+    );
+    if ctx.attempt() <= input.fail_attempts {
+        mark_finished.await?;
+        let message = format!("planned failure of attempt {}", ctx.attempt());
+        return Err(if input.fatal { TaskError::fatal(message) } else { TaskError::retryable(message) });
+    }
+    if input.effect {
+        let tx = ctx.transaction().await.map_err(|e| TaskError::retryable(e.to_string()))?;
+        tx.client()
+            .execute(
+                "INSERT INTO sluice_test.effect (task_id, attempt, note) VALUES ($1, $2, 'written')",
+                &[&ctx.task_id(), &ctx.attempt()],
+            )
+            .await?;
+        if input.pause_before_commit_ms > 0 && ctx.attempt() == 1 {
+            tokio::time::sleep(Duration::from_millis(input.pause_before_commit_ms)).await;
+        }
+        mark_finished.await?;
+        tx.commit_with(&output).await.map_err(|e| TaskError::retryable(e.to_string()))?;
+        return Ok(output);
+    }
+    mark_finished.await?;
+    Ok(output)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, dsn, task, slots] = args.as_slice() else {
+        eprintln!("usage: test_worker <dsn> <task name> <slots>");
+        std::process::exit(2);
+    };
+    TASK_NAME.set(task.clone()).expect("task name set once");
+    let slots: i32 = slots.parse().expect("slots must be a number");
+
+    let log = Arc::new(Log { dsn: dsn.clone(), client: Mutex::new(None) });
+
+    let worker = Worker::builder(dsn.clone())
+        .name(format!("test_worker-{}", std::process::id()))
+        .slots(slots)
+        .heartbeat_interval(Duration::from_millis(500))
+        .poll_interval(Duration::from_millis(500))
+        .shutdown_timeout(Duration::from_secs(10))
+        .task::<TestTask, _, _>(move |ctx, input| handle(log.clone(), ctx, input))
+        .build()
+        .expect("worker config");
+    if let Err(e) = worker.run().await {
+        eprintln!("test_worker: {e}");
+        std::process::exit(1);
+    }
+}
