@@ -57,7 +57,7 @@ install() {
     while IFS= read -r -d '' src; do
         dst="/${src#"$stage"/}"
         if ! cmp -s "$src" "$dst"; then
-            install -D -m 0755 "$src" "$dst"
+            command install -D -m 0755 "$src" "$dst"
             [[ "$dst" == *.so ]] && changed_library=1
             say "installed $dst"
         fi

@@ -12,15 +12,20 @@ pub static HEARTBEAT_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// A task lost with its worker more often than this fails instead of being requeued.
 pub static MAX_LOST_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 
-pub fn define() {
-    GucRegistry::define_string_guc(
-        c"sluice.database",
-        c"Database the Sluice scheduler serves.",
-        c"One scheduler runs per cluster; tasks enqueued in other databases are refused.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+/// `preloading`: loaded through shared_preload_libraries. Postgres refuses (FATAL) to define a
+/// server-start setting in a library loaded later, so `sluice.database` only exists then; without
+/// preloading there is no scheduler for it to configure anyway.
+pub fn define(preloading: bool) {
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"sluice.database",
+            c"Database the Sluice scheduler serves.",
+            c"One scheduler runs per cluster; tasks enqueued in other databases are refused.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_int_guc(
         c"sluice.poll_interval",
         c"Longest time the scheduler sleeps between ticks, in milliseconds.",

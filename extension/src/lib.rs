@@ -18,10 +18,11 @@ extension_sql_file!("../sql/api.sql", name = "api", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::define();
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::define(preloading);
     // Shared memory and the background worker exist only when the library is preloaded; a
     // session that loads it later gets a clear error from every API call instead.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    if preloading {
         wake::init_shared_memory();
         scheduler::register();
     }
