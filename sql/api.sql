@@ -213,7 +213,8 @@ $$;
 
 -- Ends attempt `t.attempt` of a running task (the caller holds the row lock) with a failure,
 -- a timeout, or a lost worker, and either requeues it (after backoff) or fails it for good.
--- Lost attempts do not consume retries; past sluice.max_lost_attempts they fail the task.
+-- Lost attempts do not consume retries; past sluice.max_lost_attempts they fail the task
+-- (only attempts the worker had fetched count: an unfetched one never started).
 CREATE FUNCTION sluice._end_attempt(t sluice.task_run, outcome text, error text, retryable boolean)
 RETURNS sluice.task_status
 LANGUAGE plpgsql AS $$
@@ -230,7 +231,10 @@ BEGIN
     SELECT * INTO def FROM sluice.task_definition d WHERE d.name = t.task_name;
 
     IF outcome = 'lost' THEN
-        n_lost := n_lost + 1;
+        -- An attempt the worker never fetched never ran: requeue it without counting it.
+        IF t.picked_at IS NOT NULL THEN
+            n_lost := n_lost + 1;
+        END IF;
         IF n_lost <= max_lost THEN
             delay := interval '0';
         ELSE

@@ -144,3 +144,33 @@ fn retry_delay_is_capped_without_overflow() {
         assert_eq!(Spi::get_one::<String>(&format!("{sql}::text")).unwrap().as_deref(), Some(want), "{sql}");
     }
 }
+
+#[pg_test]
+fn only_fetched_attempts_count_as_lost() {
+    Spi::run("SELECT sluice.define_task('t_lost')").unwrap();
+    let t = Spi::get_one::<i64>("SELECT sluice.enqueue('t_lost')").unwrap().unwrap();
+    let assign = |picked: &str| {
+        let w = Spi::get_one::<i64>("SELECT sluice.register_worker('w', ARRAY['t_lost'], 1)").unwrap().unwrap();
+        Spi::run(&format!(
+            "UPDATE sluice.task_run SET status = 'running', attempt = attempt + 1, worker_id = {w},
+                    assigned_at = now(), picked_at = {picked}, timeout_at = now() + interval '1 minute'
+              WHERE id = {t}"
+        ))
+        .unwrap();
+        Spi::run(&format!("SELECT sluice.deregister_worker({w})")).unwrap();
+    };
+    let lost = || {
+        Spi::get_two::<String, i32>(&format!("SELECT status::text, lost_attempts FROM sluice.task_run WHERE id = {t}"))
+            .unwrap()
+    };
+    assign("NULL"); // assigned, never fetched: requeued without counting
+    assert_eq!(lost(), (Some("queued".into()), Some(0)));
+    assign("now()"); // fetched, then its worker went away: a lost attempt
+    assert_eq!(lost(), (Some("queued".into()), Some(1)));
+    let outcomes = Spi::get_one::<String>(&format!(
+        "SELECT string_agg(attempt || ':' || outcome, ',' ORDER BY attempt) FROM sluice.task_attempts
+          WHERE task_id = {t}"
+    ))
+    .unwrap();
+    assert_eq!(outcomes.as_deref(), Some("1:lost,2:lost"));
+}
