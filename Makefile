@@ -31,8 +31,8 @@ test: deps
 	cd extension && cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_DATA)
 	@scripts/dev.sh install
 	@scripts/dev.sh start
-	cargo test -p sluice-client
-	cargo test -p sluice-tests -- --nocapture
+	cargo test --no-fail-fast -p sluice-client
+	cargo test --no-fail-fast -p sluice-tests
 
 stop:
 	@scripts/dev.sh stop

@@ -59,6 +59,9 @@ install() {
         if ! cmp -s "$src" "$dst"; then
             command install -D -m 0755 "$src" "$dst"
             [[ "$dst" == *.so ]] && changed_library=1
+            # Same version, new SQL (development): ALTER EXTENSION UPDATE would be a no-op, so
+            # the next start recreates the extension in the project database.
+            [[ "$dst" == *.sql ]] && mkdir -p "$CLUSTER" && touch "$CLUSTER/recreate-extension"
             say "installed $dst"
         fi
     done < <(find "$stage" -type f -print0)
@@ -100,6 +103,12 @@ CONF
     if ! as_postgres "$PG_BIN/psql" -h "$SOCK" -p "$PORT" -d postgres -Atqc \
             "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1; then
         as_postgres "$PG_BIN/createdb" -h "$SOCK" -p "$PORT" "$DB"
+    fi
+    if [ -f "$CLUSTER/recreate-extension" ]; then
+        say "extension SQL changed without a version bump: recreating it in \"$DB\" (its data is dropped)"
+        as_postgres "$PG_BIN/psql" -h "$SOCK" -p "$PORT" -d "$DB" -qAtc \
+            "SET client_min_messages = warning; DROP EXTENSION IF EXISTS sluice CASCADE;" >/dev/null
+        rm -f "$CLUSTER/recreate-extension"
     fi
     # After a reinstall the SQL may be newer than the installed extension: update in place.
     as_postgres "$PG_BIN/psql" -h "$SOCK" -p "$PORT" -d "$DB" -qAtc \

@@ -230,7 +230,10 @@ BEGIN
     ON CONFLICT DO NOTHING;
     SELECT * INTO def FROM sluice.task_definition d WHERE d.name = t.task_name;
 
-    IF outcome = 'lost' THEN
+    IF def.name IS NULL THEN
+        -- Its definition was deleted: nothing may run it again.
+        error := format('%s; task definition "%s" no longer exists', error, t.task_name);
+    ELSIF outcome = 'lost' THEN
         -- An attempt the worker never fetched never ran: requeue it without counting it.
         IF t.picked_at IS NOT NULL THEN
             n_lost := n_lost + 1;
@@ -243,7 +246,7 @@ BEGIN
         END IF;
     ELSE
         n_failures := n_failures + 1;
-        IF retryable AND def.name IS NOT NULL AND n_failures <= def.retries THEN
+        IF retryable AND n_failures <= def.retries THEN
             delay := sluice.retry_delay(def.backoff_factor, def.backoff_max, n_failures);
         END IF;
     END IF;
@@ -564,3 +567,23 @@ BEGIN
      WHERE id = task_id;
 END
 $$;
+
+-- Deleting a definition fails its queued tasks at once, in the same transaction: no worker can
+-- register for that name any more, so they could only wait for their schedule timeout. Running
+-- ones finish or fail normally and are never requeued (see _end_attempt).
+CREATE FUNCTION sluice._fail_tasks_of_deleted_definitions() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE sluice.task_run t
+       SET status = 'failed', finished_at = now(),
+           last_error = format('task definition "%s" no longer exists', t.task_name)
+      FROM deleted d
+     WHERE t.task_name = d.name AND t.status = 'queued';
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER fail_tasks_of_deleted_definitions
+    AFTER DELETE ON sluice.task_definition
+    REFERENCING OLD TABLE AS deleted
+    FOR EACH STATEMENT EXECUTE FUNCTION sluice._fail_tasks_of_deleted_definitions();

@@ -4,8 +4,9 @@
 //! its trace). The input drives the handler:
 //!   {"sleep_ms": n}                      sleep before finishing
 //!   {"effect": true}                     write sluice_test.effect and complete in one transaction
-//!   {"pause_before_commit_ms": n}        with effect, on attempt 1 only: pause after the write,
-//!                                        before the commit (the test kills the process there)
+//!   {"pause_before_commit_ms": n}        with effect, on attempt 1 only: after the write, mark the
+//!                                        execution 'paused_before_commit' and pause n ms before
+//!                                        the commit (the test kills the process there)
 //!   {"sleep_on_attempt": k}             sleep only on attempt k (0: every attempt)
 //!   {"fail_attempts": n, "fatal": bool}  fail attempts 1..=n (non-retryable if fatal)
 //! A handler that sees its cancellation signal records outcome 'cancelled'.
@@ -68,7 +69,9 @@ impl Log {
             tokio::spawn(connection);
             *guard = Some(client);
         }
-        let client = guard.as_ref().ok_or_else(|| TaskError::retryable("no log connection"))?;
+        let client = guard
+            .as_ref()
+            .ok_or_else(|| TaskError::retryable("no log connection"))?;
         match client.execute(sql, params).await {
             Ok(n) => Ok(n),
             Err(e) => {
@@ -102,7 +105,10 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
             }
         }
     }
-    let output = Output { worker_pid: pid as u32, attempt: ctx.attempt() };
+    let output = Output {
+        worker_pid: pid as u32,
+        attempt: ctx.attempt(),
+    };
     let (task_id, attempt) = (ctx.task_id(), ctx.attempt());
     let finish_params: [&(dyn ToSql + Sync); 3] = [&task_id, &attempt, &pid];
     let mark_finished = log.execute(
@@ -113,10 +119,17 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
     if ctx.attempt() <= input.fail_attempts {
         mark_finished.await?;
         let message = format!("planned failure of attempt {}", ctx.attempt());
-        return Err(if input.fatal { TaskError::fatal(message) } else { TaskError::retryable(message) });
+        return Err(if input.fatal {
+            TaskError::fatal(message)
+        } else {
+            TaskError::retryable(message)
+        });
     }
     if input.effect {
-        let tx = ctx.transaction().await.map_err(|e| TaskError::retryable(e.to_string()))?;
+        let tx = ctx
+            .transaction()
+            .await
+            .map_err(|e| TaskError::retryable(e.to_string()))?;
         tx.client()
             .execute(
                 "INSERT INTO sluice_test.effect (task_id, attempt, note) VALUES ($1, $2, 'written')",
@@ -124,10 +137,20 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
             )
             .await?;
         if input.pause_before_commit_ms > 0 && ctx.attempt() == 1 {
+            // Tell the test (through the autocommit log) that the write is done but not yet
+            // committed: the moment to kill this process.
+            log.execute(
+                "UPDATE sluice_test.execution SET outcome = 'paused_before_commit'
+                  WHERE task_id = $1 AND attempt = $2 AND worker_pid = $3",
+                &finish_params,
+            )
+            .await?;
             tokio::time::sleep(Duration::from_millis(input.pause_before_commit_ms)).await;
         }
         mark_finished.await?;
-        tx.commit_with(&output).await.map_err(|e| TaskError::retryable(e.to_string()))?;
+        tx.commit_with(&output)
+            .await
+            .map_err(|e| TaskError::retryable(e.to_string()))?;
         return Ok(output);
     }
     mark_finished.await?;
@@ -144,7 +167,10 @@ async fn main() {
     TASK_NAME.set(task.clone()).expect("task name set once");
     let slots: i32 = slots.parse().expect("slots must be a number");
 
-    let log = Arc::new(Log { dsn: dsn.clone(), client: Mutex::new(None) });
+    let log = Arc::new(Log {
+        dsn: dsn.clone(),
+        client: Mutex::new(None),
+    });
 
     let worker = Worker::builder(dsn.clone())
         .name(format!("test_worker-{}", std::process::id()))

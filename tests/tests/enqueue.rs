@@ -1,0 +1,348 @@
+//! Enqueueing from SQL and from Rust: tasks run on a real worker process and their status and
+//! output show in sluice.tasks; an enqueue that rolls back never runs; idempotency keys.
+
+use serde_json::json;
+use sluice_client::{enqueue, enqueue_json, enqueue_many, EnqueueOptions, TaskDefinition};
+use sluice_tests::*;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
+
+/// A typed task whose name is chosen at run time (each test has its own task name).
+struct Probe;
+static PROBE_NAME: OnceLock<String> = OnceLock::new();
+impl TaskDefinition for Probe {
+    const NAME: &'static str = "probe";
+    type Input = serde_json::Value;
+    type Output = serde_json::Value;
+    fn name() -> &'static str {
+        PROBE_NAME
+            .get()
+            .map(String::as_str)
+            .expect("PROBE_NAME set by the test")
+    }
+}
+
+#[tokio::test]
+async fn tasks_enqueued_from_sql_and_from_rust_run_and_show_status_and_output() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "enqueue", "").await;
+    PROBE_NAME.set(task.clone()).unwrap();
+
+    // No worker serves the task yet, so everything stays queued where we can look at it.
+    let from_sql = enqueue_sql(&client, &task, json!({"via": "sql"})).await;
+    let none = EnqueueOptions::default();
+    let typed = enqueue::<Probe>(&client, &json!({"via": "rust"}), &none)
+        .await
+        .expect("typed enqueue");
+    let many = enqueue_many::<Probe>(
+        &client,
+        &[
+            json!({"via": "many", "n": 1}),
+            json!({"via": "many", "n": 2}),
+        ],
+    )
+    .await
+    .expect("typed enqueue_many");
+    assert_eq!(
+        many.len(),
+        2,
+        "enqueue_many returns one id per input: {many:?}"
+    );
+    let untyped = enqueue_json(&client, &task, r#"{"via": "json"}"#, &none)
+        .await
+        .expect("enqueue_json");
+    let ids = [vec![from_sql, typed, untyped], many.clone()].concat();
+    let expected_inputs = [
+        (from_sql, json!({"via": "sql"})),
+        (typed, json!({"via": "rust"})),
+        (untyped, json!({"via": "json"})),
+        (many[0], json!({"via": "many", "n": 1})),
+        (many[1], json!({"via": "many", "n": 2})),
+    ];
+    for (id, input) in &expected_inputs {
+        let r = client
+            .query_one(
+                "SELECT status::text, attempt, input, output FROM sluice.tasks WHERE id = $1",
+                &[id],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("task {id} must be visible in sluice.tasks: {e}"));
+        let seen = (
+            r.get::<_, String>(0),
+            r.get::<_, i32>(1),
+            r.get::<_, serde_json::Value>(2),
+        );
+        assert_eq!(
+            seen,
+            ("queued".to_string(), 0, input.clone()),
+            "task {id} before any worker"
+        );
+        assert_eq!(
+            r.get::<_, Option<serde_json::Value>>(3),
+            None,
+            "task {id} has no output yet"
+        );
+    }
+
+    let worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 2);
+    wait_finished(&client, &ids, Duration::from_secs(20)).await;
+    for (id, input) in &expected_inputs {
+        let r = client
+            .query_one(
+                "SELECT status::text, attempt, input, output, worker_name,
+                        started_at >= enqueued_at AND finished_at >= started_at
+                   FROM sluice.tasks WHERE id = $1",
+                &[id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            r.get::<_, String>(0),
+            "succeeded",
+            "task {id}: {}",
+            describe_tasks(&client, &[*id]).await
+        );
+        assert_eq!(
+            r.get::<_, i32>(1),
+            1,
+            "task {id} should have needed one attempt"
+        );
+        assert_eq!(&r.get::<_, serde_json::Value>(2), input, "task {id} input");
+        // The output is what the handler returned: the worker process's pid and the attempt.
+        assert_eq!(
+            r.get::<_, Option<serde_json::Value>>(3),
+            Some(json!({"worker_pid": worker.pid(), "attempt": 1})),
+            "task {id} output"
+        );
+        assert_eq!(
+            r.get::<_, Option<String>>(4),
+            Some(worker.name()),
+            "task {id} worker"
+        );
+        assert!(
+            r.get::<_, bool>(5),
+            "task {id}: enqueued <= started <= finished must hold"
+        );
+        let runs = executions(&client, *id).await;
+        assert_eq!(
+            runs,
+            vec![(1, worker.pid() as i32, Some("finished".to_string()))],
+            "task {id} must have run exactly once, on the worker"
+        );
+    }
+    let stats = client
+        .query_one("SELECT queued, running, succeeded, failed FROM sluice.queue_stats WHERE task_name = $1", &[&task])
+        .await
+        .unwrap();
+    let counts: Vec<i64> = (0..4).map(|i| stats.get(i)).collect();
+    assert_eq!(
+        counts,
+        vec![0, 0, 5, 0],
+        "queue_stats (queued, running, succeeded, failed)"
+    );
+}
+
+#[tokio::test]
+async fn a_rolled_back_enqueue_never_runs() {
+    let mut client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "rollback", "").await;
+    let worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 2);
+
+    // From SQL, in a transaction that rolls back.
+    let tx = client.transaction().await.unwrap();
+    let from_sql: i64 = tx
+        .query_one("SELECT sluice.enqueue($1, '{}')", &[&task])
+        .await
+        .unwrap()
+        .get(0);
+    tx.rollback().await.unwrap();
+    // From Rust, with the caller's transaction as the client.
+    let tx = client.transaction().await.unwrap();
+    let from_rust = enqueue_json(&tx, &task, "{}", &EnqueueOptions::default())
+        .await
+        .expect("enqueue_json in a transaction");
+    tx.rollback().await.unwrap();
+    // The same, committed: this one must run (the transaction is really the enqueue's).
+    let tx = client.transaction().await.unwrap();
+    let committed = enqueue_json(&tx, &task, "{}", &EnqueueOptions::default())
+        .await
+        .expect("enqueue_json in a transaction");
+    tx.commit().await.unwrap();
+
+    // The committed task was enqueued after the rolled-back ones and has run, so the worker had
+    // every chance to see them; wait a little longer for any late assignment anyway.
+    wait_finished(&client, &[committed], Duration::from_secs(20)).await;
+    assert_eq!(status_summary(&client, &[committed]).await, "succeeded=1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in [from_sql, from_rust] {
+        let rows = client
+            .query_one("SELECT count(*) FROM sluice.tasks WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        assert_eq!(
+            rows, 0,
+            "the rolled-back task {id} must not exist in sluice.tasks"
+        );
+        assert_eq!(
+            executions(&client, id).await,
+            vec![],
+            "the worker must never have run task {id}"
+        );
+    }
+    let all: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sluice.tasks WHERE task_name = $1",
+            &[&task],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(all, 1, "only the committed task exists for {task}");
+    let ran: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sluice_test.execution WHERE worker_pid = $1",
+            &[&(worker.pid() as i32)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ran, 1, "the worker ran only the committed task");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_unfinished_task_and_a_new_one_after_it_finished() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "idempotent", "").await;
+    let key_options = EnqueueOptions {
+        idempotency_key: Some("order-1".into()),
+        ..Default::default()
+    };
+
+    // No worker yet: the first task stays queued while the key is reused.
+    let first: i64 = client
+        .query_one(
+            "SELECT sluice.enqueue($1, '{\"n\": 1}', idempotency_key => 'order-1')",
+            &[&task],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let again_sql: i64 = client
+        .query_one(
+            "SELECT sluice.enqueue($1, '{\"n\": 2}', idempotency_key => 'order-1')",
+            &[&task],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let again_rust = enqueue_json(&client, &task, r#"{"n": 3}"#, &key_options)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again_sql, again_rust),
+        (first, first),
+        "while task {first} is unfinished its key must return it"
+    );
+    let other_key = enqueue_json(
+        &client,
+        &task,
+        r#"{"n": 4}"#,
+        &EnqueueOptions {
+            idempotency_key: Some("order-2".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_ne!(other_key, first, "another key is another task");
+    let r = client
+        .query_one(
+            "SELECT count(*), (SELECT input FROM sluice.tasks WHERE id = $2)
+               FROM sluice.tasks WHERE task_name = $1 AND idempotency_key = 'order-1'",
+            &[&task, &first],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 1, "one task holds key order-1");
+    assert_eq!(
+        r.get::<_, serde_json::Value>(1),
+        json!({"n": 1}),
+        "the first input is kept"
+    );
+
+    let worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 2);
+    wait_finished(&client, &[first, other_key], Duration::from_secs(20)).await;
+    let after_finish = enqueue_json(&client, &task, r#"{"n": 5}"#, &key_options)
+        .await
+        .unwrap();
+    assert_ne!(
+        after_finish, first,
+        "once task {first} finished, its key makes a new task"
+    );
+    wait_finished(&client, &[after_finish], Duration::from_secs(20)).await;
+    assert_eq!(
+        status_summary(&client, &[first, other_key, after_finish]).await,
+        "succeeded=3"
+    );
+    for id in [first, other_key, after_finish] {
+        assert_eq!(
+            executions(&client, id).await,
+            vec![(1, worker.pid() as i32, Some("finished".to_string()))],
+            "task {id} runs exactly once"
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_enqueues_with_one_idempotency_key_make_one_task() {
+    let client = connect(&shared_dsn()).await;
+    let task = define_unique_task(&client, "idempotent_race", "").await;
+    // Eight sessions enqueue with the same key at once, each in a transaction held open a
+    // moment so that they overlap.
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(connect(&shared_dsn()).await);
+    }
+    let racers = sessions.into_iter().map(|mut session| {
+        let task = task.clone();
+        tokio::spawn(async move {
+            let tx = session.transaction().await?;
+            let id: i64 = tx
+                .query_one(
+                    "SELECT sluice.enqueue($1, '{}', idempotency_key => 'same')",
+                    &[&task],
+                )
+                .await?
+                .get(0);
+            tx.execute("SELECT pg_sleep(0.2)", &[]).await?;
+            tx.commit().await?;
+            Ok::<i64, tokio_postgres::Error>(id)
+        })
+    });
+    let mut ids = Vec::new();
+    for racer in racers.collect::<Vec<_>>() {
+        ids.push(racer.await.unwrap().expect("a concurrent enqueue failed"));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        1,
+        "every session must get the same task, got {ids:?}"
+    );
+    let rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sluice.tasks WHERE task_name = $1",
+            &[&task],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "one task for one key");
+}

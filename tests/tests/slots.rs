@@ -1,0 +1,109 @@
+//! A worker never runs more tasks at once than its slots: measured from the handlers' own
+//! start/end timestamps, and sampled from sluice.workers while the run is on.
+
+use serde_json::json;
+use sluice_tests::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
+const SLOTS: i32 = 3;
+const TASKS: i32 = 60;
+
+#[tokio::test]
+async fn a_worker_never_runs_more_tasks_at_once_than_its_slots() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "slots", "").await;
+    let workers: Vec<WorkerProcess> = (0..2)
+        .map(|_| WorkerProcess::spawn(WORKER, &shared_dsn(), &task, SLOTS))
+        .collect();
+    let worker_names: Vec<String> = workers.iter().map(WorkerProcess::name).collect();
+    let ids = enqueue_copies(&client, &task, json!({"sleep_ms": 100}), TASKS).await;
+
+    // While the run is on, the scheduler's view: tasks running per worker.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let client = connect(&shared_dsn()).await;
+        let names = worker_names.clone();
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut most = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let row = client
+                    .query_one(
+                        "SELECT coalesce(max(running), 0), count(*) FILTER (WHERE running > slots)
+                           FROM sluice.workers WHERE name = ANY($1) AND stopped_at IS NULL",
+                        &[&names],
+                    )
+                    .await
+                    .expect("sampling sluice.workers");
+                let (running, over): (i64, i64) = (row.get(0), row.get(1));
+                assert_eq!(
+                    over, 0,
+                    "sluice.workers showed a worker running more than its slots"
+                );
+                most = most.max(running);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        })
+    };
+    wait_finished(&client, &ids, Duration::from_secs(30)).await;
+    assert_eq!(
+        status_summary(&client, &ids).await,
+        format!("succeeded={TASKS}")
+    );
+    stop.store(true, Ordering::Relaxed);
+    let most_sampled = sampler.await.expect("the sluice.workers sampler failed");
+    assert!(
+        (1..=i64::from(SLOTS)).contains(&most_sampled),
+        "sluice.workers should have shown between 1 and {SLOTS} running tasks, most seen {most_sampled}"
+    );
+
+    // The handlers' view: for each execution, how many executions on the same worker process
+    // were running when it started (itself included).
+    let rows = client
+        .query(
+            "SELECT e.worker_pid, max(o.running), count(DISTINCT e.task_id)
+               FROM sluice_test.execution e
+               CROSS JOIN LATERAL (
+                     SELECT count(*) AS running FROM sluice_test.execution x
+                      WHERE x.worker_pid = e.worker_pid AND x.task_id = ANY($1)
+                        AND x.started_at <= e.started_at
+                        AND coalesce(x.finished_at, 'infinity') > e.started_at) o
+              WHERE e.task_id = ANY($1)
+              GROUP BY e.worker_pid ORDER BY e.worker_pid",
+            &[&ids],
+        )
+        .await
+        .unwrap();
+    let per_worker: Vec<(i32, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let executed: i64 = per_worker.iter().map(|(_, _, n)| n).sum();
+    assert_eq!(
+        executed,
+        i64::from(TASKS),
+        "every task executed once: {per_worker:?}"
+    );
+    for (pid, max_overlap, _) in &per_worker {
+        assert!(
+            workers.iter().any(|w| w.pid() as i32 == *pid),
+            "execution on an unknown process {pid}: {per_worker:?}"
+        );
+        assert!(
+            *max_overlap <= i64::from(SLOTS),
+            "worker {pid} ran {max_overlap} tasks at once with {SLOTS} slots (pid, max overlap, tasks): {per_worker:?}"
+        );
+    }
+    // With the queue full, the limit is reached, not just respected: the slots are used.
+    let busiest = per_worker.iter().map(|(_, m, _)| *m).max().unwrap_or(0);
+    assert_eq!(
+        busiest,
+        i64::from(SLOTS),
+        "no worker ever used all {SLOTS} slots: {per_worker:?}"
+    );
+}
