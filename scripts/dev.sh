@@ -60,8 +60,13 @@ install() {
             command install -D -m 0755 "$src" "$dst"
             [[ "$dst" == *.so ]] && changed_library=1
             # Same version, new SQL (development): ALTER EXTENSION UPDATE would be a no-op, so
-            # the next start recreates the extension in the project database.
-            [[ "$dst" == *.sql ]] && mkdir -p "$CLUSTER" && touch "$CLUSTER/recreate-extension"
+            # the next start recreates the project database. Compared with the last release
+            # install, not with the installed file, which `cargo pgrx test` overwrites.
+            if [[ "$dst" == *.sql ]] && ! cmp -s "$src" "$CLUSTER/installed-sql/${dst##*/}"; then
+                mkdir -p "$CLUSTER/installed-sql"
+                cp "$src" "$CLUSTER/installed-sql/${dst##*/}"
+                touch "$CLUSTER/recreate-extension"
+            fi
             say "installed $dst"
         fi
     done < <(find "$stage" -type f -print0)
@@ -105,9 +110,11 @@ CONF
         as_postgres "$PG_BIN/createdb" -h "$SOCK" -p "$PORT" "$DB"
     fi
     if [ -f "$CLUSTER/recreate-extension" ]; then
-        say "extension SQL changed without a version bump: recreating it in \"$DB\" (its data is dropped)"
-        as_postgres "$PG_BIN/psql" -h "$SOCK" -p "$PORT" -d "$DB" -qAtc \
-            "SET client_min_messages = warning; DROP EXTENSION IF EXISTS sluice CASCADE;" >/dev/null
+        # Task ids would start over while tables outside the extension (the demo's, the tests')
+        # kept rows keyed by them: start from a fresh project database instead.
+        say "extension SQL changed without a version bump: recreating database \"$DB\""
+        as_postgres "$PG_BIN/dropdb" -h "$SOCK" -p "$PORT" --force --if-exists "$DB"
+        as_postgres "$PG_BIN/createdb" -h "$SOCK" -p "$PORT" "$DB"
         rm -f "$CLUSTER/recreate-extension"
     fi
     # After a reinstall the SQL may be newer than the installed extension: update in place.

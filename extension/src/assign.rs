@@ -37,7 +37,10 @@ pub fn demand(workers: &[WorkerCapacity]) -> Vec<(String, i32)> {
             *slot = slot.saturating_add(w.free_slots);
         }
     }
-    let mut out: Vec<(String, i32)> = per_name.into_iter().map(|(n, c)| (n.to_string(), c)).collect();
+    let mut out: Vec<(String, i32)> = per_name
+        .into_iter()
+        .map(|(n, c)| (n.to_string(), c))
+        .collect();
     out.sort();
     out
 }
@@ -59,15 +62,24 @@ pub fn plan(workers: &[WorkerCapacity], candidates: &[Candidate]) -> Vec<Assignm
 
     let mut out = Vec::new();
     for c in order {
-        let Some(indexes) = serving.get(c.task_name.as_str()) else { continue };
+        let Some(indexes) = serving.get(c.task_name.as_str()) else {
+            continue;
+        };
         let best = indexes
             .iter()
             .copied()
             .filter(|&i| free[i] > 0)
-            .max_by(|&a, &b| free[a].cmp(&free[b]).then(workers[b].worker_id.cmp(&workers[a].worker_id)));
+            .max_by(|&a, &b| {
+                free[a]
+                    .cmp(&free[b])
+                    .then(workers[b].worker_id.cmp(&workers[a].worker_id))
+            });
         if let Some(i) = best {
             free[i] -= 1;
-            out.push(Assignment { task_id: c.task_id, worker_id: workers[i].worker_id });
+            out.push(Assignment {
+                task_id: c.task_id,
+                worker_id: workers[i].worker_id,
+            });
         }
     }
     out
@@ -86,19 +98,32 @@ mod unit_tests {
     }
 
     fn task(id: i64, name: &str, priority: i32) -> Candidate {
-        Candidate { task_id: id, task_name: name.to_string(), priority }
+        Candidate {
+            task_id: id,
+            task_name: name.to_string(),
+            priority,
+        }
     }
 
     #[test]
     fn demand_sums_free_slots_per_name() {
-        let w = [worker(1, &["a", "b"], 2), worker(2, &["a"], 3), worker(3, &["c"], 0)];
+        let w = [
+            worker(1, &["a", "b"], 2),
+            worker(2, &["a"], 3),
+            worker(3, &["c"], 0),
+        ];
         assert_eq!(demand(&w), vec![("a".to_string(), 5), ("b".to_string(), 2)]);
     }
 
     #[test]
     fn highest_priority_then_oldest() {
         let w = [worker(1, &["a"], 2)];
-        let c = [task(1, "a", 1), task(2, "a", 3), task(3, "a", 3), task(4, "a", 2)];
+        let c = [
+            task(1, "a", 1),
+            task(2, "a", 3),
+            task(3, "a", 3),
+            task(4, "a", 2),
+        ];
         let got: Vec<i64> = plan(&w, &c).iter().map(|a| a.task_id).collect();
         assert_eq!(got, vec![2, 3]);
     }
@@ -118,7 +143,19 @@ mod unit_tests {
         let w = [worker(1, &["a"], 1), worker(2, &["a"], 3)];
         let c = [task(1, "a", 1), task(2, "a", 1)];
         let p = plan(&w, &c);
-        assert_eq!(p, vec![Assignment { task_id: 1, worker_id: 2 }, Assignment { task_id: 2, worker_id: 2 }]);
+        assert_eq!(
+            p,
+            vec![
+                Assignment {
+                    task_id: 1,
+                    worker_id: 2
+                },
+                Assignment {
+                    task_id: 2,
+                    worker_id: 2
+                }
+            ]
+        );
     }
 
     #[test]
@@ -126,14 +163,32 @@ mod unit_tests {
         let w = [worker(1, &["a"], 5), worker(2, &["b"], 5)];
         let c = [task(1, "b", 1), task(2, "a", 1), task(3, "z", 9)];
         let p = plan(&w, &c);
-        assert_eq!(p, vec![Assignment { task_id: 1, worker_id: 2 }, Assignment { task_id: 2, worker_id: 1 }]);
+        assert_eq!(
+            p,
+            vec![
+                Assignment {
+                    task_id: 1,
+                    worker_id: 2
+                },
+                Assignment {
+                    task_id: 2,
+                    worker_id: 1
+                }
+            ]
+        );
     }
 
     #[test]
     fn priority_across_names_for_a_shared_worker() {
         let w = [worker(1, &["a", "b"], 1)];
         let c = [task(1, "a", 1), task(2, "b", 2)];
-        assert_eq!(plan(&w, &c), vec![Assignment { task_id: 2, worker_id: 1 }]);
+        assert_eq!(
+            plan(&w, &c),
+            vec![Assignment {
+                task_id: 2,
+                worker_id: 1
+            }]
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
 /// The database the scheduler serves (one scheduler per cluster).
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Longest sleep between scheduler ticks when nothing wakes it, in milliseconds.
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// A worker silent for longer than this (seconds) is stopped and its tasks requeued.

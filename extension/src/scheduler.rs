@@ -49,9 +49,13 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         }
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
         let maintain = last_maintenance.is_none_or(|at| at.elapsed() >= MAINTENANCE_INTERVAL);
-        let outcome = BackgroundWorker::transaction(|| Spi::connect_mut(|client| tick(client, maintain)));
+        let outcome =
+            BackgroundWorker::transaction(|| Spi::connect_mut(|client| tick(client, maintain)));
         let next_due = match outcome {
-            Tick::Ran { next_due, maintained } => {
+            Tick::Ran {
+                next_due,
+                maintained,
+            } => {
                 warned_version = None;
                 if maintained {
                     last_maintenance = Some(Instant::now());
@@ -82,12 +86,19 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     }
     wake::publish_scheduler(-1);
     log!("sluice scheduler exiting");
+    // Exit code 1, not 0: the postmaster restarts a background worker only after a non-zero
+    // exit, and a SIGTERM that is not a server shutdown (pg_terminate_backend, DROP DATABASE
+    // ... FORCE) must not stop scheduling for good. During shutdown nothing is restarted.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 enum Tick {
     /// `next_due`: time until the next known deadline (a delayed task becoming runnable, an
     /// execution or schedule timeout), zero if one is already overdue.
-    Ran { next_due: Option<Duration>, maintained: bool },
+    Ran {
+        next_due: Option<Duration>,
+        maintained: bool,
+    },
     NotInstalled,
     VersionMismatch(String),
 }
@@ -108,7 +119,11 @@ fn tick(client: &mut SpiClient<'_>, maintain: bool) -> Tick {
     if maintain {
         let heartbeat_timeout = format!("{} seconds", gucs::HEARTBEAT_TIMEOUT_S.get());
         let signalled = client
-            .update("SELECT w FROM sluice._maintain($1::interval) AS w", None, &[heartbeat_timeout.into()])
+            .update(
+                "SELECT w FROM sluice._maintain($1::interval) AS w",
+                None,
+                &[heartbeat_timeout.into()],
+            )
             .expect("sluice._maintain failed");
         for row in signalled {
             if let Ok(Some(id)) = row.get::<i64>(1) {
@@ -142,7 +157,13 @@ fn tick(client: &mut SpiClient<'_>, maintain: bool) -> Tick {
             for a in &plan {
                 notify
                     .entry(a.worker_id)
-                    .and_modify(|k| *k = if *k == "signal" { "assigned signal" } else { *k })
+                    .and_modify(|k| {
+                        *k = if *k == "signal" {
+                            "assigned signal"
+                        } else {
+                            *k
+                        }
+                    })
                     .or_insert("assigned");
             }
         }
@@ -161,12 +182,19 @@ fn tick(client: &mut SpiClient<'_>, maintain: bool) -> Tick {
             .expect("notifying workers failed");
     }
 
-    Tick::Ran { next_due: next_deadline(client), maintained: maintain }
+    Tick::Ran {
+        next_due: next_deadline(client),
+        maintained: maintain,
+    }
 }
 
 fn installed_version(client: &mut SpiClient<'_>) -> Option<String> {
     client
-        .update("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sluice'", None, &[])
+        .update(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sluice'",
+            None,
+            &[],
+        )
         .ok()?
         .first()
         .get_one::<String>()
@@ -204,7 +232,10 @@ fn load_workers(client: &mut SpiClient<'_>) -> Vec<WorkerCapacity> {
 /// The head of each wanted task name's queue, locked so that a concurrent cancel cannot race
 /// the assignment (locked rows are skipped, not waited for). Tasks whose definition was
 /// deleted come back separately as orphans.
-fn load_candidates(client: &mut SpiClient<'_>, demand: &[(String, i32)]) -> (Vec<Candidate>, Vec<i64>) {
+fn load_candidates(
+    client: &mut SpiClient<'_>,
+    demand: &[(String, i32)],
+) -> (Vec<Candidate>, Vec<i64>) {
     let names: Vec<String> = demand.iter().map(|(n, _)| n.clone()).collect();
     let limits: Vec<i32> = demand.iter().map(|(_, c)| *c).collect();
     let rows = client
@@ -226,15 +257,22 @@ fn load_candidates(client: &mut SpiClient<'_>, demand: &[(String, i32)]) -> (Vec
     let mut candidates = Vec::new();
     let mut orphans = Vec::new();
     for row in rows {
-        let (Ok(Some(task_id)), Ok(Some(task_name)), Ok(Some(priority)), Ok(Some(orphan))) =
-            (row.get::<i64>(1), row.get::<String>(2), row.get::<i32>(3), row.get::<bool>(4))
-        else {
+        let (Ok(Some(task_id)), Ok(Some(task_name)), Ok(Some(priority)), Ok(Some(orphan))) = (
+            row.get::<i64>(1),
+            row.get::<String>(2),
+            row.get::<i32>(3),
+            row.get::<bool>(4),
+        ) else {
             continue;
         };
         if orphan {
             orphans.push(task_id);
         } else {
-            candidates.push(Candidate { task_id, task_name, priority });
+            candidates.push(Candidate {
+                task_id,
+                task_name,
+                priority,
+            });
         }
     }
     (candidates, orphans)

@@ -58,7 +58,9 @@ pub fn require_scheduler() {
         if name.is_null() {
             String::new()
         } else {
-            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
         }
     };
     if current != served {
@@ -92,11 +94,16 @@ fn set_scheduler_latch() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) && PRELOADED.load(Ordering::Relaxed) {
+            // Clear the request first, whatever happens next: it belongs to this transaction.
+            let requested = WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
+            if requested && PRELOADED.load(Ordering::Relaxed) {
                 set_scheduler_latch();
             }
         }

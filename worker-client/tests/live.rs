@@ -280,8 +280,10 @@ async fn transaction_commits_with_completion_or_not_at_all() {
         .expect("define_task");
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS public.sluice_client_live_charges (
-                 task_id bigint PRIMARY KEY, cents bigint NOT NULL)",
+            // Keyed by task name too: task ids start over when the extension is recreated.
+            "CREATE TABLE IF NOT EXISTS public.sluice_client_live_charge (
+                 task_name text NOT NULL, task_id bigint NOT NULL, cents bigint NOT NULL,
+                 PRIMARY KEY (task_name, task_id))",
         )
         .await
         .expect("creating the charges table");
@@ -300,9 +302,9 @@ async fn transaction_commits_with_completion_or_not_at_all() {
                 let tx = ctx.transaction().await?;
                 tx.client()
                     .execute(
-                        "INSERT INTO public.sluice_client_live_charges (task_id, cents)
-                         VALUES ($1, $2)",
-                        &[&ctx.task_id(), &input.cents],
+                        "INSERT INTO public.sluice_client_live_charge (task_name, task_id, cents)
+                         VALUES ($1, $2, $3)",
+                        &[&Charge::name(), &ctx.task_id(), &input.cents],
                     )
                     .await?;
                 if input.wait_for_cancel {
@@ -336,8 +338,8 @@ async fn transaction_commits_with_completion_or_not_at_all() {
     assert_eq!(report, Some((charged, None)));
     let cents: i64 = client
         .query_one(
-            "SELECT cents FROM public.sluice_client_live_charges WHERE task_id = $1",
-            &[&charged],
+            "SELECT cents FROM public.sluice_client_live_charge WHERE task_name = $2 AND task_id = $1",
+            &[&charged, &Charge::name()],
         )
         .await
         .expect("the charge row was committed")
@@ -367,8 +369,8 @@ async fn transaction_commits_with_completion_or_not_at_all() {
     assert_eq!(report, Some((fenced, Some(ErrorKind::Fenced))));
     let rows = client
         .query(
-            "SELECT 1 FROM public.sluice_client_live_charges WHERE task_id = $1",
-            &[&fenced],
+            "SELECT 1 FROM public.sluice_client_live_charge WHERE task_name = $2 AND task_id = $1",
+            &[&fenced, &Charge::name()],
         )
         .await
         .expect("reading charges");
