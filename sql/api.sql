@@ -1,9 +1,12 @@
 -- Sluice SQL API: task definitions, enqueue, cancel, and the worker protocol.
 --
 -- Included last (finalize) by the extension, after the Rust functions it calls:
---   sluice._wake_scheduler()   wake the scheduler once the current transaction commits
---                              (through shared memory, never NOTIFY); errors with SQLSTATE
---                              55000 when the library is not in shared_preload_libraries.
+--   sluice._wake_scheduler(runnable_from)
+--                              wake the scheduler once the current transaction commits
+--                              (through shared memory, never NOTIFY); runnable_from is the
+--                              earliest run_at of tasks this transaction made queued, so the
+--                              scheduler rereads from there; errors with SQLSTATE 55000 when
+--                              the library is not in shared_preload_libraries.
 --
 -- Error codes callers can branch on:
 --   42704 unknown task name            22023 invalid parameter value
@@ -131,7 +134,7 @@ BEGIN
             DO NOTHING
         RETURNING id INTO new_id;
         IF new_id IS NOT NULL THEN
-            PERFORM sluice._wake_scheduler();
+            PERFORM sluice._wake_scheduler(start_at);
             RETURN new_id;
         END IF;
         -- An unfinished task holds this key: return it. If it finished between the conflict
@@ -174,7 +177,7 @@ BEGIN
         RETURNING id
     )
     SELECT id FROM inserted ORDER BY id;
-    PERFORM sluice._wake_scheduler();
+    PERFORM sluice._wake_scheduler(now());
 END
 $$;
 
@@ -265,6 +268,7 @@ BEGIN
            run_at = now() + delay,
            schedule_deadline = now() + delay + coalesce(def.schedule_timeout, interval '5 minutes')
      WHERE id = t.id;
+    PERFORM sluice._wake_scheduler(now() + delay);
     RETURN 'queued';
 END
 $$;
@@ -348,19 +352,30 @@ END
 $$;
 
 -- Hands the worker the attempts the scheduler assigned to it that it has not fetched yet.
-CREATE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100)
-RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
+-- `after_seq`: the worker passes the highest assign_seq it has fetched minus one (0 at first),
+-- so the index scan starts at its latest tick instead of walking over every task it ever ran.
+--
+-- The fetch's own commit does not wait for the disk (synchronous_commit off for the calling
+-- transaction, which in the worker protocol is just this call): a crash can only lose the
+-- picked_at marks, and a handler that ran on an assignment lost that way is at worst run again,
+-- which at-least-once allows. Completions stay durable.
+CREATE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100,
+                                   after_seq bigint DEFAULT 0)
+RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz,
+               assign_seq bigint)
 LANGUAGE sql AS $$
+    SELECT set_config('synchronous_commit', 'off', true);
     UPDATE sluice.task_run t
        SET picked_at = now()
       FROM (SELECT r.id FROM sluice.task_run r
              WHERE r.worker_id = fetch_tasks.worker_id AND r.status = 'running'
+               AND r.assign_seq > coalesce(after_seq, 0)
                AND r.picked_at IS NULL
-             ORDER BY r.priority DESC, r.id
+             ORDER BY r.assign_seq, r.priority DESC, r.id
              LIMIT greatest(max_tasks, 0)
              FOR UPDATE SKIP LOCKED) p
      WHERE t.id = p.id
-    RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at
+    RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at, t.assign_seq
 $$;
 
 -- Completes attempts. Only the current attempt of a running task, held by this worker, can
@@ -458,42 +473,57 @@ $$;
 
 -- Scheduler maintenance -----------------------------------------------------------------------
 --
--- Called by the scheduler (the background worker) once per tick, in its own transaction. Each
+-- Called by the scheduler (the background worker) at most every 100 ms, inside its tick's
+-- transaction: first _stop_lost_workers, then _maintain with what its memory says is due. Each
 -- phase runs in its own subtransaction, and rows are handled one at a time where one bad row
 -- could otherwise fail a whole statement, so one malformed row never stops the scheduler.
--- hb_timeout is sluice.heartbeat_timeout. Returns the workers to notify that a running task of
--- theirs must stop.
-CREATE FUNCTION sluice._maintain(hb_timeout interval) RETURNS SETOF bigint
+--
+-- Nothing here scans an index from its start: the candidates come from the scheduler's memory
+-- (running attempts it assigned) or from a moving window, so dead index entries left behind
+-- while a long transaction holds back vacuum are not walked over again and again.
+
+-- Stops workers whose session ended or that stopped heartbeating (hb_timeout is
+-- sluice.heartbeat_timeout). Their running tasks are requeued by _maintain.
+CREATE FUNCTION sluice._stop_lost_workers(hb_timeout interval) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    w   record;
+    w record;
+BEGIN
+    FOR w IN
+        SELECT x.id,
+               CASE WHEN a.pid IS NULL THEN 'worker session ended'
+                    ELSE format('no heartbeat for more than %s', hb_timeout) END AS reason
+          FROM sluice.worker x
+          LEFT JOIN pg_stat_activity a
+            ON a.pid = x.backend_pid AND a.backend_start = x.backend_start
+         WHERE x.stopped_at IS NULL
+           AND (a.pid IS NULL OR x.last_heartbeat < now() - hb_timeout)
+    LOOP
+        UPDATE sluice.worker SET stopped_at = now(), stop_reason = w.reason WHERE id = w.id;
+    END LOOP;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'sluice scheduler: checking worker liveness failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+END
+$$;
+
+-- lost_task_ids: running tasks (per the scheduler) whose worker is not live; timed_out_task_ids:
+-- running tasks whose timeout_at has passed (per the scheduler); both are re-checked here.
+-- deadlines_after: schedule deadlines before it were handled by an earlier call ('-infinity'
+-- for a full pass). purge_workers: also forget workers stopped more than a day ago.
+-- Returns the workers to notify that a running task of theirs must stop.
+CREATE FUNCTION sluice._maintain(lost_task_ids bigint[], timed_out_task_ids bigint[],
+                                 deadlines_after timestamptz, purge_workers boolean)
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
     t   sluice.task_run;
 BEGIN
-    -- 1. Workers whose session ended or that stopped heartbeating.
-    BEGIN
-        FOR w IN
-            SELECT x.id,
-                   CASE WHEN a.pid IS NULL THEN 'worker session ended'
-                        ELSE format('no heartbeat for more than %s', hb_timeout) END AS reason
-              FROM sluice.worker x
-              LEFT JOIN pg_stat_activity a
-                ON a.pid = x.backend_pid AND a.backend_start = x.backend_start
-             WHERE x.stopped_at IS NULL
-               AND (a.pid IS NULL OR x.last_heartbeat < now() - hb_timeout)
-        LOOP
-            UPDATE sluice.worker SET stopped_at = now(), stop_reason = w.reason WHERE id = w.id;
-        END LOOP;
-    EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'sluice scheduler: checking worker liveness failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
-    END;
-
-    -- 2. Running tasks whose worker is stopped or gone: the attempt is lost, the task requeued.
+    -- 1. Running tasks whose worker is stopped or gone: the attempt is lost, the task requeued.
     FOR t IN
         SELECT r.* FROM sluice.task_run r
-         WHERE r.status = 'running'
+         WHERE r.id = ANY(lost_task_ids) AND r.status = 'running'
            AND NOT EXISTS (SELECT 1 FROM sluice.worker x
                             WHERE x.id = r.worker_id AND x.stopped_at IS NULL)
-         LIMIT 1000
         FOR UPDATE OF r SKIP LOCKED
     LOOP
         BEGIN
@@ -506,12 +536,10 @@ BEGIN
         END;
     END LOOP;
 
-    -- 3. Execution timeouts: a failure (retried while retries remain); the worker is told to stop.
+    -- 2. Execution timeouts: a failure (retried while retries remain); the worker is told to stop.
     FOR t IN
         SELECT r.* FROM sluice.task_run r
-         WHERE r.status = 'running' AND r.timeout_at < now()
-         ORDER BY r.timeout_at
-         LIMIT 1000
+         WHERE r.id = ANY(timed_out_task_ids) AND r.status = 'running' AND r.timeout_at <= now()
         FOR UPDATE SKIP LOCKED
     LOOP
         BEGIN
@@ -524,14 +552,15 @@ BEGIN
         END;
     END LOOP;
 
-    -- 4. Schedule timeouts: queued for too long, cancelled with the reason.
+    -- 3. Schedule timeouts: queued for too long, cancelled with the reason.
     BEGIN
         UPDATE sluice.task_run r
            SET status = 'cancelled', finished_at = now(),
                last_error = format('schedule timeout: not started within %s of %s',
                                    r.schedule_deadline - r.run_at, r.run_at)
           FROM (SELECT q.id FROM sluice.task_run q
-                 WHERE q.status = 'queued' AND q.schedule_deadline < now()
+                 WHERE q.status = 'queued'
+                   AND q.schedule_deadline >= deadlines_after AND q.schedule_deadline < now()
                  ORDER BY q.schedule_deadline
                  LIMIT 10000
                 FOR UPDATE SKIP LOCKED) late
@@ -540,17 +569,19 @@ BEGIN
         RAISE WARNING 'sluice scheduler: schedule timeouts failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
-    -- 5. Forget workers stopped long ago (their tasks were requeued in phase 2).
-    BEGIN
-        DELETE FROM sluice.worker x
-         WHERE x.stopped_at < now() - interval '1 day'
-           AND NOT EXISTS (SELECT 1 FROM sluice.task_run r
-                            WHERE r.worker_id = x.id AND r.status = 'running');
-    EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'sluice scheduler: purging stopped workers failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
-    END;
+    -- 4. Forget workers stopped long ago (their tasks were requeued in phase 1).
+    IF purge_workers THEN
+        BEGIN
+            DELETE FROM sluice.worker x
+             WHERE x.stopped_at < now() - interval '1 day'
+               AND NOT EXISTS (SELECT 1 FROM sluice.task_run r
+                                WHERE r.worker_id = x.id AND r.status = 'running');
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'sluice scheduler: purging stopped workers failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+        END;
+    END IF;
 
-    -- 6. Signals queued by cancel().
+    -- 5. Signals queued by cancel().
     RETURN QUERY DELETE FROM sluice.worker_signal RETURNING worker_id;
 END
 $$;

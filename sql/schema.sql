@@ -36,6 +36,9 @@ CREATE TABLE sluice.task_run (
     schedule_deadline timestamptz NOT NULL,
     -- attempts assigned so far; (id, attempt) names one attempt and fences late completions
     attempt           int NOT NULL DEFAULT 0,
+    -- the scheduler tick that assigned the current attempt (sluice.assign_seq): a worker's
+    -- fetch resumes after the last tick it saw instead of rescanning its finished tasks
+    assign_seq        bigint,
     -- application failures (they consume retries); lost attempts are counted apart
     failures          int NOT NULL DEFAULT 0,
     lost_attempts     int NOT NULL DEFAULT 0,
@@ -48,21 +51,34 @@ CREATE TABLE sluice.task_run (
     last_error        text,
     enqueued_at       timestamptz NOT NULL DEFAULT now(),
     finished_at       timestamptz
-) WITH (fillfactor = 80);
+) WITH (
+    -- room for the HOT update of a fetch (picked_at) next to each row
+    fillfactor = 80,
+    -- dead versions of finished transitions pile up fast: vacuum early and without throttling
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 0
+);
 
--- Assignment: per task name, highest priority first, then oldest.
-CREATE INDEX task_run_queued_idx ON sluice.task_run (task_name, priority DESC, id)
-    WHERE status = 'queued';
--- The scheduler's next wake-up for delayed tasks.
-CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at) WHERE status = 'queued';
+-- Indexes are few on purpose: every queued -> running -> finished transition changes `status`,
+-- which is in each partial index's predicate, so no such update is HOT and each index costs a
+-- write per transition. And each scan below starts from a position the scheduler remembers, so
+-- index entries of finished tasks that vacuum cannot remove yet (a long transaction holding the
+-- xmin horizon) are never walked over again (see extension/src/queue.rs).
+--
+-- Arrivals: the scheduler reads tasks that became runnable since its last read, in
+-- (run_at, id) order, and keeps the runnable queue in memory; also the next delayed task.
+CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at, id) WHERE status = 'queued';
+-- Schedule timeouts, scanned as a moving window.
 CREATE INDEX task_run_schedule_deadline_idx ON sluice.task_run (schedule_deadline)
     WHERE status = 'queued';
--- Slots in use per worker, fetch, and execution timeouts.
-CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id) WHERE status = 'running';
-CREATE INDEX task_run_timeout_idx ON sluice.task_run (timeout_at) WHERE status = 'running';
+-- A worker's fetch: its running attempts assigned after the last tick it fetched.
+CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id, assign_seq) WHERE status = 'running';
 -- An idempotency key is unique among the unfinished tasks of one task name.
 CREATE UNIQUE INDEX task_run_idempotency_idx ON sluice.task_run (task_name, idempotency_key)
     WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running');
+
+-- One value per scheduler tick that assigned work (see task_run.assign_seq).
+CREATE SEQUENCE sluice.assign_seq;
 
 -- Attempts that ended without success: failed, timed out, lost with their worker, cancelled.
 CREATE TABLE sluice.task_attempt (

@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 pub mod assign;
 mod gucs;
+pub mod queue;
 mod scheduler;
 mod wake;
 
@@ -36,10 +37,11 @@ fn require_preloaded_sql() {
 }
 
 /// Wakes the scheduler when the current transaction commits (never on rollback).
+/// `runnable_from`: the earliest `run_at` among tasks this transaction made queued.
 #[pg_extern(name = "_wake_scheduler")]
-fn wake_scheduler_sql() {
+fn wake_scheduler_sql(runnable_from: default!(Option<TimestampWithTimeZone>, "NULL")) {
     wake::require_scheduler();
-    wake::wake_at_commit();
+    wake::wake_at_commit(runnable_from.map(pg_sys::TimestampTz::from));
 }
 
 // #[pg_schema] needs an inline module; the tests live in their own file.

@@ -1,24 +1,35 @@
 //! The scheduler: one background worker per cluster, connected to `sluice.database`.
 //!
-//! Each tick runs in one transaction: maintenance in SQL (`sluice._maintain`: dead workers,
-//! timeouts, signals), then assignment planned in Rust (`crate::assign`) and applied in one
-//! UPDATE, then one NOTIFY per worker that got work. It sleeps on its latch until a commit
-//! wakes it (see `crate::wake`), the next delayed task or timeout falls due, or
-//! `sluice.poll_interval` passes. All state is in tables, so a restart resumes where it was.
+//! Each tick runs in one transaction: maintenance (at most every 100 ms: dead workers,
+//! timeouts, signals), a check of the running attempts it assigned, a read of new arrivals
+//! into its memory (`crate::queue`), assignment planned in Rust (`crate::assign`) and applied
+//! in one UPDATE, then one NOTIFY per worker that got work. It sleeps on its latch until a
+//! commit wakes it (see `crate::wake`), the next delayed task or timeout falls due, or
+//! `sluice.poll_interval` passes. Tables are the truth: a restarted scheduler rebuilds its
+//! memory from them.
 
 use crate::assign::{self, Candidate, WorkerCapacity};
+use crate::queue::{Arrival, Micros, QueueState, RunningAttempt};
 use crate::{gucs, wake};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// How long to wait after a tick found work already due but could not take it (rows locked by
-/// another transaction): short, but not a busy loop.
-const RETRY_SOON: Duration = Duration::from_millis(50);
+/// How long to wait after a tick that left work it could take soon (rows locked by another
+/// transaction, more arrivals to read, tasks just requeued): short, but not a busy loop.
+const RETRY_SOON: Duration = Duration::from_millis(5);
 /// Lost workers, timeouts and cancel signals are checked at most this often.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(100);
+/// The runnable queue in memory is rebuilt from the table this often (see
+/// `QueueState::reread_from_start`).
+const REREAD_INTERVAL: Duration = Duration::from_secs(60);
+/// At most this many runnable tasks are kept in memory (about 30 bytes each); beyond it,
+/// newer arrivals are read as room frees up, so priorities apply among the oldest this many.
+const MAX_READY_IN_MEMORY: usize = 1_000_000;
+/// Arrivals read per tick, so that a deep backlog does not delay the first assignments.
+const ARRIVALS_PER_TICK: usize = 20_000;
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub fn register() {
@@ -37,35 +48,55 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // The scheduler's commits (assignments, requeues, timeouts) do not wait for the disk. A
+    // crash can lose only its last few hundred milliseconds of them, which puts those tasks
+    // back where they were (queued, or running until the lost-worker check): nothing is lost
+    // and nothing completes twice. A worker acts on an assignment only after its fetch
+    // committed, and the WAL is flushed in order, so an assignment a handler ran on is durable
+    // whenever that worker's fetch or completion is.
+    //
+    // Every query of the scheduler is meant as an index lookup or a short index range. Right
+    // after a burst of enqueues the table statistics still describe a nearly empty table and
+    // the planner picks sequential scans that lock and read the whole table on every tick.
+    BackgroundWorker::transaction(|| {
+        Spi::run("SET synchronous_commit = off").expect("setting synchronous_commit failed");
+        Spi::run("SET enable_seqscan = off").expect("setting enable_seqscan failed");
+    });
     wake::publish_scheduler(unsafe { (*pg_sys::MyProc).pgprocno });
     log!("sluice scheduler started for database \"{database}\"");
 
+    let mut scheduler = Scheduler::new();
     let mut sleep = Duration::ZERO;
-    let mut last_maintenance: Option<Instant> = None;
     let mut warned_version: Option<String> = None;
     while BackgroundWorker::wait_latch(Some(sleep)) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
-        let maintain = last_maintenance.is_none_or(|at| at.elapsed() >= MAINTENANCE_INTERVAL);
-        let outcome =
-            BackgroundWorker::transaction(|| Spi::connect_mut(|client| tick(client, maintain)));
-        let next_due = match outcome {
-            Tick::Ran {
-                next_due,
-                maintained,
-            } => {
+        // Before the tick's snapshot: see crate::wake for why the order matters.
+        if let Some(at) = wake::take_committed_runnable_from() {
+            scheduler.queue.rewind_to(at);
+        }
+        // An error inside the tick ends the process (and the postmaster restarts it), so the
+        // memory it leaves half-updated is never used again.
+        let this = std::panic::AssertUnwindSafe(&mut scheduler);
+        let outcome = BackgroundWorker::transaction(move || {
+            let mut this = this;
+            Spi::connect_mut(|client| this.tick(client))
+        });
+        sleep = match outcome {
+            Tick::Ran { next_due } => {
                 warned_version = None;
-                if maintained {
-                    last_maintenance = Some(Instant::now());
-                    next_due
-                } else {
-                    // A skipped maintenance (e.g. a cancel's signal) must not wait a full poll.
-                    Some(next_due.map_or(MAINTENANCE_INTERVAL, |d| d.min(MAINTENANCE_INTERVAL)))
-                }
+                // Maintenance is due every MAINTENANCE_INTERVAL while work is in flight.
+                let maintenance = (scheduler.queue.running_len() > 0)
+                    .then(|| MAINTENANCE_INTERVAL.saturating_sub(scheduler.since_maintenance()));
+                [next_due, maintenance, Some(poll)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(poll)
             }
-            Tick::NotInstalled => None,
+            Tick::NotInstalled => poll,
             Tick::VersionMismatch(installed) => {
                 if warned_version.as_deref() != Some(installed.as_str()) {
                     warning!(
@@ -75,13 +106,8 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
                     );
                     warned_version = Some(installed);
                 }
-                None
+                poll
             }
-        };
-        sleep = match next_due {
-            Some(due) if due.is_zero() => RETRY_SOON,
-            Some(due) => due.min(poll),
-            None => poll,
         };
     }
     wake::publish_scheduler(-1);
@@ -93,99 +119,170 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
 }
 
 enum Tick {
-    /// `next_due`: time until the next known deadline (a delayed task becoming runnable, an
-    /// execution or schedule timeout), zero if one is already overdue.
+    /// `next_due`: time until the scheduler has something to do without being woken.
     Ran {
         next_due: Option<Duration>,
-        maintained: bool,
     },
     NotInstalled,
     VersionMismatch(String),
 }
 
-/// One pass over the queue: maintenance when `maintain` (it is throttled because a burst of
-/// completions wakes the scheduler many times in a row, and only assignment needs to rerun),
-/// then assignment.
-fn tick(client: &mut SpiClient<'_>, maintain: bool) -> Tick {
-    match installed_version(client) {
-        None => return Tick::NotInstalled,
-        Some(v) if v != LIBRARY_VERSION => return Tick::VersionMismatch(v),
-        Some(_) => {}
-    }
+struct Scheduler {
+    queue: QueueState,
+    /// Running attempts were loaded from the table (once per process).
+    loaded_running: bool,
+    last_maintenance: Option<Instant>,
+    last_reread: Instant,
+    /// Schedule deadlines before this were handled (the moving window of `_maintain`).
+    deadlines_after: Micros,
+}
 
-    // Notifications to send at commit, one per worker: what it should do.
-    let mut notify: BTreeMap<i64, &'static str> = BTreeMap::new();
-
-    if maintain {
-        let heartbeat_timeout = format!("{} seconds", gucs::HEARTBEAT_TIMEOUT_S.get());
-        let signalled = client
-            .update(
-                "SELECT w FROM sluice._maintain($1::interval) AS w",
-                None,
-                &[heartbeat_timeout.into()],
-            )
-            .expect("sluice._maintain failed");
-        for row in signalled {
-            if let Ok(Some(id)) = row.get::<i64>(1) {
-                notify.insert(id, "signal");
-            }
+impl Scheduler {
+    fn new() -> Self {
+        Scheduler {
+            queue: QueueState::new(),
+            loaded_running: false,
+            last_maintenance: None,
+            last_reread: Instant::now(),
+            deadlines_after: i64::MIN,
         }
     }
 
-    let workers = load_workers(client);
-    let demand = assign::demand(&workers);
-    if !demand.is_empty() {
-        let (candidates, orphans) = load_candidates(client, &demand);
-        fail_orphans(client, &orphans);
-        let plan = assign::plan(&workers, &candidates);
-        if !plan.is_empty() {
-            let task_ids: Vec<i64> = plan.iter().map(|a| a.task_id).collect();
-            let worker_ids: Vec<i64> = plan.iter().map(|a| a.worker_id).collect();
+    fn since_maintenance(&self) -> Duration {
+        self.last_maintenance
+            .map_or(Duration::ZERO, |at| at.elapsed())
+    }
+
+    fn tick(&mut self, client: &mut SpiClient<'_>) -> Tick {
+        let maintain = self
+            .last_maintenance
+            .is_none_or(|at| at.elapsed() >= MAINTENANCE_INTERVAL);
+        if maintain {
+            // Also the first tick: nothing runs against a schema of another version.
+            match installed_version(client) {
+                None => return Tick::NotInstalled,
+                Some(v) if v != LIBRARY_VERSION => return Tick::VersionMismatch(v),
+                Some(_) => {}
+            }
+        }
+        let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+        let mut soon = false;
+
+        if !self.loaded_running {
+            load_running(client, &mut self.queue);
+            self.loaded_running = true;
+        }
+        let purge_workers = self.last_reread.elapsed() >= REREAD_INTERVAL;
+        if purge_workers {
+            self.queue.reread_from_start();
+            self.deadlines_after = i64::MIN;
+            self.last_reread = Instant::now();
+        }
+
+        // Notifications to send at commit, one per worker: what it should do.
+        let mut notify: BTreeMap<i64, &'static str> = BTreeMap::new();
+        if maintain {
+            let heartbeat_timeout = format!("{} seconds", gucs::HEARTBEAT_TIMEOUT_S.get());
             client
                 .update(
-                    "UPDATE sluice.task_run t
-                        SET status = 'running', attempt = t.attempt + 1, worker_id = a.worker_id,
-                            assigned_at = now(), picked_at = NULL,
-                            timeout_at = now() + d.execution_timeout
-                       FROM unnest($1::bigint[], $2::bigint[]) AS a(task_id, worker_id),
-                            sluice.task_definition d
-                      WHERE t.id = a.task_id AND d.name = t.task_name AND t.status = 'queued'",
+                    "SELECT sluice._stop_lost_workers($1::interval)",
                     None,
-                    &[task_ids.into(), worker_ids.into()],
+                    &[heartbeat_timeout.into()],
                 )
-                .expect("applying assignments failed");
-            for a in &plan {
-                notify
-                    .entry(a.worker_id)
-                    .and_modify(|k| {
-                        *k = if *k == "signal" {
-                            "assigned signal"
-                        } else {
-                            *k
-                        }
-                    })
-                    .or_insert("assigned");
+                .expect("sluice._stop_lost_workers failed");
+        }
+        let workers = load_workers(client);
+        if maintain {
+            let live: HashSet<i64> = workers.iter().map(|w| w.worker_id).collect();
+            let lost = self.queue.lost(&live);
+            let timed_out = self.queue.timed_out(now);
+            soon |= !lost.is_empty() || !timed_out.is_empty();
+            let deadlines_after = timestamptz(self.deadlines_after);
+            let signalled = client
+                .update(
+                    "SELECT w FROM sluice._maintain($1, $2, $3, $4) AS w",
+                    None,
+                    &[
+                        lost.into(),
+                        timed_out.into(),
+                        deadlines_after.into(),
+                        purge_workers.into(),
+                    ],
+                )
+                .expect("sluice._maintain failed");
+            for row in signalled {
+                if let Ok(Some(id)) = row.get::<i64>(1) {
+                    notify.insert(id, "signal");
+                }
+            }
+            self.deadlines_after = now;
+            self.last_maintenance = Some(Instant::now());
+        }
+        check_running(client, &mut self.queue);
+        soon |= read_arrivals(client, &mut self.queue, now);
+
+        let capacity: Vec<WorkerCapacity> = workers
+            .into_iter()
+            .map(|mut w| {
+                w.free_slots -= self.queue.running_on(w.worker_id);
+                w
+            })
+            .collect();
+        let demand = assign::demand(&capacity);
+        if !demand.is_empty() {
+            let candidates = self.queue.candidates(&demand);
+            let plan = assign::plan(&capacity, &candidates);
+            if !plan.is_empty() {
+                soon |= apply(client, &mut self.queue, &candidates, &plan);
+                for a in &plan {
+                    notify
+                        .entry(a.worker_id)
+                        .and_modify(|k| {
+                            if *k == "signal" {
+                                *k = "assigned signal"
+                            }
+                        })
+                        .or_insert("assigned");
+                }
             }
         }
-    }
 
-    if !notify.is_empty() {
-        let ids: Vec<i64> = notify.keys().copied().collect();
-        let kinds: Vec<String> = notify.values().map(|k| k.to_string()).collect();
-        client
-            .update(
-                "SELECT pg_notify('sluice_worker_' || w.id, w.kind)
-                   FROM unnest($1::bigint[], $2::text[]) AS w(id, kind)",
-                None,
-                &[ids.into(), kinds.into()],
-            )
-            .expect("notifying workers failed");
-    }
+        if !notify.is_empty() {
+            let ids: Vec<i64> = notify.keys().copied().collect();
+            let kinds: Vec<String> = notify.values().map(|k| k.to_string()).collect();
+            client
+                .update(
+                    "SELECT pg_notify('sluice_worker_' || w.id, w.kind)
+                       FROM unnest($1::bigint[], $2::text[]) AS w(id, kind)",
+                    None,
+                    &[ids.into(), kinds.into()],
+                )
+                .expect("notifying workers failed");
+        }
 
-    Tick::Ran {
-        next_due: next_deadline(client),
-        maintained: maintain,
+        let next_due = if soon {
+            Some(RETRY_SOON)
+        } else {
+            [self.queue.next_timeout(), next_delayed(client)]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|at| micros_until(at, now))
+        };
+        Tick::Ran { next_due }
     }
+}
+
+fn timestamptz(at: Micros) -> TimestampWithTimeZone {
+    TimestampWithTimeZone::try_from(at).unwrap_or_else(|_| {
+        TimestampWithTimeZone::try_from(i64::MIN).expect("-infinity is a timestamptz")
+    })
+}
+
+/// Time from `now` (the tick's transaction start) until `at`, measured on the wall clock.
+fn micros_until(at: Micros, now: Micros) -> Duration {
+    let elapsed = unsafe { pg_sys::GetCurrentTimestamp() } - now;
+    Duration::from_micros(at.saturating_sub(now).saturating_sub(elapsed).max(0) as u64)
 }
 
 fn installed_version(client: &mut SpiClient<'_>) -> Option<String> {
@@ -201,15 +298,12 @@ fn installed_version(client: &mut SpiClient<'_>) -> Option<String> {
         .ok()?
 }
 
+/// Live workers with their slots (not yet reduced by their running attempts).
 fn load_workers(client: &mut SpiClient<'_>) -> Vec<WorkerCapacity> {
     let rows = client
         .update(
-            "SELECT w.id, w.task_names,
-                    w.slots - (SELECT count(*) FROM sluice.task_run t
-                                WHERE t.worker_id = w.id AND t.status = 'running')::int
-               FROM sluice.worker w
-              WHERE w.stopped_at IS NULL
-              ORDER BY w.id",
+            "SELECT w.id, w.task_names, w.slots FROM sluice.worker w
+              WHERE w.stopped_at IS NULL ORDER BY w.id",
             None,
             &[],
         )
@@ -229,53 +323,212 @@ fn load_workers(client: &mut SpiClient<'_>) -> Vec<WorkerCapacity> {
     .collect()
 }
 
-/// The head of each wanted task name's queue, locked so that a concurrent cancel cannot race
-/// the assignment (locked rows are skipped, not waited for). Tasks whose definition was
-/// deleted come back separately as orphans.
-fn load_candidates(
-    client: &mut SpiClient<'_>,
-    demand: &[(String, i32)],
-) -> (Vec<Candidate>, Vec<i64>) {
-    let names: Vec<String> = demand.iter().map(|(n, _)| n.clone()).collect();
-    let limits: Vec<i32> = demand.iter().map(|(_, c)| *c).collect();
+/// Once per process: the running attempts assigned before this scheduler started.
+fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
     let rows = client
         .update(
-            "SELECT c.id, c.task_name, c.priority, d.name IS NULL AS orphan
-               FROM unnest($1::text[], $2::int[]) AS want(name, n)
-              CROSS JOIN LATERAL (
-                    SELECT t.id, t.task_name, t.priority
-                      FROM sluice.task_run t
-                     WHERE t.status = 'queued' AND t.task_name = want.name AND t.run_at <= now()
-                     ORDER BY t.priority DESC, t.id
-                     LIMIT want.n
-                       FOR UPDATE SKIP LOCKED) c
-               LEFT JOIN sluice.task_definition d ON d.name = c.task_name",
+            "SELECT id, worker_id, attempt, timeout_at FROM sluice.task_run
+              WHERE status = 'running'",
             None,
-            &[names.into(), limits.into()],
+            &[],
         )
-        .expect("loading candidates failed");
-    let mut candidates = Vec::new();
-    let mut orphans = Vec::new();
+        .expect("loading running tasks failed");
     for row in rows {
-        let (Ok(Some(task_id)), Ok(Some(task_name)), Ok(Some(priority)), Ok(Some(orphan))) = (
+        let (Ok(Some(id)), Ok(Some(worker_id)), Ok(Some(attempt))) =
+            (row.get::<i64>(1), row.get::<i64>(2), row.get::<i32>(3))
+        else {
+            continue;
+        };
+        let timeout_at = row
+            .get::<TimestampWithTimeZone>(4)
+            .ok()
+            .flatten()
+            .map_or(i64::MAX, pg_sys::TimestampTz::from);
+        queue.start_running(
+            id,
+            RunningAttempt {
+                worker_id,
+                attempt,
+                timeout_at,
+            },
+        );
+    }
+}
+
+/// Forgets running attempts that ended (completed, failed, cancelled, requeued): one primary
+/// key probe per running attempt, so it costs the same however many tasks finished before.
+fn check_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
+    if queue.running_len() == 0 {
+        return;
+    }
+    let (ids, attempts) = queue.running_attempts();
+    let ended = client
+        .update(
+            "SELECT r.id FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+              WHERE NOT EXISTS (SELECT 1 FROM sluice.task_run t
+                                 WHERE t.id = r.id AND t.attempt = r.attempt
+                                   AND t.status = 'running')",
+            None,
+            &[ids.into(), attempts.into()],
+        )
+        .expect("checking running tasks failed");
+    for row in ended {
+        if let Ok(Some(id)) = row.get::<i64>(1) {
+            queue.end_running(id);
+        }
+    }
+}
+
+/// Reads tasks that became runnable after the cursor. Returns whether more are waiting.
+fn read_arrivals(client: &mut SpiClient<'_>, queue: &mut QueueState, now: Micros) -> bool {
+    let room = MAX_READY_IN_MEMORY.saturating_sub(queue.ready_len());
+    if room == 0 {
+        return false;
+    }
+    let limit = room.min(ARRIVALS_PER_TICK);
+    let (after_run_at, after_id) = queue.cursor();
+    let rows = client
+        .update(
+            "SELECT id, task_name, priority, run_at FROM sluice.task_run
+              WHERE status = 'queued' AND (run_at, id) > ($1, $2) AND run_at <= now()
+              ORDER BY run_at, id
+              LIMIT $3",
+            None,
+            &[
+                timestamptz(after_run_at).into(),
+                after_id.into(),
+                (limit as i64).into(),
+            ],
+        )
+        .expect("reading arrivals failed");
+    let mut arrivals = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for row in rows {
+        let (Ok(Some(task_id)), Ok(Some(task_name)), Ok(Some(priority)), Ok(Some(run_at))) = (
             row.get::<i64>(1),
             row.get::<String>(2),
             row.get::<i32>(3),
-            row.get::<bool>(4),
+            row.get::<TimestampWithTimeZone>(4),
         ) else {
             continue;
         };
-        if orphan {
-            orphans.push(task_id);
-        } else {
-            candidates.push(Candidate {
-                task_id,
-                task_name,
-                priority,
-            });
+        last = Some((pg_sys::TimestampTz::from(run_at), task_id));
+        arrivals.push(Arrival {
+            task_id,
+            task_name,
+            priority,
+        });
+    }
+    let full = arrivals.len() >= limit;
+    // Everything runnable at `now` and visible was read, unless the limit cut the read short;
+    // rows committed later behind this point come back through the commit watermark.
+    let next = match (full, last) {
+        (true, Some(last)) => last,
+        _ => (now, i64::MAX),
+    };
+    queue.add_arrivals(arrivals, next);
+    full
+}
+
+/// Applies a plan: locks the planned tasks that are still queued (skipping rows another
+/// transaction holds, such as a cancel in progress), assigns them in one UPDATE, and updates
+/// memory. Returns whether planned tasks were skipped but may be assignable soon.
+fn apply(
+    client: &mut SpiClient<'_>,
+    queue: &mut QueueState,
+    candidates: &[Candidate],
+    plan: &[assign::Assignment],
+) -> bool {
+    let planned: Vec<i64> = plan.iter().map(|a| a.task_id).collect();
+    let locked: HashSet<i64> = client
+        .update(
+            "SELECT id FROM sluice.task_run
+              WHERE id = ANY($1) AND status = 'queued'
+                FOR UPDATE SKIP LOCKED",
+            None,
+            &[planned.clone().into()],
+        )
+        .expect("locking planned tasks failed")
+        .filter_map(|row| row.get::<i64>(1).ok().flatten())
+        .collect();
+    let to_assign: Vec<&assign::Assignment> = plan
+        .iter()
+        .filter(|a| locked.contains(&a.task_id))
+        .collect();
+
+    let mut assigned: HashSet<i64> = HashSet::new();
+    if !to_assign.is_empty() {
+        let task_ids: Vec<i64> = to_assign.iter().map(|a| a.task_id).collect();
+        let worker_ids: Vec<i64> = to_assign.iter().map(|a| a.worker_id).collect();
+        let rows = client
+            .update(
+                "UPDATE sluice.task_run t
+                    SET status = 'running', attempt = t.attempt + 1, worker_id = a.worker_id,
+                        assigned_at = now(), picked_at = NULL,
+                        timeout_at = now() + d.execution_timeout,
+                        assign_seq = nextval('sluice.assign_seq')
+                   FROM unnest($1::bigint[], $2::bigint[]) AS a(task_id, worker_id),
+                        sluice.task_definition d
+                  WHERE t.id = a.task_id AND d.name = t.task_name AND t.status = 'queued'
+              RETURNING t.id, t.worker_id, t.attempt, t.timeout_at",
+                None,
+                &[task_ids.into(), worker_ids.into()],
+            )
+            .expect("applying assignments failed");
+        for row in rows {
+            let (Ok(Some(id)), Ok(Some(worker_id)), Ok(Some(attempt)), Ok(Some(timeout_at))) = (
+                row.get::<i64>(1),
+                row.get::<i64>(2),
+                row.get::<i32>(3),
+                row.get::<TimestampWithTimeZone>(4),
+            ) else {
+                continue;
+            };
+            assigned.insert(id);
+            queue.start_running(
+                id,
+                RunningAttempt {
+                    worker_id,
+                    attempt,
+                    timeout_at: timeout_at.into(),
+                },
+            );
         }
     }
-    (candidates, orphans)
+
+    // Locked but not assigned: the definition is gone (deleted while the task was queued).
+    let orphans: Vec<i64> = locked
+        .iter()
+        .copied()
+        .filter(|id| !assigned.contains(id))
+        .collect();
+    fail_orphans(client, &orphans);
+    // Not locked: finished or cancelled meanwhile (forget it), or held by another
+    // transaction (keep it, retry soon).
+    let not_locked: Vec<i64> = planned
+        .iter()
+        .copied()
+        .filter(|id| !locked.contains(id))
+        .collect();
+    let still_queued: HashSet<i64> = if not_locked.is_empty() {
+        HashSet::new()
+    } else {
+        client
+            .update(
+                "SELECT id FROM sluice.task_run WHERE id = ANY($1) AND status = 'queued'",
+                None,
+                &[not_locked.into()],
+            )
+            .expect("checking skipped tasks failed")
+            .filter_map(|row| row.get::<i64>(1).ok().flatten())
+            .collect()
+    };
+    for c in candidates {
+        if planned.contains(&c.task_id) && !still_queued.contains(&c.task_id) {
+            queue.remove_ready(&c.task_name, c.priority, c.task_id);
+        }
+    }
+    !still_queued.is_empty()
 }
 
 fn fail_orphans(client: &mut SpiClient<'_>, orphans: &[i64]) {
@@ -294,21 +547,17 @@ fn fail_orphans(client: &mut SpiClient<'_>, orphans: &[i64]) {
         .expect("failing orphaned tasks failed");
 }
 
-fn next_deadline(client: &mut SpiClient<'_>) -> Option<Duration> {
-    let seconds = client
+/// When the next delayed task becomes runnable (index scan starting at now).
+fn next_delayed(client: &mut SpiClient<'_>) -> Option<Micros> {
+    client
         .update(
-            "SELECT extract(epoch FROM least(
-                    (SELECT min(run_at) FROM sluice.task_run
-                      WHERE status = 'queued' AND run_at > now()),
-                    (SELECT min(timeout_at) FROM sluice.task_run WHERE status = 'running'),
-                    (SELECT min(schedule_deadline) FROM sluice.task_run WHERE status = 'queued')
-                ) - clock_timestamp())::float8",
+            "SELECT min(run_at) FROM sluice.task_run WHERE status = 'queued' AND run_at > now()",
             None,
             &[],
         )
         .ok()?
         .first()
-        .get_one::<f64>()
-        .ok()??;
-    Some(Duration::from_secs_f64(seconds.max(0.0)))
+        .get_one::<TimestampWithTimeZone>()
+        .ok()?
+        .map(pg_sys::TimestampTz::from)
 }

@@ -4,23 +4,38 @@
 //! Instead the scheduler publishes its PGPROC number in shared memory, and a transaction that
 //! enqueued or completed work sets the scheduler's latch from a commit callback: after the
 //! commit is visible, never on rollback, at most once per transaction.
+//!
+//! The same callback publishes the commit watermark: the earliest `run_at` among the tasks the
+//! transaction made queued. The scheduler reads new arrivals from an index position it
+//! remembers (see `crate::queue`), and a transaction that took its `now()` before that position
+//! but committed after the read would otherwise be skipped; the watermark sends the next read
+//! back far enough. It is published only after the commit is visible, and the scheduler takes
+//! it before its snapshot, so a row is always either in the snapshot or behind the watermark.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic, PgSqlErrorCode};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
 /// PGPROC number of the running scheduler, or -1.
 static SCHEDULER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"sluice_scheduler_procno") };
+
+/// Earliest `run_at` (Postgres microseconds) made queued by a commit since the scheduler last
+/// took it; `i64::MAX` when none.
+static COMMITTED_RUNNABLE_FROM: PgAtomic<AtomicI64> =
+    unsafe { PgAtomic::new(c"sluice_committed_runnable_from") };
 
 /// Set in `_PG_init` when loaded through shared_preload_libraries (per process).
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 /// This backend's current transaction asked for a wake-up at commit.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// Earliest `run_at` made queued by this backend's current transaction, `i64::MAX` when none.
+static RUNNABLE_FROM_AT_COMMIT: AtomicI64 = AtomicI64::new(i64::MAX);
 /// This backend already checked that the scheduler serves its database.
 static DATABASE_CHECKED: AtomicBool = AtomicBool::new(false);
 
 pub fn init_shared_memory() {
     pg_shmem_init!(SCHEDULER_PROCNO = AtomicI32::new(-1));
+    pg_shmem_init!(COMMITTED_RUNNABLE_FROM = AtomicI64::new(i64::MAX));
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -33,8 +48,22 @@ pub fn publish_scheduler(procno: i32) {
     SCHEDULER_PROCNO.get().store(procno, Ordering::SeqCst);
 }
 
-pub fn wake_at_commit() {
+/// Wakes the scheduler at commit; `runnable_from`: the earliest `run_at` of tasks this
+/// transaction made queued, if any.
+pub fn wake_at_commit(runnable_from: Option<pg_sys::TimestampTz>) {
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+    if let Some(at) = runnable_from {
+        RUNNABLE_FROM_AT_COMMIT.fetch_min(at, Ordering::Relaxed);
+    }
+}
+
+/// Takes the commit watermark (see the module comment). Call before starting the transaction
+/// whose snapshot reads the arrivals.
+pub fn take_committed_runnable_from() -> Option<pg_sys::TimestampTz> {
+    let at = COMMITTED_RUNNABLE_FROM
+        .get()
+        .swap(i64::MAX, Ordering::SeqCst);
+    (at != i64::MAX).then_some(at)
 }
 
 /// Errors with SQLSTATE 55000 unless this session can be served by the scheduler: the library
@@ -103,14 +132,21 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Clear the request first, whatever happens next: it belongs to this transaction.
             let requested = WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
+            let runnable_from = RUNNABLE_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
             if requested && PRELOADED.load(Ordering::Relaxed) {
+                if runnable_from != i64::MAX {
+                    COMMITTED_RUNNABLE_FROM
+                        .get()
+                        .fetch_min(runnable_from, Ordering::SeqCst);
+                }
                 set_scheduler_latch();
             }
         }
-        // A prepared transaction commits later in another session; the scheduler's timer
-        // picks its work up.
+        // A prepared transaction commits later in another session; the scheduler's timer and
+        // its periodic full reread pick its work up.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            RUNNABLE_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
         }
         _ => {}
     }

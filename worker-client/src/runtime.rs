@@ -89,6 +89,10 @@ struct Session {
     heartbeat: Statement,
     complete_many: Statement,
     fail_many: Statement,
+    /// Passed to fetch_tasks: assignments up to this scheduler tick were fetched, so the scan
+    /// skips this worker's earlier (finished) tasks. The last tick seen is rescanned, since a
+    /// fetch cut short by free slots may have left some of it behind.
+    fetched_after_seq: i64,
 }
 
 struct InFlight {
@@ -191,7 +195,10 @@ impl Runtime<'_> {
     }
 
     async fn step(&mut self, fetch_due: bool, heartbeat_due: bool) -> Result<(), Error> {
-        if self.batcher.is_due(Instant::now()) {
+        // Waiting for more endings only pays while handlers are still running: once none is,
+        // the slots stay empty until this batch commits and the scheduler hands out more.
+        let nothing_left_to_batch = self.in_flight.is_empty() && !self.batcher.is_empty();
+        if nothing_left_to_batch || self.batcher.is_due(Instant::now()) {
             self.flush().await?;
         }
         if heartbeat_due {
@@ -294,7 +301,7 @@ impl Runtime<'_> {
         if self.shutdown.fired {
             return Ok(());
         }
-        let Some(session) = &self.session else {
+        let Some(session) = &mut self.session else {
             return Ok(());
         };
         let free = slot_count(self.config.slots).saturating_sub(self.in_flight.len());
@@ -305,9 +312,19 @@ impl Runtime<'_> {
         let max_tasks = i32::try_from(free).unwrap_or(i32::MAX);
         let rows = session
             .client
-            .query(&session.fetch, &[&session.worker_id, &max_tasks])
+            .query(
+                &session.fetch,
+                &[&session.worker_id, &max_tasks, &session.fetched_after_seq],
+            )
             .await
             .map_err(|e| Error::postgres("fetching assigned tasks failed", e))?;
+        if let Some(max_seq) = rows
+            .iter()
+            .filter_map(|r| r.try_get::<_, i64>(4).ok())
+            .max()
+        {
+            session.fetched_after_seq = session.fetched_after_seq.max(max_seq - 1);
+        }
         self.more_may_be_assigned = rows.len() >= free;
         let worker_id = session.worker_id;
         for row in rows {
@@ -704,8 +721,8 @@ async fn prepare_session(
         }
     };
     let fetch = prepare(
-        "SELECT task_id, attempt, task_name, input FROM sluice.fetch_tasks($1, $2)",
-        &[Type::INT8, Type::INT4],
+        "SELECT task_id, attempt, task_name, input, assign_seq FROM sluice.fetch_tasks($1, $2, $3)",
+        &[Type::INT8, Type::INT4, Type::INT8],
     )
     .await?;
     let heartbeat = prepare(
@@ -742,6 +759,7 @@ async fn prepare_session(
         heartbeat,
         complete_many,
         fail_many,
+        fetched_after_seq: 0,
     })
 }
 
