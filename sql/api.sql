@@ -202,6 +202,7 @@ BEGIN
         ON CONFLICT DO NOTHING;
         -- The scheduler tells the worker, which fires the handler's cancellation signal.
         INSERT INTO sluice.worker_signal (worker_id) VALUES (t.worker_id);
+        PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt]);
     END IF;
     UPDATE sluice.task_run
        SET status = 'cancelled', finished_at = now(), timeout_at = NULL,
@@ -231,6 +232,7 @@ BEGIN
     INSERT INTO sluice.task_attempt (task_id, attempt, worker_id, assigned_at, outcome, error)
     VALUES (t.id, t.attempt, t.worker_id, t.assigned_at, outcome, error)
     ON CONFLICT DO NOTHING;
+    PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt]);
     SELECT * INTO def FROM sluice.task_definition d WHERE d.name = t.task_name;
 
     IF def.name IS NULL THEN
@@ -344,10 +346,13 @@ BEGIN
     END IF;
     UPDATE sluice.worker w SET last_heartbeat = now() WHERE w.id = heartbeat.worker_id;
     RETURN QUERY
-    SELECT a.task_id FROM unnest(task_ids, attempts) AS a(task_id, attempt)
-     WHERE NOT EXISTS (SELECT 1 FROM sluice.task_run t
-                        WHERE t.id = a.task_id AND t.attempt = a.attempt
-                          AND t.worker_id = heartbeat.worker_id AND t.status = 'running');
+    SELECT a.task_id
+      FROM (SELECT u.task_id, u.attempt FROM unnest(task_ids, attempts) AS u(task_id, attempt)
+            EXCEPT
+            -- id = ANY: primary-key lookups, never a scan of every running task
+            SELECT t.id, t.attempt FROM sluice.task_run t
+             WHERE t.id = ANY(task_ids) AND t.worker_id = heartbeat.worker_id
+               AND t.status::text = 'running') a;
 END
 $$;
 
@@ -365,16 +370,18 @@ RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout
                assign_seq bigint)
 LANGUAGE sql AS $$
     SELECT set_config('synchronous_commit', 'off', true);
+    -- The ids are collected first (an InitPlan), so the UPDATE is a primary-key lookup per
+    -- id whatever the planner thinks of a join.
     UPDATE sluice.task_run t
        SET picked_at = now()
-      FROM (SELECT r.id FROM sluice.task_run r
-             WHERE r.worker_id = fetch_tasks.worker_id AND r.status = 'running'
-               AND r.assign_seq > coalesce(after_seq, 0)
-               AND r.picked_at IS NULL
-             ORDER BY r.assign_seq, r.priority DESC, r.id
-             LIMIT greatest(max_tasks, 0)
-             FOR UPDATE SKIP LOCKED) p
-     WHERE t.id = p.id
+     WHERE t.id = ANY((SELECT array_agg(p.id) FROM (
+                SELECT r.id FROM sluice.task_run r
+                 WHERE r.worker_id = fetch_tasks.worker_id AND r.status = 'running'
+                   AND r.assign_seq > coalesce(after_seq, 0)
+                   AND r.picked_at IS NULL
+                 ORDER BY r.assign_seq, r.priority DESC, r.id
+                 LIMIT greatest(max_tasks, 0)
+                   FOR UPDATE SKIP LOCKED) p)::bigint[])
     RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at, t.assign_seq
 $$;
 
@@ -384,6 +391,9 @@ CREATE FUNCTION sluice.complete_many(worker_id bigint, task_ids bigint[], attemp
                                      outputs jsonb[])
 RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
+DECLARE
+    done_ids      bigint[];
+    done_attempts int[];
 BEGIN
     IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts)
        OR cardinality(task_ids) IS DISTINCT FROM cardinality(outputs) THEN
@@ -391,15 +401,20 @@ BEGIN
             cardinality(task_ids), cardinality(attempts), cardinality(outputs)
             USING ERRCODE = '22023';
     END IF;
-    RETURN QUERY
-    UPDATE sluice.task_run t
-       SET status = 'succeeded', output = c.output, finished_at = now(), timeout_at = NULL
-      FROM unnest(task_ids, attempts, outputs) AS c(task_id, attempt, output)
-     WHERE t.id = c.task_id AND t.attempt = c.attempt
-       AND t.worker_id = complete_many.worker_id AND t.status = 'running'
-    RETURNING t.id;
-    IF FOUND THEN
+    WITH done AS (
+        UPDATE sluice.task_run t
+           SET status = 'succeeded', output = c.output, finished_at = now(), timeout_at = NULL
+          FROM unnest(task_ids, attempts, outputs) AS c(task_id, attempt, output)
+         -- id = ANY keeps this a primary-key lookup per task whatever the statistics say
+         WHERE t.id = ANY(task_ids) AND t.id = c.task_id AND t.attempt = c.attempt
+           AND t.worker_id = complete_many.worker_id AND t.status::text = 'running'
+        RETURNING t.id, t.attempt
+    )
+    SELECT array_agg(id), array_agg(attempt) INTO done_ids, done_attempts FROM done;
+    IF done_ids IS NOT NULL THEN
+        PERFORM sluice._attempts_ended(done_ids, done_attempts);
         PERFORM sluice._wake_scheduler();
+        RETURN QUERY SELECT unnest(done_ids);
     END IF;
 END
 $$;
@@ -434,7 +449,7 @@ BEGIN
     LOOP
         SELECT * INTO t FROM sluice.task_run r
          WHERE r.id = f.task_id AND r.attempt = f.attempt
-           AND r.worker_id = fail_many.worker_id AND r.status = 'running'
+           AND r.worker_id = fail_many.worker_id AND r.status::text = 'running'
         FOR UPDATE;
         CONTINUE WHEN NOT FOUND;
         PERFORM sluice._end_attempt(t, 'failed', coalesce(f.error, 'failed without a message'),
@@ -470,6 +485,11 @@ BEGIN
     PERFORM sluice._wake_scheduler();
 END
 $$;
+
+-- Lookups by task id compare `status::text`, not `status`: the plain comparison lets the
+-- planner prove a partial index's predicate (task_run_worker_idx is `WHERE status =
+-- 'running'`) and walk that whole index, including every entry vacuum has not removed yet,
+-- instead of doing one primary-key lookup per id.
 
 -- Scheduler maintenance -----------------------------------------------------------------------
 --
@@ -521,7 +541,7 @@ BEGIN
     -- 1. Running tasks whose worker is stopped or gone: the attempt is lost, the task requeued.
     FOR t IN
         SELECT r.* FROM sluice.task_run r
-         WHERE r.id = ANY(lost_task_ids) AND r.status = 'running'
+         WHERE r.id = ANY(lost_task_ids) AND r.status::text = 'running'
            AND NOT EXISTS (SELECT 1 FROM sluice.worker x
                             WHERE x.id = r.worker_id AND x.stopped_at IS NULL)
         FOR UPDATE OF r SKIP LOCKED
@@ -539,7 +559,7 @@ BEGIN
     -- 2. Execution timeouts: a failure (retried while retries remain); the worker is told to stop.
     FOR t IN
         SELECT r.* FROM sluice.task_run r
-         WHERE r.id = ANY(timed_out_task_ids) AND r.status = 'running' AND r.timeout_at <= now()
+         WHERE r.id = ANY(timed_out_task_ids) AND r.status::text = 'running' AND r.timeout_at <= now()
         FOR UPDATE SKIP LOCKED
     LOOP
         BEGIN
@@ -558,13 +578,13 @@ BEGIN
            SET status = 'cancelled', finished_at = now(),
                last_error = format('schedule timeout: not started within %s of %s',
                                    r.schedule_deadline - r.run_at, r.run_at)
-          FROM (SELECT q.id FROM sluice.task_run q
-                 WHERE q.status = 'queued'
-                   AND q.schedule_deadline >= deadlines_after AND q.schedule_deadline < now()
-                 ORDER BY q.schedule_deadline
-                 LIMIT 10000
-                FOR UPDATE SKIP LOCKED) late
-         WHERE r.id = late.id;
+         WHERE r.id = ANY((SELECT array_agg(late.id) FROM (
+                    SELECT q.id FROM sluice.task_run q
+                     WHERE q.status = 'queued'
+                       AND q.schedule_deadline >= deadlines_after AND q.schedule_deadline < now()
+                     ORDER BY q.schedule_deadline
+                     LIMIT 10000
+                       FOR UPDATE SKIP LOCKED) late)::bigint[]);
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'sluice scheduler: schedule timeouts failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;

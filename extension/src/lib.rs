@@ -44,6 +44,12 @@ fn wake_scheduler_sql(runnable_from: default!(Option<TimestampWithTimeZone>, "NU
     wake::wake_at_commit(runnable_from.map(pg_sys::TimestampTz::from));
 }
 
+/// Tells the scheduler, once the current transaction commits, that these attempts ended.
+#[pg_extern(name = "_attempts_ended")]
+fn attempts_ended_sql(task_ids: Vec<i64>, attempts: Vec<i32>) {
+    wake::attempts_ended(&task_ids, &attempts);
+}
+
 // #[pg_schema] needs an inline module; the tests live in their own file.
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

@@ -148,6 +148,23 @@ impl QueueState {
             .or_insert(0) += 1;
     }
 
+    /// Attempt `attempt` of the task ended; a report about an older attempt is ignored.
+    pub fn end_attempt(&mut self, task_id: i64, attempt: i32) {
+        if self
+            .running
+            .get(&task_id)
+            .is_some_and(|a| a.attempt == attempt)
+        {
+            self.end_running(task_id);
+        }
+    }
+
+    /// Forgets every running attempt (before loading them again from the table).
+    pub fn forget_running(&mut self) {
+        self.running.clear();
+        self.running_per_worker.clear();
+    }
+
     /// The attempt ended (completed, failed, timed out, lost, cancelled).
     pub fn end_running(&mut self, task_id: i64) {
         if let Some(old) = self.running.remove(&task_id) {
@@ -290,6 +307,23 @@ mod unit_tests {
         // A new attempt of the same task replaces the old one on its worker.
         q.start_running(1, running(8, 400));
         assert_eq!((q.running_on(7), q.running_on(8)), (0, 3));
+    }
+
+    #[test]
+    fn an_ending_report_for_an_older_attempt_is_ignored() {
+        let mut q = QueueState::new();
+        q.start_running(
+            1,
+            RunningAttempt {
+                worker_id: 7,
+                attempt: 2,
+                timeout_at: 100,
+            },
+        );
+        q.end_attempt(1, 1);
+        assert_eq!(q.running_on(7), 1);
+        q.end_attempt(1, 2);
+        assert_eq!(q.running_on(7), 0);
     }
 
     #[test]

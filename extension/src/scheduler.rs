@@ -28,8 +28,14 @@ const REREAD_INTERVAL: Duration = Duration::from_secs(60);
 /// At most this many runnable tasks are kept in memory (about 30 bytes each); beyond it,
 /// newer arrivals are read as room frees up, so priorities apply among the oldest this many.
 const MAX_READY_IN_MEMORY: usize = 1_000_000;
+/// Every running attempt is checked in the table at least this often (see `check_running`).
+const RUNNING_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Arrivals read per tick, so that a deep backlog does not delay the first assignments.
 const ARRIVALS_PER_TICK: usize = 20_000;
+/// While busy (the last tick assigned work), ticks start at least this far apart, so that the
+/// completions of many workers are taken in one tick instead of one tick each. An idle
+/// scheduler still answers the first wake-up at once, so pickup latency does not pay it.
+const BUSY_TICK_SPACING: Duration = Duration::from_millis(2);
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub fn register() {
@@ -68,7 +74,12 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     let mut scheduler = Scheduler::new();
     let mut sleep = Duration::ZERO;
     let mut warned_version: Option<String> = None;
+    let mut last_busy_tick: Option<Instant> = None;
     while BackgroundWorker::wait_latch(Some(sleep)) {
+        if let Some(at) = last_busy_tick {
+            // The latch stays set meanwhile; a signal is handled right after.
+            std::thread::sleep(BUSY_TICK_SPACING.saturating_sub(at.elapsed()));
+        }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -76,6 +87,14 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         // Before the tick's snapshot: see crate::wake for why the order matters.
         if let Some(at) = wake::take_committed_runnable_from() {
             scheduler.queue.rewind_to(at);
+        }
+        match wake::take_ended_attempts() {
+            Some(ended) => {
+                for (task_id, attempt) in ended {
+                    scheduler.queue.end_attempt(task_id, attempt);
+                }
+            }
+            None => scheduler.check_all_running = true,
         }
         // An error inside the tick ends the process (and the postmaster restarts it), so the
         // memory it leaves half-updated is never used again.
@@ -85,8 +104,9 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
             Spi::connect_mut(|client| this.tick(client))
         });
         sleep = match outcome {
-            Tick::Ran { next_due } => {
+            Tick::Ran { next_due, assigned } => {
                 warned_version = None;
+                last_busy_tick = (assigned > 0).then(Instant::now);
                 // Maintenance is due every MAINTENANCE_INTERVAL while work is in flight.
                 let maintenance = (scheduler.queue.running_len() > 0)
                     .then(|| MAINTENANCE_INTERVAL.saturating_sub(scheduler.since_maintenance()));
@@ -119,9 +139,11 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
 }
 
 enum Tick {
-    /// `next_due`: time until the scheduler has something to do without being woken.
+    /// `next_due`: time until the scheduler has something to do without being woken;
+    /// `assigned`: tasks assigned in this tick.
     Ran {
         next_due: Option<Duration>,
+        assigned: usize,
     },
     NotInstalled,
     VersionMismatch(String),
@@ -129,8 +151,11 @@ enum Tick {
 
 struct Scheduler {
     queue: QueueState,
-    /// Running attempts were loaded from the table (once per process).
-    loaded_running: bool,
+    /// Running attempts must be (re)loaded from the table: at start and with each reread.
+    load_running: bool,
+    /// Every running attempt must be checked in the table this tick (see `check_running`).
+    check_all_running: bool,
+    last_running_check: Instant,
     last_maintenance: Option<Instant>,
     last_reread: Instant,
     /// Schedule deadlines before this were handled (the moving window of `_maintain`).
@@ -141,7 +166,9 @@ impl Scheduler {
     fn new() -> Self {
         Scheduler {
             queue: QueueState::new(),
-            loaded_running: false,
+            load_running: true,
+            check_all_running: false,
+            last_running_check: Instant::now(),
             last_maintenance: None,
             last_reread: Instant::now(),
             deadlines_after: i64::MIN,
@@ -168,15 +195,16 @@ impl Scheduler {
         let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
         let mut soon = false;
 
-        if !self.loaded_running {
-            load_running(client, &mut self.queue);
-            self.loaded_running = true;
-        }
         let purge_workers = self.last_reread.elapsed() >= REREAD_INTERVAL;
         if purge_workers {
             self.queue.reread_from_start();
             self.deadlines_after = i64::MIN;
             self.last_reread = Instant::now();
+            self.load_running = true;
+        }
+        if self.load_running {
+            load_running(client, &mut self.queue);
+            self.load_running = false;
         }
 
         // Notifications to send at commit, one per worker: what it should do.
@@ -218,7 +246,13 @@ impl Scheduler {
             self.deadlines_after = now;
             self.last_maintenance = Some(Instant::now());
         }
-        check_running(client, &mut self.queue);
+        // Endings are reported through shared memory (crate::wake); checking every running
+        // attempt in the table is the safety net, once a second or when reports overflowed.
+        if self.check_all_running || self.last_running_check.elapsed() >= RUNNING_CHECK_INTERVAL {
+            check_running(client, &mut self.queue);
+            self.check_all_running = false;
+            self.last_running_check = Instant::now();
+        }
         soon |= read_arrivals(client, &mut self.queue, now);
 
         let capacity: Vec<WorkerCapacity> = workers
@@ -229,10 +263,12 @@ impl Scheduler {
             })
             .collect();
         let demand = assign::demand(&capacity);
+        let mut planned = 0;
         if !demand.is_empty() {
             let candidates = self.queue.candidates(&demand);
             let plan = assign::plan(&capacity, &candidates);
             if !plan.is_empty() {
+                planned = plan.len();
                 soon |= apply(client, &mut self.queue, &candidates, &plan);
                 for a in &plan {
                     notify
@@ -269,7 +305,10 @@ impl Scheduler {
                 .min()
                 .map(|at| micros_until(at, now))
         };
-        Tick::Ran { next_due }
+        Tick::Ran {
+            next_due,
+            assigned: planned,
+        }
     }
 }
 
@@ -323,8 +362,10 @@ fn load_workers(client: &mut SpiClient<'_>) -> Vec<WorkerCapacity> {
     .collect()
 }
 
-/// Once per process: the running attempts assigned before this scheduler started.
+/// The running attempts as the table has them (at start, and with each reread to repair any
+/// drift between memory and the table).
 fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
+    queue.forget_running();
     let rows = client
         .update(
             "SELECT id, worker_id, attempt, timeout_at FROM sluice.task_run
@@ -356,24 +397,26 @@ fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
 }
 
 /// Forgets running attempts that ended (completed, failed, cancelled, requeued): one primary
-/// key probe per running attempt, so it costs the same however many tasks finished before.
+/// key lookup per running attempt, so it costs the same however many tasks finished before.
 fn check_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
     if queue.running_len() == 0 {
         return;
     }
     let (ids, attempts) = queue.running_attempts();
-    let ended = client
+    // `id = ANY(...)` and `status::text` keep this a primary-key lookup per attempt: a join
+    // with unnest(), or a plain `status = 'running'` that matches the partial worker index,
+    // lets the planner scan every running row and, under a held xmin, their dead versions.
+    let still_running: HashSet<(i64, i32)> = client
         .update(
-            "SELECT r.id FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
-              WHERE NOT EXISTS (SELECT 1 FROM sluice.task_run t
-                                 WHERE t.id = r.id AND t.attempt = r.attempt
-                                   AND t.status = 'running')",
+            "SELECT id, attempt FROM sluice.task_run WHERE id = ANY($1) AND status::text = 'running'",
             None,
-            &[ids.into(), attempts.into()],
+            &[ids.clone().into()],
         )
-        .expect("checking running tasks failed");
-    for row in ended {
-        if let Ok(Some(id)) = row.get::<i64>(1) {
+        .expect("checking running tasks failed")
+        .filter_map(|row| Some((row.get::<i64>(1).ok()??, row.get::<i32>(2).ok()??)))
+        .collect();
+    for (id, attempt) in ids.into_iter().zip(attempts) {
+        if !still_running.contains(&(id, attempt)) {
             queue.end_running(id);
         }
     }
@@ -430,105 +473,106 @@ fn read_arrivals(client: &mut SpiClient<'_>, queue: &mut QueueState, now: Micros
     full
 }
 
-/// Applies a plan: locks the planned tasks that are still queued (skipping rows another
-/// transaction holds, such as a cancel in progress), assigns them in one UPDATE, and updates
-/// memory. Returns whether planned tasks were skipped but may be assignable soon.
+/// Applies a plan in one UPDATE that skips rows another transaction holds (a cancel in
+/// progress, say) instead of waiting for them, and updates memory. Returns whether planned
+/// tasks were skipped but may be assignable soon.
 fn apply(
     client: &mut SpiClient<'_>,
     queue: &mut QueueState,
     candidates: &[Candidate],
     plan: &[assign::Assignment],
 ) -> bool {
-    let planned: Vec<i64> = plan.iter().map(|a| a.task_id).collect();
-    let locked: HashSet<i64> = client
+    let task_ids: Vec<i64> = plan.iter().map(|a| a.task_id).collect();
+    let worker_ids: Vec<i64> = plan.iter().map(|a| a.worker_id).collect();
+    // One value per tick: a worker's fetch resumes after the last tick it saw.
+    let seq = client
+        .update("SELECT nextval('sluice.assign_seq')", None, &[])
+        .expect("taking an assign_seq failed")
+        .first()
+        .get_one::<i64>()
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let rows = client
         .update(
-            "SELECT id FROM sluice.task_run
-              WHERE id = ANY($1) AND status = 'queued'
-                FOR UPDATE SKIP LOCKED",
+            "UPDATE sluice.task_run t
+                SET status = 'running', attempt = t.attempt + 1, worker_id = a.worker_id,
+                    assigned_at = now(), picked_at = NULL,
+                    timeout_at = now() + d.execution_timeout,
+                    assign_seq = $3
+               FROM unnest($1::bigint[], $2::bigint[]) AS a(task_id, worker_id),
+                    sluice.task_definition d
+              -- locked first (an InitPlan), skipping rows another transaction holds; then
+              -- one primary-key lookup per id
+              WHERE t.id = ANY((SELECT array_agg(l.id) FROM (
+                                  SELECT q.id FROM sluice.task_run q
+                                   WHERE q.id = ANY($1) AND q.status::text = 'queued'
+                                     FOR UPDATE SKIP LOCKED) l)::bigint[])
+                AND a.task_id = t.id AND d.name = t.task_name
+          RETURNING t.id, t.worker_id, t.attempt, t.timeout_at",
             None,
-            &[planned.clone().into()],
+            &[task_ids.clone().into(), worker_ids.into(), seq.into()],
         )
-        .expect("locking planned tasks failed")
-        .filter_map(|row| row.get::<i64>(1).ok().flatten())
-        .collect();
-    let to_assign: Vec<&assign::Assignment> = plan
-        .iter()
-        .filter(|a| locked.contains(&a.task_id))
-        .collect();
-
+        .expect("applying assignments failed");
     let mut assigned: HashSet<i64> = HashSet::new();
-    if !to_assign.is_empty() {
-        let task_ids: Vec<i64> = to_assign.iter().map(|a| a.task_id).collect();
-        let worker_ids: Vec<i64> = to_assign.iter().map(|a| a.worker_id).collect();
-        let rows = client
-            .update(
-                "UPDATE sluice.task_run t
-                    SET status = 'running', attempt = t.attempt + 1, worker_id = a.worker_id,
-                        assigned_at = now(), picked_at = NULL,
-                        timeout_at = now() + d.execution_timeout,
-                        assign_seq = nextval('sluice.assign_seq')
-                   FROM unnest($1::bigint[], $2::bigint[]) AS a(task_id, worker_id),
-                        sluice.task_definition d
-                  WHERE t.id = a.task_id AND d.name = t.task_name AND t.status = 'queued'
-              RETURNING t.id, t.worker_id, t.attempt, t.timeout_at",
-                None,
-                &[task_ids.into(), worker_ids.into()],
-            )
-            .expect("applying assignments failed");
-        for row in rows {
-            let (Ok(Some(id)), Ok(Some(worker_id)), Ok(Some(attempt)), Ok(Some(timeout_at))) = (
-                row.get::<i64>(1),
-                row.get::<i64>(2),
-                row.get::<i32>(3),
-                row.get::<TimestampWithTimeZone>(4),
-            ) else {
-                continue;
-            };
-            assigned.insert(id);
-            queue.start_running(
-                id,
-                RunningAttempt {
-                    worker_id,
-                    attempt,
-                    timeout_at: timeout_at.into(),
-                },
-            );
-        }
+    for row in rows {
+        let (Ok(Some(id)), Ok(Some(worker_id)), Ok(Some(attempt)), Ok(Some(timeout_at))) = (
+            row.get::<i64>(1),
+            row.get::<i64>(2),
+            row.get::<i32>(3),
+            row.get::<TimestampWithTimeZone>(4),
+        ) else {
+            continue;
+        };
+        assigned.insert(id);
+        queue.start_running(
+            id,
+            RunningAttempt {
+                worker_id,
+                attempt,
+                timeout_at: timeout_at.into(),
+            },
+        );
     }
 
-    // Locked but not assigned: the definition is gone (deleted while the task was queued).
-    let orphans: Vec<i64> = locked
+    // The rest (rare): no longer queued (cancelled, expired: forget it), held by another
+    // transaction (keep it, retry soon), or its definition is gone (fail it).
+    let skipped: Vec<i64> = task_ids
         .iter()
         .copied()
         .filter(|id| !assigned.contains(id))
         .collect();
-    fail_orphans(client, &orphans);
-    // Not locked: finished or cancelled meanwhile (forget it), or held by another
-    // transaction (keep it, retry soon).
-    let not_locked: Vec<i64> = planned
-        .iter()
-        .copied()
-        .filter(|id| !locked.contains(id))
-        .collect();
-    let still_queued: HashSet<i64> = if not_locked.is_empty() {
-        HashSet::new()
-    } else {
-        client
+    let mut keep: HashSet<i64> = HashSet::new();
+    if !skipped.is_empty() {
+        let mut orphans = Vec::new();
+        let rows = client
             .update(
-                "SELECT id FROM sluice.task_run WHERE id = ANY($1) AND status = 'queued'",
+                "SELECT t.id, d.name IS NULL FROM sluice.task_run t
+                   LEFT JOIN sluice.task_definition d ON d.name = t.task_name
+                  WHERE t.id = ANY($1) AND t.status::text = 'queued'",
                 None,
-                &[not_locked.into()],
+                &[skipped.into()],
             )
-            .expect("checking skipped tasks failed")
-            .filter_map(|row| row.get::<i64>(1).ok().flatten())
-            .collect()
-    };
+            .expect("checking skipped tasks failed");
+        for row in rows {
+            let (Ok(Some(id)), Ok(Some(orphan))) = (row.get::<i64>(1), row.get::<bool>(2)) else {
+                continue;
+            };
+            if orphan {
+                orphans.push(id);
+            } else {
+                keep.insert(id);
+            }
+        }
+        fail_orphans(client, &orphans);
+    }
+    let planned: HashSet<i64> = task_ids.into_iter().collect();
     for c in candidates {
-        if planned.contains(&c.task_id) && !still_queued.contains(&c.task_id) {
+        if planned.contains(&c.task_id) && !keep.contains(&c.task_id) {
             queue.remove_ready(&c.task_name, c.priority, c.task_id);
         }
     }
-    !still_queued.is_empty()
+    !keep.is_empty()
 }
 
 fn fail_orphans(client: &mut SpiClient<'_>, orphans: &[i64]) {
@@ -537,10 +581,13 @@ fn fail_orphans(client: &mut SpiClient<'_>, orphans: &[i64]) {
     }
     client
         .update(
-            "UPDATE sluice.task_run
+            "UPDATE sluice.task_run t
                 SET status = 'failed', finished_at = now(),
-                    last_error = format('task definition \"%s\" no longer exists', task_name)
-              WHERE id = ANY($1) AND status = 'queued'",
+                    last_error = format('task definition \"%s\" no longer exists', t.task_name)
+              WHERE t.id = ANY((SELECT array_agg(l.id) FROM (
+                                  SELECT q.id FROM sluice.task_run q
+                                   WHERE q.id = ANY($1) AND q.status::text = 'queued'
+                                     FOR UPDATE SKIP LOCKED) l)::bigint[])",
             None,
             &[orphans.to_vec().into()],
         )

@@ -13,8 +13,36 @@
 //! it before its snapshot, so a row is always either in the snapshot or behind the watermark.
 
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PgAtomic, PgSqlErrorCode};
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock, PgSqlErrorCode};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::Mutex;
+
+/// Attempts that ended (completed, failed, lost, cancelled) in transactions committed since
+/// the scheduler last looked, so it frees their slots without querying each running task on
+/// every tick. When more end between two ticks than fit, `overflowed` makes the scheduler
+/// check all its running attempts in the table instead.
+#[derive(Copy, Clone)]
+pub struct EndedAttempts {
+    len: usize,
+    overflowed: bool,
+    task_ids: [i64; ENDED_CAPACITY],
+    attempts: [i32; ENDED_CAPACITY],
+}
+const ENDED_CAPACITY: usize = 16_384;
+unsafe impl PGRXSharedMemory for EndedAttempts {}
+impl Default for EndedAttempts {
+    fn default() -> Self {
+        EndedAttempts {
+            len: 0,
+            overflowed: false,
+            task_ids: [0; ENDED_CAPACITY],
+            attempts: [0; ENDED_CAPACITY],
+        }
+    }
+}
+static ENDED: PgLwLock<EndedAttempts> = unsafe { PgLwLock::new(c"sluice_ended_attempts") };
+/// Attempts ended by this backend's current transaction, published at commit.
+static ENDED_AT_COMMIT: Mutex<Vec<(i64, i32)>> = Mutex::new(Vec::new());
 
 /// PGPROC number of the running scheduler, or -1.
 static SCHEDULER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"sluice_scheduler_procno") };
@@ -36,6 +64,7 @@ static DATABASE_CHECKED: AtomicBool = AtomicBool::new(false);
 pub fn init_shared_memory() {
     pg_shmem_init!(SCHEDULER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(COMMITTED_RUNNABLE_FROM = AtomicI64::new(i64::MAX));
+    pg_shmem_init!(ENDED);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -54,6 +83,40 @@ pub fn wake_at_commit(runnable_from: Option<pg_sys::TimestampTz>) {
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
     if let Some(at) = runnable_from {
         RUNNABLE_FROM_AT_COMMIT.fetch_min(at, Ordering::Relaxed);
+    }
+}
+
+/// Records attempts this transaction ended, for the scheduler once it commits.
+pub fn attempts_ended(task_ids: &[i64], attempts: &[i32]) {
+    let mut pending = ENDED_AT_COMMIT.lock().unwrap_or_else(|e| e.into_inner());
+    pending.extend(task_ids.iter().copied().zip(attempts.iter().copied()));
+}
+
+/// Takes the attempts ended by committed transactions; `None` if some were not recorded (too
+/// many at once) and the caller must check every running attempt itself.
+pub fn take_ended_attempts() -> Option<Vec<(i64, i32)>> {
+    let mut ended = ENDED.exclusive();
+    let out = (!ended.overflowed).then(|| {
+        (0..ended.len)
+            .map(|i| (ended.task_ids[i], ended.attempts[i]))
+            .collect()
+    });
+    ended.len = 0;
+    ended.overflowed = false;
+    out
+}
+
+fn publish_ended(pending: &[(i64, i32)]) {
+    let mut ended = ENDED.exclusive();
+    for &(task_id, attempt) in pending {
+        if ended.len == ENDED_CAPACITY {
+            ended.overflowed = true;
+            return;
+        }
+        let i = ended.len;
+        ended.task_ids[i] = task_id;
+        ended.attempts[i] = attempt;
+        ended.len += 1;
     }
 }
 
@@ -133,6 +196,11 @@ unsafe extern "C-unwind" fn on_xact_event(
             // Clear the request first, whatever happens next: it belongs to this transaction.
             let requested = WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
             let runnable_from = RUNNABLE_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
+            let ended =
+                std::mem::take(&mut *ENDED_AT_COMMIT.lock().unwrap_or_else(|e| e.into_inner()));
+            if PRELOADED.load(Ordering::Relaxed) && !ended.is_empty() {
+                publish_ended(&ended);
+            }
             if requested && PRELOADED.load(Ordering::Relaxed) {
                 if runnable_from != i64::MAX {
                     COMMITTED_RUNNABLE_FROM
@@ -147,6 +215,10 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             RUNNABLE_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
+            ENDED_AT_COMMIT
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         }
         _ => {}
     }
