@@ -8,7 +8,7 @@ SHELL := /bin/bash
 export SLUICE_TEST_DSN ?= host=127.0.0.1 port=28815 user=postgres dbname=sluice
 PGRX_TEST_DATA := /tmp/sluice-pgrx-test-data
 
-.PHONY: demo test stop deps install start psql
+.PHONY: demo test stop deps install start psql bench
 
 deps:
 	@scripts/dev.sh deps
@@ -21,6 +21,11 @@ start: install
 
 demo: start
 	@cargo run --quiet --release -p sluice-client --example demo -- "$(SLUICE_TEST_DSN)"
+
+# Every benchmark scenario against the project cluster (benches/README.md); results in
+# target/bench/results.jsonl. For development: make bench BENCH_ARGS="--quick --scenario drain"
+bench: start
+	@cargo run --quiet --release -p sluice-benches -- --dsn "$(SLUICE_TEST_DSN)" $(BENCH_ARGS)
 
 # pgrx's test run copies a debug build with test-only functions over the system's sluice.so
 # (in place: a server that has it preloaded would crash), so the project cluster is stopped

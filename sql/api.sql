@@ -16,7 +16,7 @@
 
 -- Definitions ---------------------------------------------------------------------------------
 
-CREATE FUNCTION sluice.define_task(
+CREATE OR REPLACE FUNCTION sluice.define_task(
     name              text,
     retries           int      DEFAULT 0,
     backoff_factor    float8   DEFAULT 2,
@@ -75,7 +75,7 @@ $$;
 
 -- Seconds to wait before retry number `failures` (1-based): min(backoff_max, factor ^ failures),
 -- computed in log space so a large exponent caps at backoff_max instead of overflowing.
-CREATE FUNCTION sluice.retry_delay(backoff_factor float8, backoff_max interval, failures int)
+CREATE OR REPLACE FUNCTION sluice.retry_delay(backoff_factor float8, backoff_max interval, failures int)
 RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
@@ -85,7 +85,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     END
 $$;
 
-CREATE FUNCTION sluice._definition(task text) RETURNS sluice.task_definition
+CREATE OR REPLACE FUNCTION sluice._definition(task text) RETURNS sluice.task_definition
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     def sluice.task_definition;
@@ -105,7 +105,7 @@ $$;
 
 -- Enqueue -------------------------------------------------------------------------------------
 
-CREATE FUNCTION sluice.enqueue(
+CREATE OR REPLACE FUNCTION sluice.enqueue(
     task            text,
     input           jsonb       DEFAULT '{}',
     run_at          timestamptz DEFAULT NULL,
@@ -149,7 +149,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION sluice.enqueue_many(task text, inputs jsonb[]) RETURNS SETOF bigint
+CREATE OR REPLACE FUNCTION sluice.enqueue_many(task text, inputs jsonb[]) RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     def      sluice.task_definition := sluice._definition(task);
@@ -183,7 +183,7 @@ $$;
 
 -- Cancel --------------------------------------------------------------------------------------
 
-CREATE FUNCTION sluice.cancel(task_id bigint) RETURNS boolean
+CREATE OR REPLACE FUNCTION sluice.cancel(task_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     t sluice.task_run;
@@ -219,7 +219,7 @@ $$;
 -- a timeout, or a lost worker, and either requeues it (after backoff) or fails it for good.
 -- Lost attempts do not consume retries; past sluice.max_lost_attempts they fail the task
 -- (only attempts the worker had fetched count: an unfetched one never started).
-CREATE FUNCTION sluice._end_attempt(t sluice.task_run, outcome text, error text, retryable boolean)
+CREATE OR REPLACE FUNCTION sluice._end_attempt(t sluice.task_run, outcome text, error text, retryable boolean)
 RETURNS sluice.task_status
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -277,7 +277,7 @@ $$;
 
 -- Worker protocol -----------------------------------------------------------------------------
 
-CREATE FUNCTION sluice.register_worker(name text, task_names text[], slots int) RETURNS bigint
+CREATE OR REPLACE FUNCTION sluice.register_worker(name text, task_names text[], slots int) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     unknown  text;
@@ -314,7 +314,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION sluice._live_worker(worker_id bigint) RETURNS sluice.worker
+CREATE OR REPLACE FUNCTION sluice._live_worker(worker_id bigint) RETURNS sluice.worker
 LANGUAGE plpgsql AS $$
 DECLARE
     w sluice.worker;
@@ -334,7 +334,7 @@ $$;
 
 -- Records liveness, and returns which of the attempts the worker says it is running it should
 -- stop (cancelled, timed out, or no longer its own).
-CREATE FUNCTION sluice.heartbeat(worker_id bigint, task_ids bigint[] DEFAULT '{}',
+CREATE OR REPLACE FUNCTION sluice.heartbeat(worker_id bigint, task_ids bigint[] DEFAULT '{}',
                                  attempts int[] DEFAULT '{}')
 RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
@@ -364,7 +364,7 @@ $$;
 -- transaction, which in the worker protocol is just this call): a crash can only lose the
 -- picked_at marks, and a handler that ran on an assignment lost that way is at worst run again,
 -- which at-least-once allows. Completions stay durable.
-CREATE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100,
+CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100,
                                    after_seq bigint DEFAULT 0)
 RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz,
                assign_seq bigint)
@@ -387,7 +387,7 @@ $$;
 
 -- Completes attempts. Only the current attempt of a running task, held by this worker, can
 -- complete: a late or duplicate completion changes nothing and is left out of the result.
-CREATE FUNCTION sluice.complete_many(worker_id bigint, task_ids bigint[], attempts int[],
+CREATE OR REPLACE FUNCTION sluice.complete_many(worker_id bigint, task_ids bigint[], attempts int[],
                                      outputs jsonb[])
 RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
@@ -419,7 +419,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION sluice.complete(worker_id bigint, task_id bigint, attempt int,
+CREATE OR REPLACE FUNCTION sluice.complete(worker_id bigint, task_id bigint, attempt int,
                                 output jsonb DEFAULT NULL)
 RETURNS boolean
 LANGUAGE sql AS $$
@@ -429,7 +429,7 @@ $$;
 
 -- Fails attempts. A retryable failure is retried after backoff while retries remain; a
 -- non-retryable one fails the task at once. Returns the task ids whose attempt was current.
-CREATE FUNCTION sluice.fail_many(worker_id bigint, task_ids bigint[], attempts int[],
+CREATE OR REPLACE FUNCTION sluice.fail_many(worker_id bigint, task_ids bigint[], attempts int[],
                                  errors text[], retryable boolean[] DEFAULT NULL)
 RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
@@ -460,7 +460,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION sluice.fail(worker_id bigint, task_id bigint, attempt int, error text,
+CREATE OR REPLACE FUNCTION sluice.fail(worker_id bigint, task_id bigint, attempt int, error text,
                             retryable boolean DEFAULT true)
 RETURNS boolean
 LANGUAGE sql AS $$
@@ -469,7 +469,7 @@ LANGUAGE sql AS $$
 $$;
 
 -- Gives back the worker's unfinished tasks (as lost attempts) and stops it.
-CREATE FUNCTION sluice.deregister_worker(worker_id bigint) RETURNS void
+CREATE OR REPLACE FUNCTION sluice.deregister_worker(worker_id bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     t sluice.task_run;
@@ -504,7 +504,7 @@ $$;
 
 -- Stops workers whose session ended or that stopped heartbeating (hb_timeout is
 -- sluice.heartbeat_timeout). Their running tasks are requeued by _maintain.
-CREATE FUNCTION sluice._stop_lost_workers(hb_timeout interval) RETURNS void
+CREATE OR REPLACE FUNCTION sluice._stop_lost_workers(hb_timeout interval) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     w record;
@@ -531,7 +531,7 @@ $$;
 -- deadlines_after: schedule deadlines before it were handled by an earlier call ('-infinity'
 -- for a full pass). purge_workers: also forget workers stopped more than a day ago.
 -- Returns the workers to notify that a running task of theirs must stop.
-CREATE FUNCTION sluice._maintain(lost_task_ids bigint[], timed_out_task_ids bigint[],
+CREATE OR REPLACE FUNCTION sluice._maintain(lost_task_ids bigint[], timed_out_task_ids bigint[],
                                  deadlines_after timestamptz, purge_workers boolean)
 RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
@@ -608,7 +608,7 @@ $$;
 
 -- Last resort for a row the scheduler cannot process: fail it with the error, so it neither
 -- blocks the queue nor is retried forever.
-CREATE FUNCTION sluice._quarantine(task_id bigint, error text) RETURNS void
+CREATE OR REPLACE FUNCTION sluice._quarantine(task_id bigint, error text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     RAISE WARNING 'sluice scheduler: task % could not be processed and is failed: %', task_id, error;
@@ -622,7 +622,7 @@ $$;
 -- Deleting a definition fails its queued tasks at once, in the same transaction: no worker can
 -- register for that name any more, so they could only wait for their schedule timeout. Running
 -- ones finish or fail normally and are never requeued (see _end_attempt).
-CREATE FUNCTION sluice._fail_tasks_of_deleted_definitions() RETURNS trigger
+CREATE OR REPLACE FUNCTION sluice._fail_tasks_of_deleted_definitions() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE sluice.task_run t
@@ -634,7 +634,7 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER fail_tasks_of_deleted_definitions
+CREATE OR REPLACE TRIGGER fail_tasks_of_deleted_definitions
     AFTER DELETE ON sluice.task_definition
     REFERENCING OLD TABLE AS deleted
     FOR EACH STATEMENT EXECUTE FUNCTION sluice._fail_tasks_of_deleted_definitions();

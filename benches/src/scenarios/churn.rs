@@ -1,0 +1,357 @@
+//! churn: 2,000,000 tasks through the system, one producer enqueueing batches of 1,000 while
+//! workers drain, keeping the backlog near 20,000. Reported: the drain rate over the last 10%
+//! of executions against the first 10%, and the sizes of every table and index before and
+//! after. Run twice: normally, and with another session holding a transaction (and so the
+//! xmin horizon) open for the whole run, which keeps vacuum from removing anything. The
+//! batched baseline goes through the same.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use super::{progress, relation_sizes, sluice_shape, Ctx, NOT_MEASURED, STALL};
+use crate::baseline::{self, Baseline, BaselineWorkers, BulkInsert, Wake};
+use crate::db;
+use crate::record::{rate, Milestones, Recorder};
+use crate::report::{ratio, BenchResult, Report};
+use crate::sluice_side::{self, Check, SluiceWorkers, ENQUEUE_BATCH};
+use crate::Result;
+
+/// The throughput shape (the same number of server sessions for both systems).
+const SLUICE_WORKERS: usize = 8;
+const SLUICE_SLOTS: i32 = 50;
+const BASELINE_CONNECTIONS: usize = 8;
+const POLL_SLEEP: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Sluice,
+    Batched,
+}
+
+struct Churn {
+    first_rate: f64,
+    last_rate: f64,
+    overall_rate: f64,
+    sizes_before: Value,
+    sizes_after: Value,
+    held: Value,
+    check: Check,
+}
+
+impl Churn {
+    fn failed(error: crate::Error) -> Churn {
+        Churn {
+            first_rate: NOT_MEASURED,
+            last_rate: NOT_MEASURED,
+            overall_rate: NOT_MEASURED,
+            sizes_before: Value::Null,
+            sizes_after: Value::Null,
+            held: Value::Null,
+            check: Check::failed(format!("run failed: {error}")),
+        }
+    }
+
+    fn end_vs_start(&self) -> f64 {
+        self.last_rate / self.first_rate
+    }
+
+    /// How much the schema's tables (with their indexes) grew during the run.
+    fn growth_mb(&self) -> f64 {
+        let bytes = |sizes: &Value| sizes["total_bytes"].as_f64().unwrap_or(NOT_MEASURED);
+        (bytes(&self.sizes_after) - bytes(&self.sizes_before)) / 1_048_576.0
+    }
+}
+
+pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
+    let total = if ctx.scale.quick { 100_000 } else { 2_000_000 };
+    let backlog = ctx.scale.tasks(20_000).max(2 * ENQUEUE_BATCH);
+    for hold in [false, true] {
+        let variant = if hold { ", xact held open" } else { "" };
+        let mut results = Vec::new();
+        for system in [System::Sluice, System::Batched] {
+            let what = format!("churn {system:?}{variant}");
+            let churn = db::retrying(&ctx.dsn, &what, || churn(ctx, system, total, backlog, hold))
+                .await
+                .unwrap_or_else(Churn::failed);
+            progress(
+                &what,
+                &format!(
+                    "first 10% {:.0}/s, last 10% {:.0}/s, schema {:.1} MB -> {:.1} MB",
+                    churn.first_rate,
+                    churn.last_rate,
+                    churn.sizes_before["total_bytes"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN)
+                        / 1_048_576.0,
+                    churn.sizes_after["total_bytes"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN)
+                        / 1_048_576.0
+                ),
+            );
+            results.push(churn);
+        }
+        let (sluice, batched) = (&results[0], &results[1]);
+        let shapes = [
+            format!(
+                "{}{variant}",
+                sluice_shape(SLUICE_WORKERS, Some(SLUICE_SLOTS))
+            ),
+            format!("{BASELINE_CONNECTIONS} connections{variant}"),
+        ];
+        for (i, (system, churn)) in [("sluice", sluice), ("batched", batched)]
+            .into_iter()
+            .enumerate()
+        {
+            let details = json!({
+                "tasks": total, "backlog_target": backlog,
+                "first_10pct_rate": churn.first_rate, "last_10pct_rate": churn.last_rate,
+                "overall_rate": churn.overall_rate, "held_transaction": churn.held,
+                "growth_bytes_per_task": churn.growth_mb() * 1_048_576.0 / total as f64,
+                "sizes_before": churn.sizes_before, "sizes_after": churn.sizes_after,
+                "check": churn.check.details,
+            });
+            let mut ratio_line = BenchResult::new(
+                "churn",
+                system,
+                shapes[i].clone(),
+                "end_vs_start",
+                churn.end_vs_start(),
+                "x",
+            )
+            .ok(churn.check.ok)
+            .details(details.clone());
+            let mut size_line = BenchResult::new(
+                "churn",
+                system,
+                shapes[i].clone(),
+                "schema_growth",
+                churn.growth_mb(),
+                "MB",
+            )
+            .ok(churn.check.ok)
+            .details(details);
+            if i == 0 {
+                ratio_line.vs_batched = ratio(sluice.end_vs_start(), batched.end_vs_start());
+                size_line.vs_batched = ratio(sluice.growth_mb(), batched.growth_mb());
+            }
+            report.add(ratio_line)?;
+            report.add(size_line)?;
+        }
+    }
+    Ok(())
+}
+
+/// A session that keeps a transaction with an xid open, so that no row version deleted after
+/// it started can be vacuumed away.
+struct HeldTransaction {
+    client: Client,
+    pid: i32,
+}
+
+impl HeldTransaction {
+    async fn open(dsn: &str) -> Result<HeldTransaction> {
+        let client = db::connect(dsn).await?;
+        client
+            .batch_execute("BEGIN; SELECT txid_current();")
+            .await?;
+        let pid = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        Ok(HeldTransaction { client, pid })
+    }
+
+    /// What pg_stat_activity says about it (seen from another session); fails unless it still
+    /// holds an xid and an xmin, idle in transaction.
+    async fn observe(&self, observer: &Client) -> Result<Value> {
+        let row = observer
+            .query_opt(
+                "SELECT state, backend_xid::text, backend_xmin::text, xact_start::text
+                   FROM pg_stat_activity WHERE pid = $1",
+                &[&self.pid],
+            )
+            .await?
+            .ok_or("the session holding the transaction is gone")?;
+        let (state, xid, xmin, since): (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        if xid.is_none() && xmin.is_none() {
+            return Err(format!("the held transaction holds nothing (state {state:?})").into());
+        }
+        Ok(json!({ "pid": self.pid, "state": state, "backend_xid": xid,
+                   "backend_xmin": xmin, "xact_start": since }))
+    }
+
+    async fn release(self) -> Result<()> {
+        self.client.batch_execute("ROLLBACK").await?;
+        Ok(())
+    }
+}
+
+async fn churn(
+    ctx: &Ctx,
+    system: System,
+    total: usize,
+    backlog: usize,
+    hold: bool,
+) -> Result<Churn> {
+    let client = db::connect(&ctx.dsn).await?;
+    let (schema, task) = match system {
+        System::Sluice => (
+            "sluice",
+            Some(sluice_side::define_fresh_task(&client, "churn").await?),
+        ),
+        System::Batched => {
+            baseline::recreate_table(&client).await?;
+            ("sluice_bench", None)
+        }
+    };
+    let outcome = async {
+        if system == System::Sluice {
+            // Cleanup, before the clock: earlier runs' deleted rows leave free space in the
+            // task table that this run would fill without growing it. Compacted, the table
+            // grows by what this run leaves behind, as the baseline's fresh table does.
+            client.batch_execute("VACUUM FULL sluice.task_run").await?;
+        }
+        let sizes_before = relation_sizes(&client, schema).await?;
+        let held = match hold {
+            true => Some(HeldTransaction::open(&ctx.dsn).await?),
+            false => None,
+        };
+        let held_at_start = match &held {
+            Some(h) => h.observe(&client).await?,
+            None => Value::Null,
+        };
+        let step = total / 100;
+        let recorder = Arc::new(Recorder::new(total, total, step, false));
+        let completions = Arc::new(Milestones::new(total, total));
+        let start = Instant::now();
+        let mut sluice_workers = None;
+        let mut baseline_workers = None;
+        match task {
+            Some(task) => {
+                sluice_workers = Some(SluiceWorkers::start(
+                    &ctx.dsn,
+                    task,
+                    SLUICE_WORKERS,
+                    Some(SLUICE_SLOTS),
+                    &recorder,
+                )?)
+            }
+            None => {
+                baseline_workers = Some(
+                    BaselineWorkers::start(
+                        &ctx.dsn,
+                        Baseline::Batched,
+                        BASELINE_CONNECTIONS,
+                        Wake::Poll(POLL_SLEEP),
+                        &recorder,
+                        &completions,
+                    )
+                    .await?,
+                )
+            }
+        }
+        let ran = async {
+            produce(&client, task.is_some(), total, backlog, &recorder).await?;
+            recorder.executions.wait_for(total, STALL, "churn").await?;
+            match task {
+                Some(task) => sluice_side::wait_all_finished(&client, task, STALL).await,
+                None => {
+                    completions.wait_for(total, STALL, "churn").await?;
+                    Ok(completions.at(total).unwrap_or_else(Instant::now))
+                }
+            }
+        }
+        .await;
+        let stopped = match (sluice_workers, baseline_workers) {
+            (Some(w), _) => w.stop().await,
+            (_, Some(w)) => w.stop().await,
+            _ => Ok(()),
+        };
+        let end = ran?;
+        stopped?;
+        let sizes_after = relation_sizes(&client, schema).await?;
+        let held = match held {
+            Some(h) => {
+                let at_end = h.observe(&client).await?;
+                h.release().await?;
+                json!({ "at_start": held_at_start, "at_end": at_end })
+            }
+            None => Value::Null,
+        };
+        let check = match task {
+            Some(task) => sluice_side::check(&client, task, &recorder, true).await?,
+            None => {
+                let executions = recorder.check(true);
+                let (jobs, done) = baseline::job_counts(&client).await?;
+                Check {
+                    ok: executions.ok() && jobs == total as i64 && done == total as i64,
+                    details: json!({ "executions": executions.to_json(), "jobs": jobs, "done": done }),
+                }
+            }
+        };
+        let executions = &recorder.executions;
+        let at = |pct: usize| {
+            executions
+                .at(step * pct)
+                .ok_or(format!("no instant for {pct}% of executions"))
+        };
+        Ok(Churn {
+            first_rate: rate(step * 10, start, at(10)?),
+            last_rate: rate(step * 10, at(90)?, at(100)?),
+            overall_rate: rate(total, start, end),
+            sizes_before,
+            sizes_after,
+            held,
+            check,
+        })
+    }
+    .await;
+    if let Some(task) = task {
+        sluice_side::cleanup(&ctx.dsn, task).await;
+    }
+    outcome
+}
+
+/// One producer: enqueues the next batch of 1,000 whenever fewer than `backlog` tasks are
+/// waiting (enqueued but not yet started), until `total` are enqueued.
+async fn produce(
+    client: &Client,
+    sluice: bool,
+    total: usize,
+    backlog: usize,
+    recorder: &Recorder,
+) -> Result<()> {
+    let bulk_insert = match sluice {
+        true => None,
+        false => Some(BulkInsert::prepare(client).await?),
+    };
+    let mut enqueued = 0;
+    let mut last_progress = Instant::now();
+    while enqueued < total {
+        if enqueued - recorder.executions.count().min(enqueued) >= backlog {
+            if last_progress.elapsed() > STALL {
+                return Err(format!("churn: the backlog has not moved for {STALL:?}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let batch = enqueued as u64..(enqueued + ENQUEUE_BATCH).min(total) as u64;
+        let size = (batch.end - batch.start) as usize;
+        match &bulk_insert {
+            None => sluice_side::enqueue_range(client, batch).await?,
+            Some(bulk_insert) => bulk_insert.insert(client, batch).await?,
+        }
+        enqueued += size;
+        last_progress = Instant::now();
+    }
+    Ok(())
+}

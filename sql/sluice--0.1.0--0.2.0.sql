@@ -1,0 +1,671 @@
+-- Upgrade 0.1.0 -> 0.2.0: the scheduler keeps the runnable queue in memory (see
+-- extension/src/queue.rs), so the queue-head and timeout indexes go, arrivals are read by
+-- (run_at, id), and a worker's fetch resumes after the scheduler tick it last saw.
+--
+-- Everything after the marker line below is a copy of sql/api.sql (its functions are all
+-- CREATE OR REPLACE); tests/tests/upgrade.rs checks that the copy is exact.
+
+ALTER TABLE sluice.task_run ADD COLUMN assign_seq bigint;
+ALTER TABLE sluice.task_run SET (autovacuum_vacuum_scale_factor = 0.02,
+                                 autovacuum_vacuum_cost_delay = 0);
+CREATE SEQUENCE sluice.assign_seq;
+-- Attempts assigned before the upgrade are fetchable by the new fetch.
+UPDATE sluice.task_run SET assign_seq = nextval('sluice.assign_seq') WHERE status = 'running';
+
+DROP INDEX sluice.task_run_queued_idx;
+DROP INDEX sluice.task_run_timeout_idx;
+DROP INDEX sluice.task_run_run_at_idx;
+DROP INDEX sluice.task_run_worker_idx;
+CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at, id) WHERE status = 'queued';
+CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id, assign_seq) WHERE status = 'running';
+
+-- Signatures that changed.
+DROP FUNCTION sluice._maintain(interval);
+DROP FUNCTION sluice.fetch_tasks(bigint, int);
+DROP FUNCTION sluice._wake_scheduler();
+CREATE FUNCTION sluice._wake_scheduler(runnable_from timestamptz DEFAULT NULL) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'wake_scheduler_sql_wrapper';
+CREATE FUNCTION sluice._attempts_ended(task_ids bigint[], attempts int[]) RETURNS void
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'attempts_ended_sql_wrapper';
+
+-- ---- copy of sql/api.sql ----
+-- Sluice SQL API: task definitions, enqueue, cancel, and the worker protocol.
+--
+-- Included last (finalize) by the extension, after the Rust functions it calls:
+--   sluice._wake_scheduler(runnable_from)
+--                              wake the scheduler once the current transaction commits
+--                              (through shared memory, never NOTIFY); runnable_from is the
+--                              earliest run_at of tasks this transaction made queued, so the
+--                              scheduler rereads from there; errors with SQLSTATE 55000 when
+--                              the library is not in shared_preload_libraries.
+--
+-- Error codes callers can branch on:
+--   42704 unknown task name            22023 invalid parameter value
+--   22004 null where a value is needed P0002 no task with that id
+--   55000 sluice is not preloaded      SL001 worker is not registered (stopped or unknown)
+-- Postgres' own codes pass through, e.g. 22P02 (malformed JSON) and 22P05 (\u0000 in jsonb).
+
+-- Definitions ---------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION sluice.define_task(
+    name              text,
+    retries           int      DEFAULT 0,
+    backoff_factor    float8   DEFAULT 2,
+    backoff_max       interval DEFAULT '1 hour',
+    execution_timeout interval DEFAULT '60 seconds',
+    schedule_timeout  interval DEFAULT '5 minutes',
+    priority          int      DEFAULT 1
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._require_preloaded();
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'task name must be a non-empty string, got %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    IF retries IS NULL OR retries < 0 THEN
+        RAISE EXCEPTION 'retries must be >= 0, got % (task "%")', coalesce(retries::text, 'NULL'), name
+            USING ERRCODE = '22023';
+    END IF;
+    IF backoff_factor IS NULL OR NOT (backoff_factor > 0) OR backoff_factor = 'Infinity' THEN
+        RAISE EXCEPTION 'backoff_factor must be a positive finite number, got % (task "%")',
+            coalesce(backoff_factor::text, 'NULL'), name
+            USING ERRCODE = '22023';
+    END IF;
+    IF backoff_max IS NULL OR backoff_max < interval '0' THEN
+        RAISE EXCEPTION 'backoff_max must be >= 0, got % (task "%")', coalesce(backoff_max::text, 'NULL'), name
+            USING ERRCODE = '22023';
+    END IF;
+    IF execution_timeout IS NULL OR execution_timeout <= interval '0' THEN
+        RAISE EXCEPTION 'execution_timeout must be positive, got % (task "%")',
+            coalesce(execution_timeout::text, 'NULL'), name
+            USING ERRCODE = '22023';
+    END IF;
+    IF schedule_timeout IS NULL OR schedule_timeout <= interval '0' THEN
+        RAISE EXCEPTION 'schedule_timeout must be positive, got % (task "%")',
+            coalesce(schedule_timeout::text, 'NULL'), name
+            USING ERRCODE = '22023';
+    END IF;
+    IF priority IS NULL THEN
+        RAISE EXCEPTION 'priority must not be NULL (task "%")', name USING ERRCODE = '22004';
+    END IF;
+
+    INSERT INTO sluice.task_definition AS d
+        (name, retries, backoff_factor, backoff_max, execution_timeout, schedule_timeout, priority)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    ON CONFLICT ON CONSTRAINT task_definition_pkey DO UPDATE
+        SET retries = excluded.retries,
+            backoff_factor = excluded.backoff_factor,
+            backoff_max = excluded.backoff_max,
+            execution_timeout = excluded.execution_timeout,
+            schedule_timeout = excluded.schedule_timeout,
+            priority = excluded.priority,
+            updated_at = now();
+END
+$$;
+
+-- Seconds to wait before retry number `failures` (1-based): min(backoff_max, factor ^ failures),
+-- computed in log space so a large exponent caps at backoff_max instead of overflowing.
+CREATE OR REPLACE FUNCTION sluice.retry_delay(backoff_factor float8, backoff_max interval, failures int)
+RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN extract(epoch FROM backoff_max) <= 0 THEN interval '0'
+        WHEN ln(backoff_factor) * failures >= ln(extract(epoch FROM backoff_max)) THEN backoff_max
+        ELSE make_interval(secs => power(backoff_factor, failures))
+    END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._definition(task text) RETURNS sluice.task_definition
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    def sluice.task_definition;
+BEGIN
+    IF task IS NULL THEN
+        RAISE EXCEPTION 'task name must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    SELECT * INTO def FROM sluice.task_definition d WHERE d.name = task;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown task "%"', task
+            USING ERRCODE = '42704',
+                  HINT = 'Define it first with sluice.define_task(name => ...).';
+    END IF;
+    RETURN def;
+END
+$$;
+
+-- Enqueue -------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION sluice.enqueue(
+    task            text,
+    input           jsonb       DEFAULT '{}',
+    run_at          timestamptz DEFAULT NULL,
+    priority        int         DEFAULT NULL,
+    idempotency_key text        DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    def      sluice.task_definition := sluice._definition(task);
+    start_at timestamptz := coalesce(run_at, now());
+    new_id   bigint;
+BEGIN
+    IF input IS NULL THEN
+        RAISE EXCEPTION 'input must not be NULL (task "%"); use ''{}'' for no input', task
+            USING ERRCODE = '22004';
+    END IF;
+
+    LOOP
+        INSERT INTO sluice.task_run
+            (task_name, priority, input, run_at, schedule_deadline, idempotency_key)
+        VALUES (task, coalesce(enqueue.priority, def.priority), input, start_at,
+                start_at + def.schedule_timeout, idempotency_key)
+        ON CONFLICT (task_name, idempotency_key)
+            WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
+            DO NOTHING
+        RETURNING id INTO new_id;
+        IF new_id IS NOT NULL THEN
+            PERFORM sluice._wake_scheduler(start_at);
+            RETURN new_id;
+        END IF;
+        -- An unfinished task holds this key: return it. If it finished between the conflict
+        -- and this read, the key is free again and the insert is retried.
+        SELECT t.id INTO new_id FROM sluice.task_run t
+         WHERE t.task_name = task AND t.idempotency_key = enqueue.idempotency_key
+           AND t.status IN ('queued', 'running');
+        IF new_id IS NOT NULL THEN
+            RETURN new_id;
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice.enqueue_many(task text, inputs jsonb[]) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    def      sluice.task_definition := sluice._definition(task);
+    null_at  bigint;
+BEGIN
+    IF inputs IS NULL THEN
+        RAISE EXCEPTION 'inputs must not be NULL (task "%")', task USING ERRCODE = '22004';
+    END IF;
+    SELECT i.n INTO null_at FROM unnest(inputs) WITH ORDINALITY AS i(input, n)
+     WHERE i.input IS NULL LIMIT 1;
+    IF null_at IS NOT NULL THEN
+        RAISE EXCEPTION 'inputs[%] is NULL (task "%"); use ''{}'' for no input', null_at, task
+            USING ERRCODE = '22004';
+    END IF;
+    IF cardinality(inputs) = 0 THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+        SELECT task, def.priority, i.input, now(), now() + def.schedule_timeout
+          FROM unnest(inputs) WITH ORDINALITY AS i(input, n)
+         ORDER BY i.n
+        RETURNING id
+    )
+    SELECT id FROM inserted ORDER BY id;
+    PERFORM sluice._wake_scheduler(now());
+END
+$$;
+
+-- Cancel --------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION sluice.cancel(task_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    t sluice.task_run;
+BEGIN
+    PERFORM sluice._require_preloaded();
+    SELECT * INTO t FROM sluice.task_run r WHERE r.id = task_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no task with id %', coalesce(task_id::text, 'NULL') USING ERRCODE = 'P0002';
+    END IF;
+    IF t.status NOT IN ('queued', 'running') THEN
+        RETURN false;
+    END IF;
+    IF t.status = 'running' THEN
+        INSERT INTO sluice.task_attempt (task_id, attempt, worker_id, assigned_at, outcome, error)
+        VALUES (t.id, t.attempt, t.worker_id, t.assigned_at, 'cancelled', 'cancelled by sluice.cancel()')
+        ON CONFLICT DO NOTHING;
+        -- The scheduler tells the worker, which fires the handler's cancellation signal.
+        INSERT INTO sluice.worker_signal (worker_id) VALUES (t.worker_id);
+        PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt]);
+    END IF;
+    UPDATE sluice.task_run
+       SET status = 'cancelled', finished_at = now(), timeout_at = NULL,
+           last_error = 'cancelled by sluice.cancel()'
+     WHERE id = t.id;
+    PERFORM sluice._wake_scheduler();
+    RETURN true;
+END
+$$;
+
+-- Attempt endings shared by workers and the scheduler -------------------------------------------
+
+-- Ends attempt `t.attempt` of a running task (the caller holds the row lock) with a failure,
+-- a timeout, or a lost worker, and either requeues it (after backoff) or fails it for good.
+-- Lost attempts do not consume retries; past sluice.max_lost_attempts they fail the task
+-- (only attempts the worker had fetched count: an unfetched one never started).
+CREATE OR REPLACE FUNCTION sluice._end_attempt(t sluice.task_run, outcome text, error text, retryable boolean)
+RETURNS sluice.task_status
+LANGUAGE plpgsql AS $$
+DECLARE
+    def        sluice.task_definition;
+    n_failures int := t.failures;
+    n_lost     int := t.lost_attempts;
+    max_lost   int := coalesce(nullif(current_setting('sluice.max_lost_attempts', true), '')::int, 5);
+    delay      interval;
+BEGIN
+    INSERT INTO sluice.task_attempt (task_id, attempt, worker_id, assigned_at, outcome, error)
+    VALUES (t.id, t.attempt, t.worker_id, t.assigned_at, outcome, error)
+    ON CONFLICT DO NOTHING;
+    PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt]);
+    SELECT * INTO def FROM sluice.task_definition d WHERE d.name = t.task_name;
+
+    IF def.name IS NULL THEN
+        -- Its definition was deleted: nothing may run it again.
+        error := format('%s; task definition "%s" no longer exists', error, t.task_name);
+    ELSIF outcome = 'lost' THEN
+        -- An attempt the worker never fetched never ran: requeue it without counting it.
+        IF t.picked_at IS NOT NULL THEN
+            n_lost := n_lost + 1;
+        END IF;
+        IF n_lost <= max_lost THEN
+            delay := interval '0';
+        ELSE
+            error := format('%s (lost %s times, more than sluice.max_lost_attempts = %s)',
+                            error, n_lost, max_lost);
+        END IF;
+    ELSE
+        n_failures := n_failures + 1;
+        IF retryable AND n_failures <= def.retries THEN
+            delay := sluice.retry_delay(def.backoff_factor, def.backoff_max, n_failures);
+        END IF;
+    END IF;
+
+    IF delay IS NULL THEN
+        UPDATE sluice.task_run
+           SET status = 'failed', failures = n_failures, lost_attempts = n_lost,
+               last_error = error, finished_at = now(), timeout_at = NULL
+         WHERE id = t.id;
+        RETURN 'failed';
+    END IF;
+
+    UPDATE sluice.task_run
+       SET status = 'queued', failures = n_failures, lost_attempts = n_lost, last_error = error,
+           worker_id = NULL, assigned_at = NULL, picked_at = NULL, timeout_at = NULL,
+           run_at = now() + delay,
+           schedule_deadline = now() + delay + coalesce(def.schedule_timeout, interval '5 minutes')
+     WHERE id = t.id;
+    PERFORM sluice._wake_scheduler(now() + delay);
+    RETURN 'queued';
+END
+$$;
+
+-- Worker protocol -----------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION sluice.register_worker(name text, task_names text[], slots int) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    unknown  text;
+    started  timestamptz;
+    new_id   bigint;
+BEGIN
+    PERFORM sluice._require_preloaded();
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'worker name must be a non-empty string' USING ERRCODE = '22023';
+    END IF;
+    IF slots IS NULL OR slots <= 0 THEN
+        RAISE EXCEPTION 'slots must be a positive number, got % (worker "%")',
+            coalesce(slots::text, 'NULL'), name
+            USING ERRCODE = '22023';
+    END IF;
+    IF task_names IS NULL OR cardinality(task_names) = 0 THEN
+        RAISE EXCEPTION 'worker "%" must serve at least one task name', name USING ERRCODE = '22023';
+    END IF;
+    SELECT n INTO unknown FROM unnest(task_names) n
+     WHERE NOT EXISTS (SELECT 1 FROM sluice.task_definition d WHERE d.name = n) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'unknown task "%" (worker "%")', coalesce(unknown, 'NULL'), name
+            USING ERRCODE = '42704',
+                  HINT = 'Define it first with sluice.define_task(name => ...).';
+    END IF;
+
+    SELECT a.backend_start INTO started FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
+    INSERT INTO sluice.worker (name, task_names, slots, backend_pid, backend_start)
+    VALUES (name, (SELECT array_agg(DISTINCT n ORDER BY n) FROM unnest(task_names) n), slots,
+            pg_backend_pid(), coalesce(started, now()))
+    RETURNING id INTO new_id;
+    PERFORM sluice._wake_scheduler();
+    RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._live_worker(worker_id bigint) RETURNS sluice.worker
+LANGUAGE plpgsql AS $$
+DECLARE
+    w sluice.worker;
+BEGIN
+    SELECT * INTO w FROM sluice.worker x WHERE x.id = worker_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'worker % is not registered', coalesce(worker_id::text, 'NULL')
+            USING ERRCODE = 'SL001', HINT = 'Register again with sluice.register_worker(...).';
+    END IF;
+    IF w.stopped_at IS NOT NULL THEN
+        RAISE EXCEPTION 'worker % was stopped at %: %', worker_id, w.stopped_at, w.stop_reason
+            USING ERRCODE = 'SL001', HINT = 'Register again with sluice.register_worker(...).';
+    END IF;
+    RETURN w;
+END
+$$;
+
+-- Records liveness, and returns which of the attempts the worker says it is running it should
+-- stop (cancelled, timed out, or no longer its own).
+CREATE OR REPLACE FUNCTION sluice.heartbeat(worker_id bigint, task_ids bigint[] DEFAULT '{}',
+                                 attempts int[] DEFAULT '{}')
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._live_worker(worker_id);
+    IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts) THEN
+        RAISE EXCEPTION 'task_ids and attempts must have the same length (% vs %)',
+            cardinality(task_ids), cardinality(attempts) USING ERRCODE = '22023';
+    END IF;
+    UPDATE sluice.worker w SET last_heartbeat = now() WHERE w.id = heartbeat.worker_id;
+    RETURN QUERY
+    SELECT a.task_id
+      FROM (SELECT u.task_id, u.attempt FROM unnest(task_ids, attempts) AS u(task_id, attempt)
+            EXCEPT
+            -- id = ANY: primary-key lookups, never a scan of every running task
+            SELECT t.id, t.attempt FROM sluice.task_run t
+             WHERE t.id = ANY(task_ids) AND t.worker_id = heartbeat.worker_id
+               AND t.status::text = 'running') a;
+END
+$$;
+
+-- Hands the worker the attempts the scheduler assigned to it that it has not fetched yet.
+-- `after_seq`: the worker passes the highest assign_seq it has fetched minus one (0 at first),
+-- so the index scan starts at its latest tick instead of walking over every task it ever ran.
+--
+-- The fetch's own commit does not wait for the disk (synchronous_commit off for the calling
+-- transaction, which in the worker protocol is just this call): a crash can only lose the
+-- picked_at marks, and a handler that ran on an assignment lost that way is at worst run again,
+-- which at-least-once allows. Completions stay durable.
+CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100,
+                                   after_seq bigint DEFAULT 0)
+RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz,
+               assign_seq bigint)
+LANGUAGE sql AS $$
+    SELECT set_config('synchronous_commit', 'off', true);
+    -- The ids are collected first (an InitPlan), so the UPDATE is a primary-key lookup per
+    -- id whatever the planner thinks of a join.
+    UPDATE sluice.task_run t
+       SET picked_at = now()
+     WHERE t.id = ANY((SELECT array_agg(p.id) FROM (
+                SELECT r.id FROM sluice.task_run r
+                 WHERE r.worker_id = fetch_tasks.worker_id AND r.status = 'running'
+                   AND r.assign_seq > coalesce(after_seq, 0)
+                   AND r.picked_at IS NULL
+                 ORDER BY r.assign_seq, r.priority DESC, r.id
+                 LIMIT greatest(max_tasks, 0)
+                   FOR UPDATE SKIP LOCKED) p)::bigint[])
+    RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at, t.assign_seq
+$$;
+
+-- Completes attempts. Only the current attempt of a running task, held by this worker, can
+-- complete: a late or duplicate completion changes nothing and is left out of the result.
+CREATE OR REPLACE FUNCTION sluice.complete_many(worker_id bigint, task_ids bigint[], attempts int[],
+                                     outputs jsonb[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    done_ids      bigint[];
+    done_attempts int[];
+BEGIN
+    IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts)
+       OR cardinality(task_ids) IS DISTINCT FROM cardinality(outputs) THEN
+        RAISE EXCEPTION 'task_ids, attempts and outputs must have the same length (%, %, %)',
+            cardinality(task_ids), cardinality(attempts), cardinality(outputs)
+            USING ERRCODE = '22023';
+    END IF;
+    WITH done AS (
+        UPDATE sluice.task_run t
+           SET status = 'succeeded', output = c.output, finished_at = now(), timeout_at = NULL
+          FROM unnest(task_ids, attempts, outputs) AS c(task_id, attempt, output)
+         -- id = ANY keeps this a primary-key lookup per task whatever the statistics say
+         WHERE t.id = ANY(task_ids) AND t.id = c.task_id AND t.attempt = c.attempt
+           AND t.worker_id = complete_many.worker_id AND t.status::text = 'running'
+        RETURNING t.id, t.attempt
+    )
+    SELECT array_agg(id), array_agg(attempt) INTO done_ids, done_attempts FROM done;
+    IF done_ids IS NOT NULL THEN
+        PERFORM sluice._attempts_ended(done_ids, done_attempts);
+        PERFORM sluice._wake_scheduler();
+        RETURN QUERY SELECT unnest(done_ids);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice.complete(worker_id bigint, task_id bigint, attempt int,
+                                output jsonb DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT EXISTS (SELECT 1 FROM sluice.complete_many(worker_id, ARRAY[task_id], ARRAY[attempt],
+                                                       ARRAY[output]))
+$$;
+
+-- Fails attempts. A retryable failure is retried after backoff while retries remain; a
+-- non-retryable one fails the task at once. Returns the task ids whose attempt was current.
+CREATE OR REPLACE FUNCTION sluice.fail_many(worker_id bigint, task_ids bigint[], attempts int[],
+                                 errors text[], retryable boolean[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    t    sluice.task_run;
+    f    record;
+BEGIN
+    IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts)
+       OR cardinality(task_ids) IS DISTINCT FROM cardinality(errors)
+       OR (retryable IS NOT NULL AND cardinality(task_ids) IS DISTINCT FROM cardinality(retryable)) THEN
+        RAISE EXCEPTION 'task_ids, attempts, errors and retryable must have the same length'
+            USING ERRCODE = '22023';
+    END IF;
+    FOR f IN SELECT * FROM unnest(task_ids, attempts, errors,
+                                  coalesce(retryable, array_fill(true, ARRAY[cardinality(task_ids)])))
+                           AS x(task_id, attempt, error, retryable)
+    LOOP
+        SELECT * INTO t FROM sluice.task_run r
+         WHERE r.id = f.task_id AND r.attempt = f.attempt
+           AND r.worker_id = fail_many.worker_id AND r.status::text = 'running'
+        FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;
+        PERFORM sluice._end_attempt(t, 'failed', coalesce(f.error, 'failed without a message'),
+                                    coalesce(f.retryable, true));
+        RETURN NEXT t.id;
+    END LOOP;
+    PERFORM sluice._wake_scheduler();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice.fail(worker_id bigint, task_id bigint, attempt int, error text,
+                            retryable boolean DEFAULT true)
+RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT EXISTS (SELECT 1 FROM sluice.fail_many(worker_id, ARRAY[task_id], ARRAY[attempt],
+                                                   ARRAY[error], ARRAY[retryable]))
+$$;
+
+-- Gives back the worker's unfinished tasks (as lost attempts) and stops it.
+CREATE OR REPLACE FUNCTION sluice.deregister_worker(worker_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    t sluice.task_run;
+BEGIN
+    UPDATE sluice.worker w SET stopped_at = now(), stop_reason = 'deregistered'
+     WHERE w.id = worker_id AND w.stopped_at IS NULL;
+    FOR t IN SELECT * FROM sluice.task_run r
+              WHERE r.worker_id = deregister_worker.worker_id AND r.status = 'running'
+             FOR UPDATE
+    LOOP
+        PERFORM sluice._end_attempt(t, 'lost', format('worker %s deregistered', worker_id), true);
+    END LOOP;
+    PERFORM sluice._wake_scheduler();
+END
+$$;
+
+-- Lookups by task id compare `status::text`, not `status`: the plain comparison lets the
+-- planner prove a partial index's predicate (task_run_worker_idx is `WHERE status =
+-- 'running'`) and walk that whole index, including every entry vacuum has not removed yet,
+-- instead of doing one primary-key lookup per id.
+
+-- Scheduler maintenance -----------------------------------------------------------------------
+--
+-- Called by the scheduler (the background worker) at most every 100 ms, inside its tick's
+-- transaction: first _stop_lost_workers, then _maintain with what its memory says is due. Each
+-- phase runs in its own subtransaction, and rows are handled one at a time where one bad row
+-- could otherwise fail a whole statement, so one malformed row never stops the scheduler.
+--
+-- Nothing here scans an index from its start: the candidates come from the scheduler's memory
+-- (running attempts it assigned) or from a moving window, so dead index entries left behind
+-- while a long transaction holds back vacuum are not walked over again and again.
+
+-- Stops workers whose session ended or that stopped heartbeating (hb_timeout is
+-- sluice.heartbeat_timeout). Their running tasks are requeued by _maintain.
+CREATE OR REPLACE FUNCTION sluice._stop_lost_workers(hb_timeout interval) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    w record;
+BEGIN
+    FOR w IN
+        SELECT x.id,
+               CASE WHEN a.pid IS NULL THEN 'worker session ended'
+                    ELSE format('no heartbeat for more than %s', hb_timeout) END AS reason
+          FROM sluice.worker x
+          LEFT JOIN pg_stat_activity a
+            ON a.pid = x.backend_pid AND a.backend_start = x.backend_start
+         WHERE x.stopped_at IS NULL
+           AND (a.pid IS NULL OR x.last_heartbeat < now() - hb_timeout)
+    LOOP
+        UPDATE sluice.worker SET stopped_at = now(), stop_reason = w.reason WHERE id = w.id;
+    END LOOP;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'sluice scheduler: checking worker liveness failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+END
+$$;
+
+-- lost_task_ids: running tasks (per the scheduler) whose worker is not live; timed_out_task_ids:
+-- running tasks whose timeout_at has passed (per the scheduler); both are re-checked here.
+-- deadlines_after: schedule deadlines before it were handled by an earlier call ('-infinity'
+-- for a full pass). purge_workers: also forget workers stopped more than a day ago.
+-- Returns the workers to notify that a running task of theirs must stop.
+CREATE OR REPLACE FUNCTION sluice._maintain(lost_task_ids bigint[], timed_out_task_ids bigint[],
+                                 deadlines_after timestamptz, purge_workers boolean)
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    t   sluice.task_run;
+BEGIN
+    -- 1. Running tasks whose worker is stopped or gone: the attempt is lost, the task requeued.
+    FOR t IN
+        SELECT r.* FROM sluice.task_run r
+         WHERE r.id = ANY(lost_task_ids) AND r.status::text = 'running'
+           AND NOT EXISTS (SELECT 1 FROM sluice.worker x
+                            WHERE x.id = r.worker_id AND x.stopped_at IS NULL)
+        FOR UPDATE OF r SKIP LOCKED
+    LOOP
+        BEGIN
+            PERFORM sluice._end_attempt(t, 'lost',
+                coalesce((SELECT format('worker %s (%s) lost: %s', x.id, x.name, x.stop_reason)
+                            FROM sluice.worker x WHERE x.id = t.worker_id),
+                         format('worker %s is gone', t.worker_id)), true);
+        EXCEPTION WHEN OTHERS THEN
+            PERFORM sluice._quarantine(t.id, SQLERRM);
+        END;
+    END LOOP;
+
+    -- 2. Execution timeouts: a failure (retried while retries remain); the worker is told to stop.
+    FOR t IN
+        SELECT r.* FROM sluice.task_run r
+         WHERE r.id = ANY(timed_out_task_ids) AND r.status::text = 'running' AND r.timeout_at <= now()
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        BEGIN
+            PERFORM sluice._end_attempt(t, 'timed_out',
+                format('execution timeout: attempt %s ran longer than %s', t.attempt,
+                       t.timeout_at - t.assigned_at), true);
+            RETURN NEXT t.worker_id;
+        EXCEPTION WHEN OTHERS THEN
+            PERFORM sluice._quarantine(t.id, SQLERRM);
+        END;
+    END LOOP;
+
+    -- 3. Schedule timeouts: queued for too long, cancelled with the reason.
+    BEGIN
+        UPDATE sluice.task_run r
+           SET status = 'cancelled', finished_at = now(),
+               last_error = format('schedule timeout: not started within %s of %s',
+                                   r.schedule_deadline - r.run_at, r.run_at)
+         WHERE r.id = ANY((SELECT array_agg(late.id) FROM (
+                    SELECT q.id FROM sluice.task_run q
+                     WHERE q.status = 'queued'
+                       AND q.schedule_deadline >= deadlines_after AND q.schedule_deadline < now()
+                     ORDER BY q.schedule_deadline
+                     LIMIT 10000
+                       FOR UPDATE SKIP LOCKED) late)::bigint[]);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'sluice scheduler: schedule timeouts failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    END;
+
+    -- 4. Forget workers stopped long ago (their tasks were requeued in phase 1).
+    IF purge_workers THEN
+        BEGIN
+            DELETE FROM sluice.worker x
+             WHERE x.stopped_at < now() - interval '1 day'
+               AND NOT EXISTS (SELECT 1 FROM sluice.task_run r
+                                WHERE r.worker_id = x.id AND r.status = 'running');
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'sluice scheduler: purging stopped workers failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+        END;
+    END IF;
+
+    -- 5. Signals queued by cancel().
+    RETURN QUERY DELETE FROM sluice.worker_signal RETURNING worker_id;
+END
+$$;
+
+-- Last resort for a row the scheduler cannot process: fail it with the error, so it neither
+-- blocks the queue nor is retried forever.
+CREATE OR REPLACE FUNCTION sluice._quarantine(task_id bigint, error text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE WARNING 'sluice scheduler: task % could not be processed and is failed: %', task_id, error;
+    UPDATE sluice.task_run
+       SET status = 'failed', finished_at = now(), timeout_at = NULL,
+           last_error = 'scheduler could not process this task: ' || error
+     WHERE id = task_id;
+END
+$$;
+
+-- Deleting a definition fails its queued tasks at once, in the same transaction: no worker can
+-- register for that name any more, so they could only wait for their schedule timeout. Running
+-- ones finish or fail normally and are never requeued (see _end_attempt).
+CREATE OR REPLACE FUNCTION sluice._fail_tasks_of_deleted_definitions() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE sluice.task_run t
+       SET status = 'failed', finished_at = now(),
+           last_error = format('task definition "%s" no longer exists', t.task_name)
+      FROM deleted d
+     WHERE t.task_name = d.name AND t.status = 'queued';
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER fail_tasks_of_deleted_definitions
+    AFTER DELETE ON sluice.task_definition
+    REFERENCING OLD TABLE AS deleted
+    FOR EACH STATEMENT EXECUTE FUNCTION sluice._fail_tasks_of_deleted_definitions();
