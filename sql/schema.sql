@@ -36,9 +36,6 @@ CREATE TABLE sluice.task_run (
     schedule_deadline timestamptz NOT NULL,
     -- attempts assigned so far; (id, attempt) names one attempt and fences late completions
     attempt           int NOT NULL DEFAULT 0,
-    -- the scheduler tick that assigned the current attempt (sluice.assign_seq): a worker's
-    -- fetch resumes after the last tick it saw instead of rescanning its finished tasks
-    assign_seq        bigint,
     -- application failures (they consume retries); lost attempts are counted apart
     failures          int NOT NULL DEFAULT 0,
     lost_attempts     int NOT NULL DEFAULT 0,
@@ -52,7 +49,7 @@ CREATE TABLE sluice.task_run (
     enqueued_at       timestamptz NOT NULL DEFAULT now(),
     finished_at       timestamptz
 ) WITH (
-    -- room for the HOT update of a fetch (picked_at) next to each row
+    -- room for a row's next versions (claimed, finished) on its own page
     fillfactor = 80,
     -- dead versions of finished transitions pile up fast: vacuum early and without throttling
     autovacuum_vacuum_scale_factor = 0.02,
@@ -71,14 +68,11 @@ CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at, id) WHERE status = 
 -- Schedule timeouts, scanned as a moving window.
 CREATE INDEX task_run_schedule_deadline_idx ON sluice.task_run (schedule_deadline)
     WHERE status = 'queued';
--- A worker's fetch: its running attempts assigned after the last tick it fetched.
-CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id, assign_seq) WHERE status = 'running';
+-- A worker's running attempts (deregistration, the workers view).
+CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id) WHERE status = 'running';
 -- An idempotency key is unique among the unfinished tasks of one task name.
 CREATE UNIQUE INDEX task_run_idempotency_idx ON sluice.task_run (task_name, idempotency_key)
     WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running');
-
--- One value per scheduler tick that assigned work (see task_run.assign_seq).
-CREATE SEQUENCE sluice.assign_seq;
 
 -- Attempts that ended without success: failed, timed out, lost with their worker, cancelled.
 CREATE TABLE sluice.task_attempt (

@@ -1,32 +1,31 @@
 -- Upgrade 0.1.0 -> 0.2.0: the scheduler keeps the runnable queue in memory (see
--- extension/src/queue.rs), so the queue-head and timeout indexes go, arrivals are read by
--- (run_at, id), and a worker's fetch resumes after the scheduler tick it last saw.
+-- extension/src/queue.rs) and posts assignments in shared memory, where a worker's fetch
+-- claims them; the queue-head and timeout indexes go, and arrivals are read by (run_at, id).
 --
 -- Everything after the marker line below is a copy of sql/api.sql (its functions are all
 -- CREATE OR REPLACE); tests/tests/upgrade.rs checks that the copy is exact.
 
-ALTER TABLE sluice.task_run ADD COLUMN assign_seq bigint;
 ALTER TABLE sluice.task_run SET (autovacuum_vacuum_scale_factor = 0.02,
                                  autovacuum_vacuum_cost_delay = 0);
-CREATE SEQUENCE sluice.assign_seq;
--- Attempts assigned before the upgrade are fetchable by the new fetch.
-UPDATE sluice.task_run SET assign_seq = nextval('sluice.assign_seq') WHERE status = 'running';
 
 DROP INDEX sluice.task_run_queued_idx;
 DROP INDEX sluice.task_run_timeout_idx;
 DROP INDEX sluice.task_run_run_at_idx;
-DROP INDEX sluice.task_run_worker_idx;
 CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at, id) WHERE status = 'queued';
-CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id, assign_seq) WHERE status = 'running';
 
--- Signatures that changed.
+-- Signatures that changed, and new functions of the library.
 DROP FUNCTION sluice._maintain(interval);
-DROP FUNCTION sluice.fetch_tasks(bigint, int);
 DROP FUNCTION sluice._wake_scheduler();
 CREATE FUNCTION sluice._wake_scheduler(runnable_from timestamptz DEFAULT NULL) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'wake_scheduler_sql_wrapper';
 CREATE FUNCTION sluice._attempts_ended(task_ids bigint[], attempts int[]) RETURNS void
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'attempts_ended_sql_wrapper';
+CREATE FUNCTION sluice._take_assigned(worker_id bigint, max_tasks int)
+RETURNS TABLE (task_id bigint, attempt int)
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'take_assigned_sql_wrapper';
+CREATE FUNCTION sluice.posted_assignments()
+RETURNS TABLE (worker_id bigint, task_id bigint, attempt int)
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'posted_assignments_sql_wrapper';
 
 -- ---- copy of sql/api.sql ----
 -- Sluice SQL API: task definitions, enqueue, cancel, and the worker protocol.
@@ -38,6 +37,11 @@ STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'attempts_ended_sql_wrapper';
 --                              earliest run_at of tasks this transaction made queued, so the
 --                              scheduler rereads from there; errors with SQLSTATE 55000 when
 --                              the library is not in shared_preload_libraries.
+--   sluice._attempts_ended(task_ids, attempts)
+--                              tell the scheduler at commit that these attempts ended
+--   sluice._take_assigned(worker_id, max_tasks)
+--                              take the worker's assignments the scheduler posted in shared
+--                              memory (put back if the transaction aborts)
 --
 -- Error codes callers can branch on:
 --   42704 unknown task name            22023 invalid parameter value
@@ -227,7 +231,10 @@ BEGIN
     IF t.status NOT IN ('queued', 'running') THEN
         RETURN false;
     END IF;
-    IF t.status = 'running' THEN
+    IF t.status = 'queued' THEN
+        -- It may be posted to a worker (not claimed yet): its slot is free again.
+        PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt + 1]);
+    ELSE
         INSERT INTO sluice.task_attempt (task_id, attempt, worker_id, assigned_at, outcome, error)
         VALUES (t.id, t.attempt, t.worker_id, t.assigned_at, 'cancelled', 'cancelled by sluice.cancel()')
         ON CONFLICT DO NOTHING;
@@ -387,33 +394,41 @@ BEGIN
 END
 $$;
 
--- Hands the worker the attempts the scheduler assigned to it that it has not fetched yet.
--- `after_seq`: the worker passes the highest assign_seq it has fetched minus one (0 at first),
--- so the index scan starts at its latest tick instead of walking over every task it ever ran.
+-- Hands the worker the tasks the scheduler assigned to it, at most max_tasks, and claims them:
+-- each becomes running under this worker as a new attempt, and its execution timeout starts.
+-- The scheduler posts assignments in shared memory (see extension/src/wake.rs) instead of
+-- writing each row itself; an assignment whose task is no longer queued at the expected
+-- attempt (cancelled meanwhile, or assigned twice after a scheduler restart) claims nothing.
 --
 -- The fetch's own commit does not wait for the disk (synchronous_commit off for the calling
--- transaction, which in the worker protocol is just this call): a crash can only lose the
--- picked_at marks, and a handler that ran on an assignment lost that way is at worst run again,
--- which at-least-once allows. Completions stay durable.
-CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100,
-                                   after_seq bigint DEFAULT 0)
-RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz,
-               assign_seq bigint)
-LANGUAGE sql AS $$
-    SELECT set_config('synchronous_commit', 'off', true);
-    -- The ids are collected first (an InitPlan), so the UPDATE is a primary-key lookup per
-    -- id whatever the planner thinks of a join.
+-- transaction, which in the worker protocol is just this call): a crash can only lose claims,
+-- whose tasks are then queued again, and a handler that ran on a claim lost that way is at
+-- worst run again, which at-least-once allows. Completions stay durable.
+CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100)
+RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    ids      bigint[];
+    attempts int[];
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    SELECT array_agg(a.task_id), array_agg(a.attempt) INTO ids, attempts
+      FROM sluice._take_assigned(fetch_tasks.worker_id, max_tasks) AS a;
+    IF ids IS NULL THEN
+        RETURN;
+    END IF;
+    -- One primary-key lookup per id (no join the planner could turn into a scan); each row's
+    -- expected attempt is found by its position in the arrays.
+    RETURN QUERY
     UPDATE sluice.task_run t
-       SET picked_at = now()
-     WHERE t.id = ANY((SELECT array_agg(p.id) FROM (
-                SELECT r.id FROM sluice.task_run r
-                 WHERE r.worker_id = fetch_tasks.worker_id AND r.status = 'running'
-                   AND r.assign_seq > coalesce(after_seq, 0)
-                   AND r.picked_at IS NULL
-                 ORDER BY r.assign_seq, r.priority DESC, r.id
-                 LIMIT greatest(max_tasks, 0)
-                   FOR UPDATE SKIP LOCKED) p)::bigint[])
-    RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at, t.assign_seq
+       SET status = 'running', attempt = t.attempt + 1, worker_id = fetch_tasks.worker_id,
+           assigned_at = now(), picked_at = now(), timeout_at = now() + d.execution_timeout
+      FROM sluice.task_definition d
+     WHERE t.id = ANY(ids) AND t.attempt = attempts[array_position(ids, t.id)] - 1
+       AND t.status::text = 'queued' AND d.name = t.task_name
+    RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at;
+END
 $$;
 
 -- Completes attempts. Only the current attempt of a running task, held by this worker, can
@@ -433,11 +448,13 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
     WITH done AS (
+        -- One primary-key lookup per id whatever the statistics say, and no join (a join with
+        -- unnest() probed the whole id list once per row); each row's attempt and output are
+        -- found by its position in the arrays.
         UPDATE sluice.task_run t
-           SET status = 'succeeded', output = c.output, finished_at = now(), timeout_at = NULL
-          FROM unnest(task_ids, attempts, outputs) AS c(task_id, attempt, output)
-         -- id = ANY keeps this a primary-key lookup per task whatever the statistics say
-         WHERE t.id = ANY(task_ids) AND t.id = c.task_id AND t.attempt = c.attempt
+           SET status = 'succeeded', output = outputs[array_position(task_ids, t.id)],
+               finished_at = now(), timeout_at = NULL
+         WHERE t.id = ANY(task_ids) AND t.attempt = attempts[array_position(task_ids, t.id)]
            AND t.worker_id = complete_many.worker_id AND t.status::text = 'running'
         RETURNING t.id, t.attempt
     )

@@ -50,6 +50,36 @@ fn attempts_ended_sql(task_ids: Vec<i64>, attempts: Vec<i32>) {
     wake::attempts_ended(&task_ids, &attempts);
 }
 
+/// Takes up to `max_tasks` of the assignments the scheduler posted for this worker (see
+/// `crate::wake`); `sluice.fetch_tasks` claims them. Put back if the transaction aborts.
+#[pg_extern(name = "_take_assigned")]
+fn take_assigned_sql(
+    worker_id: i64,
+    max_tasks: i32,
+) -> TableIterator<'static, (name!(task_id, i64), name!(attempt, i32))> {
+    wake::require_scheduler();
+    let taken = wake::take_assignments(worker_id, max_tasks.max(0) as usize);
+    TableIterator::new(taken.into_iter().map(|p| (p.task_id, p.attempt)))
+}
+
+/// Tasks the scheduler assigned that their worker has not fetched yet (in `sluice.tasks` they
+/// are still `queued`): the worker, the task and the attempt its fetch will create.
+#[pg_extern(name = "posted_assignments")]
+fn posted_assignments_sql() -> TableIterator<
+    'static,
+    (
+        name!(worker_id, i64),
+        name!(task_id, i64),
+        name!(attempt, i32),
+    ),
+> {
+    TableIterator::new(
+        wake::posted_assignments()
+            .into_iter()
+            .map(|p| (p.worker_id, p.task_id, p.attempt)),
+    )
+}
+
 // #[pg_schema] needs an inline module; the tests live in their own file.
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

@@ -1,20 +1,21 @@
 //! The scheduler: one background worker per cluster, connected to `sluice.database`.
 //!
 //! Each tick runs in one transaction: maintenance (at most every 100 ms: dead workers,
-//! timeouts, signals), a check of the running attempts it assigned, a read of new arrivals
-//! into its memory (`crate::queue`), assignment planned in Rust (`crate::assign`) and applied
-//! in one UPDATE, then one NOTIFY per worker that got work. It sleeps on its latch until a
+//! timeouts, signals), a read of new arrivals into its memory (`crate::queue`), assignment
+//! planned in Rust (`crate::assign`) and posted in shared memory (`crate::wake`), where each
+//! worker's fetch claims its tasks, then one NOTIFY per worker that got work. It sleeps on its latch until a
 //! commit wakes it (see `crate::wake`), the next delayed task or timeout falls due, or
 //! `sluice.poll_interval` passes. Tables are the truth: a restarted scheduler rebuilds its
 //! memory from them.
 
 use crate::assign::{self, Candidate, WorkerCapacity};
-use crate::queue::{Arrival, Micros, QueueState, RunningAttempt};
+use crate::queue::{Arrival, Micros, QueueState, RowState, RunningAttempt};
 use crate::{gucs, wake};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
-use std::collections::{BTreeMap, HashSet};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgOid;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// How long to wait after a tick that left work it could take soon (rows locked by another
@@ -32,9 +33,11 @@ const MAX_READY_IN_MEMORY: usize = 1_000_000;
 const RUNNING_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Arrivals read per tick, so that a deep backlog does not delay the first assignments.
 const ARRIVALS_PER_TICK: usize = 20_000;
-/// While busy (the last tick assigned work), ticks start at least this far apart, so that the
-/// completions of many workers are taken in one tick instead of one tick each. An idle
-/// scheduler still answers the first wake-up at once, so pickup latency does not pay it.
+/// Ticks start at least this long after the previous one ended (longer while busy: the last
+/// tick assigned work), so that a stream of commits (enqueues, the completions of many workers)
+/// is taken in one tick instead of one tick each. A scheduler that has been idle for longer
+/// answers a wake-up at once, so pickup latency does not pay it.
+const TICK_SPACING: Duration = Duration::from_millis(1);
 const BUSY_TICK_SPACING: Duration = Duration::from_millis(2);
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -54,31 +57,37 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    // The scheduler's commits (assignments, requeues, timeouts) do not wait for the disk. A
-    // crash can lose only its last few hundred milliseconds of them, which puts those tasks
-    // back where they were (queued, or running until the lost-worker check): nothing is lost
-    // and nothing completes twice. A worker acts on an assignment only after its fetch
-    // committed, and the WAL is flushed in order, so an assignment a handler ran on is durable
-    // whenever that worker's fetch or completion is.
+    // The scheduler's commits (requeues of lost attempts, timeouts, expiries) do not wait for
+    // the disk. A crash can lose only its last few hundred milliseconds of them, which puts
+    // those tasks back where they were (running, until the next check finds them again):
+    // nothing is lost and nothing completes twice. Assignments are not written by the
+    // scheduler at all; a worker's fetch claims them (see sluice.fetch_tasks).
     //
-    // Every query of the scheduler is meant as an index lookup or a short index range. Right
-    // after a burst of enqueues the table statistics still describe a nearly empty table and
-    // the planner picks sequential scans that lock and read the whole table on every tick.
+    // Every query of the scheduler on task_run is meant as an index lookup or a short index
+    // range. Right after a burst of enqueues the table statistics still describe a nearly
+    // empty table and the planner picks sequential scans that read the whole table every tick.
     BackgroundWorker::transaction(|| {
         Spi::run("SET synchronous_commit = off").expect("setting synchronous_commit failed");
         Spi::run("SET enable_seqscan = off").expect("setting enable_seqscan failed");
+        // Its statements are small and run hundreds of times a second; a plan made expensive
+        // by the disabled seqscan of a tiny table (definitions, workers) would otherwise be
+        // JIT-compiled on every execution, which once took most of the scheduler's CPU.
+        Spi::run("SET jit = off").expect("setting jit failed");
     });
+    // Assignments posted by a previous scheduler are forgotten with its memory: their rows are
+    // still queued and are read again.
+    wake::clear_assignments();
     wake::publish_scheduler(unsafe { (*pg_sys::MyProc).pgprocno });
     log!("sluice scheduler started for database \"{database}\"");
 
     let mut scheduler = Scheduler::new();
     let mut sleep = Duration::ZERO;
     let mut warned_version: Option<String> = None;
-    let mut last_busy_tick: Option<Instant> = None;
+    let mut last_tick: Option<(Instant, Duration)> = None;
     while BackgroundWorker::wait_latch(Some(sleep)) {
-        if let Some(at) = last_busy_tick {
+        if let Some((ended, spacing)) = last_tick {
             // The latch stays set meanwhile; a signal is handled right after.
-            std::thread::sleep(BUSY_TICK_SPACING.saturating_sub(at.elapsed()));
+            std::thread::sleep(spacing.saturating_sub(ended.elapsed()));
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -106,7 +115,12 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         sleep = match outcome {
             Tick::Ran { next_due, assigned } => {
                 warned_version = None;
-                last_busy_tick = (assigned > 0).then(Instant::now);
+                let spacing = if assigned > 0 {
+                    BUSY_TICK_SPACING
+                } else {
+                    TICK_SPACING
+                };
+                last_tick = Some((Instant::now(), spacing));
                 // Maintenance is due every MAINTENANCE_INTERVAL while work is in flight.
                 let maintenance = (scheduler.queue.running_len() > 0)
                     .then(|| MAINTENANCE_INTERVAL.saturating_sub(scheduler.since_maintenance()));
@@ -151,8 +165,13 @@ enum Tick {
 
 struct Scheduler {
     queue: QueueState,
+    /// Prepared once the extension is installed at the library's version (see `Statements`).
+    statements: Option<Statements>,
     /// Running attempts must be (re)loaded from the table: at start and with each reread.
     load_running: bool,
+    /// A second load shortly after start: a fetch that took assignments from the board before
+    /// this scheduler cleared it may commit its claims after the first load.
+    reload_running_at: Option<Instant>,
     /// Every running attempt must be checked in the table this tick (see `check_running`).
     check_all_running: bool,
     last_running_check: Instant,
@@ -160,18 +179,105 @@ struct Scheduler {
     last_reread: Instant,
     /// Schedule deadlines before this were handled (the moving window of `_maintain`).
     deadlines_after: Micros,
+    /// Execution timeout per task name (microseconds), reloaded with maintenance: estimates a
+    /// posted task's timeout until its claim's own is read.
+    execution_timeouts: HashMap<String, Micros>,
+}
+
+/// A posted assignment not claimed after this long, and no longer on the board (taken by a
+/// fetch that rolled it back without aborting its transaction), is queued again.
+const UNCLAIMED_GRACE_MICROS: Micros = 5_000_000;
+
+/// The statements of a tick, planned once: a busy scheduler ticks hundreds of times a second,
+/// and parsing and planning each statement every time cost more than running it.
+struct Statements {
+    installed_version: OwnedPreparedStatement,
+    load_workers: OwnedPreparedStatement,
+    load_definitions: OwnedPreparedStatement,
+    read_arrivals: OwnedPreparedStatement,
+    check_running: OwnedPreparedStatement,
+    notify: OwnedPreparedStatement,
+    next_delayed: OwnedPreparedStatement,
+}
+
+fn oid(oid: pg_sys::Oid) -> PgOid {
+    PgOid::from_untagged(oid)
+}
+
+impl Statements {
+    fn prepare(client: &SpiClient<'_>) -> Statements {
+        let prepare = |sql: &str, args: &[PgOid]| {
+            client
+                .prepare_mut(sql, args)
+                .unwrap_or_else(|e| panic!("preparing a scheduler statement failed: {e}: {sql}"))
+                .keep()
+        };
+        Statements {
+            installed_version: prepare(
+                "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sluice'",
+                &[],
+            ),
+            load_workers: prepare(
+                "SELECT w.id, w.task_names, w.slots FROM sluice.worker w
+                  WHERE w.stopped_at IS NULL ORDER BY w.id",
+                &[],
+            ),
+            load_definitions: prepare(
+                "SELECT d.name, (extract(epoch FROM d.execution_timeout) * 1000000)::bigint
+                   FROM sluice.task_definition d",
+                &[],
+            ),
+            read_arrivals: prepare(
+                "SELECT id, task_name, priority, run_at, attempt FROM sluice.task_run
+                  WHERE status = 'queued' AND (run_at, id) > ($1, $2) AND run_at <= now()
+                  ORDER BY run_at, id
+                  LIMIT $3",
+                &[
+                    oid(pg_sys::TIMESTAMPTZOID),
+                    oid(pg_sys::INT8OID),
+                    oid(pg_sys::INT8OID),
+                ],
+            ),
+            // `id = ANY(...)` and `status::text` keep this a primary-key lookup per attempt: a
+            // join with unnest(), or a plain `status = 'running'` that matches the partial
+            // worker index, lets the planner scan every running row and, under a held xmin,
+            // their dead versions.
+            check_running: prepare(
+                "SELECT id, attempt, status::text, worker_id, timeout_at FROM sluice.task_run
+                  WHERE id = ANY($1)",
+                &[oid(pg_sys::INT8ARRAYOID)],
+            ),
+            notify: prepare(
+                "SELECT pg_notify('sluice_worker_' || w.id, w.kind)
+                   FROM unnest($1::bigint[], $2::text[]) AS w(id, kind)",
+                &[oid(pg_sys::INT8ARRAYOID), oid(pg_sys::TEXTARRAYOID)],
+            ),
+            // The row comparison makes this a scan of the arrivals index starting at now (a
+            // plain `run_at > now()` was once planned as a walk over every queued task through
+            // the deadline index, a millisecond per tick).
+            next_delayed: prepare(
+                "SELECT run_at FROM sluice.task_run
+                  WHERE status = 'queued' AND (run_at, id) > (now(), 9223372036854775807)
+                  ORDER BY run_at, id LIMIT 1",
+                &[],
+            ),
+        }
+    }
 }
 
 impl Scheduler {
     fn new() -> Self {
         Scheduler {
             queue: QueueState::new(),
+            statements: None,
             load_running: true,
+            reload_running_at: Some(Instant::now() + Duration::from_secs(2)),
             check_all_running: false,
             last_running_check: Instant::now(),
             last_maintenance: None,
             last_reread: Instant::now(),
             deadlines_after: i64::MIN,
+            execution_timeouts: HashMap::new(),
         }
     }
 
@@ -184,14 +290,23 @@ impl Scheduler {
         let maintain = self
             .last_maintenance
             .is_none_or(|at| at.elapsed() >= MAINTENANCE_INTERVAL);
-        if maintain {
+        if maintain || self.statements.is_none() {
             // Also the first tick: nothing runs against a schema of another version.
-            match installed_version(client) {
-                None => return Tick::NotInstalled,
-                Some(v) if v != LIBRARY_VERSION => return Tick::VersionMismatch(v),
+            match installed_version(client, self.statements.as_ref()) {
+                None => {
+                    self.statements = None;
+                    return Tick::NotInstalled;
+                }
+                Some(v) if v != LIBRARY_VERSION => {
+                    self.statements = None;
+                    return Tick::VersionMismatch(v);
+                }
                 Some(_) => {}
             }
         }
+        let statements = self
+            .statements
+            .get_or_insert_with(|| Statements::prepare(client));
         let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
         let mut soon = false;
 
@@ -200,6 +315,13 @@ impl Scheduler {
             self.queue.reread_from_start();
             self.deadlines_after = i64::MIN;
             self.last_reread = Instant::now();
+            self.load_running = true;
+        }
+        if self
+            .reload_running_at
+            .is_some_and(|at| at <= Instant::now())
+        {
+            self.reload_running_at = None;
             self.load_running = true;
         }
         if self.load_running {
@@ -219,9 +341,18 @@ impl Scheduler {
                 )
                 .expect("sluice._stop_lost_workers failed");
         }
-        let workers = load_workers(client);
+        let workers = load_workers(client, statements);
         if maintain {
+            self.execution_timeouts = load_definitions(client, statements);
             let live: HashSet<i64> = workers.iter().map(|w| w.worker_id).collect();
+            // Assignments posted to workers that are gone go back to the queue; their claimed
+            // attempts are requeued by _maintain.
+            let dead = self.queue.dead_workers(&live);
+            if !dead.is_empty() {
+                for p in wake::withdraw_assignments(&dead) {
+                    self.queue.unpost(p.task_id, p.attempt);
+                }
+            }
             let lost = self.queue.lost(&live);
             let timed_out = self.queue.timed_out(now);
             soon |= !lost.is_empty() || !timed_out.is_empty();
@@ -249,11 +380,11 @@ impl Scheduler {
         // Endings are reported through shared memory (crate::wake); checking every running
         // attempt in the table is the safety net, once a second or when reports overflowed.
         if self.check_all_running || self.last_running_check.elapsed() >= RUNNING_CHECK_INTERVAL {
-            check_running(client, &mut self.queue);
+            check_running(client, statements, &mut self.queue, now);
             self.check_all_running = false;
             self.last_running_check = Instant::now();
         }
-        soon |= read_arrivals(client, &mut self.queue, now);
+        soon |= read_arrivals(client, statements, &mut self.queue, now);
 
         let capacity: Vec<WorkerCapacity> = workers
             .into_iter()
@@ -267,12 +398,27 @@ impl Scheduler {
         if !demand.is_empty() {
             let candidates = self.queue.candidates(&demand);
             let plan = assign::plan(&capacity, &candidates);
+            // A name defined since the last reload is not an orphan: reload before judging.
+            if candidates
+                .iter()
+                .any(|c| !self.execution_timeouts.contains_key(&c.task_name))
+            {
+                self.execution_timeouts = load_definitions(client, statements);
+            }
             if !plan.is_empty() {
-                planned = plan.len();
-                soon |= apply(client, &mut self.queue, &candidates, &plan);
-                for a in &plan {
+                let (posted_to, posted, more) = post(
+                    client,
+                    &mut self.queue,
+                    &candidates,
+                    &plan,
+                    &self.execution_timeouts,
+                    now,
+                );
+                soon |= more;
+                planned = posted;
+                for worker_id in posted_to {
                     notify
-                        .entry(a.worker_id)
+                        .entry(worker_id)
                         .and_modify(|k| {
                             if *k == "signal" {
                                 *k = "assigned signal"
@@ -287,19 +433,14 @@ impl Scheduler {
             let ids: Vec<i64> = notify.keys().copied().collect();
             let kinds: Vec<String> = notify.values().map(|k| k.to_string()).collect();
             client
-                .update(
-                    "SELECT pg_notify('sluice_worker_' || w.id, w.kind)
-                       FROM unnest($1::bigint[], $2::text[]) AS w(id, kind)",
-                    None,
-                    &[ids.into(), kinds.into()],
-                )
+                .update(&statements.notify, None, &[ids.into(), kinds.into()])
                 .expect("notifying workers failed");
         }
 
         let next_due = if soon {
             Some(RETRY_SOON)
         } else {
-            [self.queue.next_timeout(), next_delayed(client)]
+            [self.queue.next_timeout(), next_delayed(client, statements)]
                 .into_iter()
                 .flatten()
                 .min()
@@ -324,28 +465,25 @@ fn micros_until(at: Micros, now: Micros) -> Duration {
     Duration::from_micros(at.saturating_sub(now).saturating_sub(elapsed).max(0) as u64)
 }
 
-fn installed_version(client: &mut SpiClient<'_>) -> Option<String> {
-    client
-        .update(
+fn installed_version(
+    client: &mut SpiClient<'_>,
+    statements: Option<&Statements>,
+) -> Option<String> {
+    let rows = match statements {
+        Some(s) => client.update(&s.installed_version, None, &[]),
+        None => client.update(
             "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sluice'",
             None,
             &[],
-        )
-        .ok()?
-        .first()
-        .get_one::<String>()
-        .ok()?
+        ),
+    };
+    rows.ok()?.first().get_one::<String>().ok()?
 }
 
 /// Live workers with their slots (not yet reduced by their running attempts).
-fn load_workers(client: &mut SpiClient<'_>) -> Vec<WorkerCapacity> {
+fn load_workers(client: &mut SpiClient<'_>, statements: &Statements) -> Vec<WorkerCapacity> {
     let rows = client
-        .update(
-            "SELECT w.id, w.task_names, w.slots FROM sluice.worker w
-              WHERE w.stopped_at IS NULL ORDER BY w.id",
-            None,
-            &[],
-        )
+        .update(&statements.load_workers, None, &[])
         .expect("loading workers failed");
     rows.filter_map(|row| {
         Some(WorkerCapacity {
@@ -362,10 +500,21 @@ fn load_workers(client: &mut SpiClient<'_>) -> Vec<WorkerCapacity> {
     .collect()
 }
 
-/// The running attempts as the table has them (at start, and with each reread to repair any
-/// drift between memory and the table).
+fn load_definitions(
+    client: &mut SpiClient<'_>,
+    statements: &Statements,
+) -> HashMap<String, Micros> {
+    client
+        .update(&statements.load_definitions, None, &[])
+        .expect("loading task definitions failed")
+        .filter_map(|row| Some((row.get::<String>(1).ok()??, row.get::<i64>(2).ok()??)))
+        .collect()
+}
+
+/// The claimed running attempts as the table has them (at start, and with each reread to
+/// repair any drift between memory and the table).
 fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
-    queue.forget_running();
+    queue.forget_claimed();
     let rows = client
         .update(
             "SELECT id, worker_id, attempt, timeout_at FROM sluice.task_run
@@ -385,6 +534,8 @@ fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
             .ok()
             .flatten()
             .map_or(i64::MAX, pg_sys::TimestampTz::from);
+        // A posted task that was claimed meanwhile is running now, whoever claimed it.
+        queue.end_running(id);
         queue.start_running(
             id,
             RunningAttempt {
@@ -396,34 +547,71 @@ fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
     }
 }
 
-/// Forgets running attempts that ended (completed, failed, cancelled, requeued): one primary
-/// key lookup per running attempt, so it costs the same however many tasks finished before.
-fn check_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
+/// Brings every running attempt in line with its row by primary key (see
+/// `QueueState::reconcile`), so it costs the same however many tasks finished before; then
+/// requeues posted assignments that were taken off the board but never claimed.
+fn check_running(
+    client: &mut SpiClient<'_>,
+    statements: &Statements,
+    queue: &mut QueueState,
+    now: Micros,
+) {
     if queue.running_len() == 0 {
         return;
     }
     let (ids, attempts) = queue.running_attempts();
-    // `id = ANY(...)` and `status::text` keep this a primary-key lookup per attempt: a join
-    // with unnest(), or a plain `status = 'running'` that matches the partial worker index,
-    // lets the planner scan every running row and, under a held xmin, their dead versions.
-    let still_running: HashSet<(i64, i32)> = client
-        .update(
-            "SELECT id, attempt FROM sluice.task_run WHERE id = ANY($1) AND status::text = 'running'",
-            None,
-            &[ids.clone().into()],
-        )
+    let rows: HashMap<i64, (i32, String, Option<i64>, Option<Micros>)> = client
+        .update(&statements.check_running, None, &[ids.clone().into()])
         .expect("checking running tasks failed")
-        .filter_map(|row| Some((row.get::<i64>(1).ok()??, row.get::<i32>(2).ok()??)))
+        .filter_map(|row| {
+            Some((
+                row.get::<i64>(1).ok()??,
+                (
+                    row.get::<i32>(2).ok()??,
+                    row.get::<String>(3).ok()??,
+                    row.get::<i64>(4).ok()?,
+                    row.get::<TimestampWithTimeZone>(5)
+                        .ok()?
+                        .map(pg_sys::TimestampTz::from),
+                ),
+            ))
+        })
         .collect();
     for (id, attempt) in ids.into_iter().zip(attempts) {
-        if !still_running.contains(&(id, attempt)) {
-            queue.end_running(id);
+        let state = match rows.get(&id) {
+            Some((a, status, Some(worker_id), timeout_at))
+                if *a == attempt && status == "running" =>
+            {
+                RowState::Running {
+                    worker_id: *worker_id,
+                    timeout_at: timeout_at.unwrap_or(i64::MAX),
+                }
+            }
+            Some((a, status, _, _)) if *a == attempt - 1 && status == "queued" => {
+                RowState::Unclaimed
+            }
+            _ => RowState::Ended,
+        };
+        queue.reconcile(id, state);
+    }
+    let stale = queue.posted_before(now.saturating_sub(UNCLAIMED_GRACE_MICROS));
+    if !stale.is_empty() {
+        let on_board = wake::posted_task_ids();
+        for (id, attempt) in stale {
+            if !on_board.contains(&id) {
+                queue.unpost(id, attempt);
+            }
         }
     }
 }
 
 /// Reads tasks that became runnable after the cursor. Returns whether more are waiting.
-fn read_arrivals(client: &mut SpiClient<'_>, queue: &mut QueueState, now: Micros) -> bool {
+fn read_arrivals(
+    client: &mut SpiClient<'_>,
+    statements: &Statements,
+    queue: &mut QueueState,
+    now: Micros,
+) -> bool {
     let room = MAX_READY_IN_MEMORY.saturating_sub(queue.ready_len());
     if room == 0 {
         return false;
@@ -432,10 +620,7 @@ fn read_arrivals(client: &mut SpiClient<'_>, queue: &mut QueueState, now: Micros
     let (after_run_at, after_id) = queue.cursor();
     let rows = client
         .update(
-            "SELECT id, task_name, priority, run_at FROM sluice.task_run
-              WHERE status = 'queued' AND (run_at, id) > ($1, $2) AND run_at <= now()
-              ORDER BY run_at, id
-              LIMIT $3",
+            &statements.read_arrivals,
             None,
             &[
                 timestamptz(after_run_at).into(),
@@ -447,12 +632,20 @@ fn read_arrivals(client: &mut SpiClient<'_>, queue: &mut QueueState, now: Micros
     let mut arrivals = Vec::with_capacity(rows.len());
     let mut last = None;
     for row in rows {
-        let (Ok(Some(task_id)), Ok(Some(task_name)), Ok(Some(priority)), Ok(Some(run_at))) = (
+        let (
+            Ok(Some(task_id)),
+            Ok(Some(task_name)),
+            Ok(Some(priority)),
+            Ok(Some(run_at)),
+            Ok(Some(attempt)),
+        ) = (
             row.get::<i64>(1),
             row.get::<String>(2),
             row.get::<i32>(3),
             row.get::<TimestampWithTimeZone>(4),
-        ) else {
+            row.get::<i32>(5),
+        )
+        else {
             continue;
         };
         last = Some((pg_sys::TimestampTz::from(run_at), task_id));
@@ -460,6 +653,7 @@ fn read_arrivals(client: &mut SpiClient<'_>, queue: &mut QueueState, now: Micros
             task_id,
             task_name,
             priority,
+            attempt,
         });
     }
     let full = arrivals.len() >= limit;
@@ -473,106 +667,45 @@ fn read_arrivals(client: &mut SpiClient<'_>, queue: &mut QueueState, now: Micros
     full
 }
 
-/// Applies a plan in one UPDATE that skips rows another transaction holds (a cancel in
-/// progress, say) instead of waiting for them, and updates memory. Returns whether planned
-/// tasks were skipped but may be assignable soon.
-fn apply(
+/// Posts a plan to the board in shared memory, where each worker's fetch takes and claims its
+/// own (`sluice.fetch_tasks`). Tasks whose definition is gone are failed instead. Returns the
+/// workers that got work, how many tasks were posted, and whether some of the plan must wait
+/// for room on the board.
+fn post(
     client: &mut SpiClient<'_>,
     queue: &mut QueueState,
     candidates: &[Candidate],
     plan: &[assign::Assignment],
-) -> bool {
-    let task_ids: Vec<i64> = plan.iter().map(|a| a.task_id).collect();
-    let worker_ids: Vec<i64> = plan.iter().map(|a| a.worker_id).collect();
-    // One value per tick: a worker's fetch resumes after the last tick it saw.
-    let seq = client
-        .update("SELECT nextval('sluice.assign_seq')", None, &[])
-        .expect("taking an assign_seq failed")
-        .first()
-        .get_one::<i64>()
-        .ok()
-        .flatten()
-        .unwrap_or(0);
-    let rows = client
-        .update(
-            "UPDATE sluice.task_run t
-                SET status = 'running', attempt = t.attempt + 1, worker_id = a.worker_id,
-                    assigned_at = now(), picked_at = NULL,
-                    timeout_at = now() + d.execution_timeout,
-                    assign_seq = $3
-               FROM unnest($1::bigint[], $2::bigint[]) AS a(task_id, worker_id),
-                    sluice.task_definition d
-              -- locked first (an InitPlan), skipping rows another transaction holds; then
-              -- one primary-key lookup per id
-              WHERE t.id = ANY((SELECT array_agg(l.id) FROM (
-                                  SELECT q.id FROM sluice.task_run q
-                                   WHERE q.id = ANY($1) AND q.status::text = 'queued'
-                                     FOR UPDATE SKIP LOCKED) l)::bigint[])
-                AND a.task_id = t.id AND d.name = t.task_name
-          RETURNING t.id, t.worker_id, t.attempt, t.timeout_at",
-            None,
-            &[task_ids.clone().into(), worker_ids.into(), seq.into()],
-        )
-        .expect("applying assignments failed");
-    let mut assigned: HashSet<i64> = HashSet::new();
-    for row in rows {
-        let (Ok(Some(id)), Ok(Some(worker_id)), Ok(Some(attempt)), Ok(Some(timeout_at))) = (
-            row.get::<i64>(1),
-            row.get::<i64>(2),
-            row.get::<i32>(3),
-            row.get::<TimestampWithTimeZone>(4),
-        ) else {
+    execution_timeouts: &HashMap<String, Micros>,
+    now: Micros,
+) -> (HashSet<i64>, usize, bool) {
+    let by_id: HashMap<i64, &Candidate> = candidates.iter().map(|c| (c.task_id, c)).collect();
+    let mut posts = Vec::with_capacity(plan.len());
+    let mut orphans = Vec::new();
+    for a in plan {
+        let Some(c) = by_id.get(&a.task_id) else {
             continue;
         };
-        assigned.insert(id);
-        queue.start_running(
-            id,
-            RunningAttempt {
-                worker_id,
-                attempt,
-                timeout_at: timeout_at.into(),
-            },
-        );
-    }
-
-    // The rest (rare): no longer queued (cancelled, expired: forget it), held by another
-    // transaction (keep it, retry soon), or its definition is gone (fail it).
-    let skipped: Vec<i64> = task_ids
-        .iter()
-        .copied()
-        .filter(|id| !assigned.contains(id))
-        .collect();
-    let mut keep: HashSet<i64> = HashSet::new();
-    if !skipped.is_empty() {
-        let mut orphans = Vec::new();
-        let rows = client
-            .update(
-                "SELECT t.id, d.name IS NULL FROM sluice.task_run t
-                   LEFT JOIN sluice.task_definition d ON d.name = t.task_name
-                  WHERE t.id = ANY($1) AND t.status::text = 'queued'",
-                None,
-                &[skipped.into()],
-            )
-            .expect("checking skipped tasks failed");
-        for row in rows {
-            let (Ok(Some(id)), Ok(Some(orphan))) = (row.get::<i64>(1), row.get::<bool>(2)) else {
-                continue;
-            };
-            if orphan {
-                orphans.push(id);
-            } else {
-                keep.insert(id);
-            }
-        }
-        fail_orphans(client, &orphans);
-    }
-    let planned: HashSet<i64> = task_ids.into_iter().collect();
-    for c in candidates {
-        if planned.contains(&c.task_id) && !keep.contains(&c.task_id) {
+        let Some(&timeout) = execution_timeouts.get(&c.task_name) else {
+            orphans.push(c.task_id);
             queue.remove_ready(&c.task_name, c.priority, c.task_id);
+            continue;
+        };
+        if let Some(attempt) = queue.post(c, a.worker_id, now, timeout) {
+            posts.push(wake::Posted {
+                worker_id: a.worker_id,
+                task_id: c.task_id,
+                attempt,
+            });
         }
     }
-    !keep.is_empty()
+    fail_orphans(client, &orphans);
+    let fitted = wake::post_assignments(&posts);
+    for p in &posts[fitted..] {
+        queue.unpost(p.task_id, p.attempt);
+    }
+    let workers = posts[..fitted].iter().map(|p| p.worker_id).collect();
+    (workers, fitted, fitted < posts.len())
 }
 
 fn fail_orphans(client: &mut SpiClient<'_>, orphans: &[i64]) {
@@ -594,14 +727,10 @@ fn fail_orphans(client: &mut SpiClient<'_>, orphans: &[i64]) {
         .expect("failing orphaned tasks failed");
 }
 
-/// When the next delayed task becomes runnable (index scan starting at now).
-fn next_delayed(client: &mut SpiClient<'_>) -> Option<Micros> {
+/// When the next delayed task becomes runnable.
+fn next_delayed(client: &mut SpiClient<'_>, statements: &Statements) -> Option<Micros> {
     client
-        .update(
-            "SELECT min(run_at) FROM sluice.task_run WHERE status = 'queued' AND run_at > now()",
-            None,
-            &[],
-        )
+        .update(&statements.next_delayed, None, &[])
         .ok()?
         .first()
         .get_one::<TimestampWithTimeZone>()

@@ -11,9 +11,16 @@
 //! but committed after the read would otherwise be skipped; the watermark sends the next read
 //! back far enough. It is published only after the commit is visible, and the scheduler takes
 //! it before its snapshot, so a row is always either in the snapshot or behind the watermark.
+//!
+//! Assignments travel through shared memory too (`Assignments`): the scheduler posts
+//! (worker, task, attempt) triples and a worker's `sluice.fetch_tasks` takes its own and claims
+//! the rows itself (queued -> running). The scheduler writes nothing per task, so one process
+//! does not have to make every task's first row update, and the claims are spread over the
+//! workers' backends. A take is undone if the taking transaction aborts.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock, PgSqlErrorCode};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::sync::Mutex;
 
@@ -44,6 +51,40 @@ static ENDED: PgLwLock<EndedAttempts> = unsafe { PgLwLock::new(c"sluice_ended_at
 /// Attempts ended by this backend's current transaction, published at commit.
 static ENDED_AT_COMMIT: Mutex<Vec<(i64, i32)>> = Mutex::new(Vec::new());
 
+/// Assignments posted by the scheduler and not yet taken by their worker's fetch, oldest first.
+/// `attempt` is the attempt number the claim creates: a claim only succeeds on a row that is
+/// still queued at `attempt - 1`, so a stale assignment can never claim a later attempt.
+#[derive(Copy, Clone)]
+pub struct Assignments {
+    /// Bumped when a (re)started scheduler clears the board; an aborted take from before is
+    /// not put back.
+    generation: u64,
+    len: usize,
+    entries: [Posted; ASSIGNMENTS_CAPACITY],
+}
+#[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
+pub struct Posted {
+    pub worker_id: i64,
+    pub task_id: i64,
+    pub attempt: i32,
+}
+/// Tasks assigned but not yet fetched, fleet-wide; more wait in the scheduler's memory.
+pub const ASSIGNMENTS_CAPACITY: usize = 65_536;
+unsafe impl PGRXSharedMemory for Assignments {}
+impl Default for Assignments {
+    fn default() -> Self {
+        Assignments {
+            generation: 0,
+            len: 0,
+            entries: [Posted::default(); ASSIGNMENTS_CAPACITY],
+        }
+    }
+}
+static ASSIGNMENTS: PgLwLock<Assignments> = unsafe { PgLwLock::new(c"sluice_assignments") };
+/// What this backend's current transaction took, with the board's generation, to put back on
+/// abort.
+static TAKEN_IN_TRANSACTION: Mutex<(u64, Vec<Posted>)> = Mutex::new((0, Vec::new()));
+
 /// PGPROC number of the running scheduler, or -1.
 static SCHEDULER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"sluice_scheduler_procno") };
 
@@ -65,6 +106,7 @@ pub fn init_shared_memory() {
     pg_shmem_init!(SCHEDULER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(COMMITTED_RUNNABLE_FROM = AtomicI64::new(i64::MAX));
     pg_shmem_init!(ENDED);
+    pg_shmem_init!(ASSIGNMENTS);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -118,6 +160,121 @@ fn publish_ended(pending: &[(i64, i32)]) {
         ended.attempts[i] = attempt;
         ended.len += 1;
     }
+}
+
+/// Empties the board (a scheduler starting: its memory is rebuilt from the tables, where
+/// every posted task is still queued).
+pub fn clear_assignments() {
+    let mut board = ASSIGNMENTS.exclusive();
+    board.generation += 1;
+    board.len = 0;
+}
+
+/// Posts assignments; returns how many fit (the rest stay with the scheduler for later).
+pub fn post_assignments(posted: &[Posted]) -> usize {
+    let mut board = ASSIGNMENTS.exclusive();
+    let n = posted.len().min(ASSIGNMENTS_CAPACITY - board.len);
+    let start = board.len;
+    board.entries[start..start + n].copy_from_slice(&posted[..n]);
+    board.len += n;
+    n
+}
+
+/// Removes the posted assignments of these workers (lost or stopped) and returns them.
+pub fn withdraw_assignments(worker_ids: &HashSet<i64>) -> Vec<Posted> {
+    let mut board = ASSIGNMENTS.exclusive();
+    let (kept, withdrawn) = partition(
+        &mut board,
+        |p| !worker_ids.contains(&p.worker_id),
+        usize::MAX,
+    );
+    board.len = kept;
+    withdrawn
+}
+
+/// The board as it is now (for `sluice.posted_assignments()`).
+pub fn posted_assignments() -> Vec<Posted> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let board = ASSIGNMENTS.share();
+    board.entries[..board.len].to_vec()
+}
+
+/// Task ids on the board now.
+pub fn posted_task_ids() -> HashSet<i64> {
+    let board = ASSIGNMENTS.share();
+    board.entries[..board.len]
+        .iter()
+        .map(|p| p.task_id)
+        .collect()
+}
+
+/// Takes up to `max` of this worker's posted assignments, oldest first, for the current
+/// transaction: they go back on the board if it aborts.
+pub fn take_assignments(worker_id: i64, max: usize) -> Vec<Posted> {
+    if max == 0 || !PRELOADED.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let (generation, taken) = {
+        let mut board = ASSIGNMENTS.exclusive();
+        let (kept, taken) = partition(&mut board, |p| p.worker_id != worker_id, max);
+        board.len = kept;
+        (board.generation, taken)
+    };
+    let mut pending = TAKEN_IN_TRANSACTION
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if pending.0 != generation {
+        pending.1.clear();
+    }
+    pending.0 = generation;
+    pending.1.extend_from_slice(&taken);
+    taken
+}
+
+/// Splits the board in place: entries for which `keep` holds stay in order at the front (the
+/// returned count), and at most `max_removed` of the others are returned, in order; others
+/// beyond that also stay.
+fn partition(
+    board: &mut Assignments,
+    keep: impl Fn(&Posted) -> bool,
+    max_removed: usize,
+) -> (usize, Vec<Posted>) {
+    let mut removed = Vec::new();
+    let mut kept = 0;
+    for i in 0..board.len {
+        let p = board.entries[i];
+        if keep(&p) || removed.len() >= max_removed {
+            board.entries[kept] = p;
+            kept += 1;
+        } else {
+            removed.push(p);
+        }
+    }
+    (kept, removed)
+}
+
+/// An aborted transaction's takes go back to the front of the board, unless a scheduler
+/// restart cleared it meanwhile.
+fn put_back_taken() {
+    let (generation, taken) = std::mem::take(
+        &mut *TAKEN_IN_TRANSACTION
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    if taken.is_empty() || !PRELOADED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut board = ASSIGNMENTS.exclusive();
+    if board.generation != generation {
+        return;
+    }
+    let n = taken.len().min(ASSIGNMENTS_CAPACITY - board.len);
+    let len = board.len;
+    board.entries.copy_within(0..len, n);
+    board.entries[..n].copy_from_slice(&taken[..n]);
+    board.len += n;
 }
 
 /// Takes the commit watermark (see the module comment). Call before starting the transaction
@@ -198,6 +355,11 @@ unsafe extern "C-unwind" fn on_xact_event(
             let runnable_from = RUNNABLE_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
             let ended =
                 std::mem::take(&mut *ENDED_AT_COMMIT.lock().unwrap_or_else(|e| e.into_inner()));
+            TAKEN_IN_TRANSACTION
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .clear();
             if PRELOADED.load(Ordering::Relaxed) && !ended.is_empty() {
                 publish_ended(&ended);
             }
@@ -213,6 +375,17 @@ unsafe extern "C-unwind" fn on_xact_event(
         // A prepared transaction commits later in another session; the scheduler's timer and
         // its periodic full reread pick its work up.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            // A prepared fetch keeps its claims (they commit with it); an aborted one never
+            // claimed anything.
+            if event == XACT_EVENT_PREPARE {
+                TAKEN_IN_TRANSACTION
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .1
+                    .clear();
+            } else {
+                put_back_taken();
+            }
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             RUNNABLE_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
             ENDED_AT_COMMIT

@@ -15,7 +15,9 @@ const CURRENT: &str = env!("CARGO_PKG_VERSION");
 const MARKER: &str = "-- ---- copy of sql/api.sql ----\n";
 
 fn repo_file(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
 }
 
 #[test]
@@ -113,7 +115,9 @@ async fn upgrading_0_1_0_matches_a_fresh_install_and_keeps_rows() {
     )
     .await
     .unwrap();
-    old.batch_execute("ALTER EXTENSION sluice UPDATE").await.unwrap();
+    old.batch_execute("ALTER EXTENSION sluice UPDATE")
+        .await
+        .unwrap();
     let version: String = old
         .query_one(
             "SELECT extversion FROM pg_extension WHERE extname = 'sluice'",

@@ -439,7 +439,8 @@ async fn a_worker_that_stops_heartbeating_loses_its_task_and_must_register_again
 /// past sluice.max_lost_attempts it fails. An attempt lost before the worker fetched it never
 /// ran and does not count. Needs sluice.max_lost_attempts = 1, a server setting: private cluster.
 #[tokio::test]
-async fn a_task_lost_more_often_than_max_lost_attempts_fails_and_unfetched_losses_do_not_count() {
+async fn a_task_lost_more_often_than_max_lost_attempts_fails_and_unfetched_assignments_do_not_count(
+) {
     let cluster = PrivateCluster::start("max_lost", true, &[("sluice.max_lost_attempts", "1")]);
     let client = connect(&cluster.dsn()).await;
     client
@@ -452,8 +453,9 @@ async fn a_task_lost_more_often_than_max_lost_attempts_fails_and_unfetched_losse
         .unwrap()
         .get(0);
 
-    // Raw-SQL workers that end their session while holding the task; the first never fetches.
-    for (attempt, fetch) in [(1, false), (2, true), (3, true)] {
+    // Raw-SQL workers that end their session while holding the task; the first never fetches,
+    // so its assignment never became an attempt: it is withdrawn and nothing is recorded.
+    for (attempt, fetch) in [(0, false), (1, true), (2, true)] {
         let session = connect(&cluster.dsn()).await;
         let worker: i64 = session
             .query_one(
@@ -463,37 +465,67 @@ async fn a_task_lost_more_often_than_max_lost_attempts_fails_and_unfetched_losse
             .await
             .unwrap()
             .get(0);
+        let posted = "SELECT count(*) FROM sluice.posted_assignments() WHERE worker_id = $1 AND task_id = $2";
         if fetch {
             assert_eq!(fetch_one(&session, worker).await, (id, attempt));
         } else {
             wait_until(
                 Duration::from_secs(15),
-                "the assignment of attempt 1",
+                "the assignment to raw-0",
                 || async {
+                    let n: i64 = client
+                        .query_one(posted, &[&worker, &id])
+                        .await
+                        .unwrap()
+                        .get(0);
                     let (status, seen_attempt, _) = task_state(&client, id).await;
-                    if (status.as_str(), seen_attempt) == ("running", 1) {
+                    if n == 1 && (status.as_str(), seen_attempt) == ("queued", 0) {
                         Ok(())
                     } else {
-                        Err(format!("{status} attempt {seen_attempt}"))
+                        Err(format!("posted {n}, {status} attempt {seen_attempt}"))
                     }
                 },
             )
             .await;
         }
         drop(session);
-        wait_until(
-            Duration::from_secs(15),
-            "the attempt to be recorded as lost",
-            || async {
-                let seen = attempts(&client, id).await;
-                if seen.iter().any(|(a, o, _)| *a == attempt && o == "lost") {
-                    Ok(())
-                } else {
-                    Err(format!("{seen:?}"))
-                }
-            },
-        )
-        .await;
+        if fetch {
+            wait_until(
+                Duration::from_secs(15),
+                "the attempt to be recorded as lost",
+                || async {
+                    let seen = attempts(&client, id).await;
+                    if seen.iter().any(|(a, o, _)| *a == attempt && o == "lost") {
+                        Ok(())
+                    } else {
+                        Err(format!("{seen:?}"))
+                    }
+                },
+            )
+            .await;
+        } else {
+            wait_until(
+                Duration::from_secs(15),
+                "the assignment to be withdrawn",
+                || async {
+                    let n: i64 = client
+                        .query_one(posted, &[&worker, &id])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    if n == 0 {
+                        Ok(())
+                    } else {
+                        Err("still posted to raw-0".into())
+                    }
+                },
+            )
+            .await;
+            assert!(
+                attempts(&client, id).await.is_empty(),
+                "an unfetched assignment is no attempt"
+            );
+        }
     }
     wait_finished(&client, &[id], Duration::from_secs(15)).await;
     let r = client
@@ -504,8 +536,8 @@ async fn a_task_lost_more_often_than_max_lost_attempts_fails_and_unfetched_losse
         (r.get(0), r.get(1), r.get(2), r.get(3));
     assert_eq!(
         (status.as_str(), attempt, lost),
-        ("failed", 3, 2),
-        "three attempts lost, two of them fetched (last_error {error:?})"
+        ("failed", 2, 2),
+        "two attempts lost after one unfetched assignment (last_error {error:?})"
     );
     let error = error.unwrap_or_default();
     assert!(

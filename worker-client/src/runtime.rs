@@ -89,10 +89,6 @@ struct Session {
     heartbeat: Statement,
     complete_many: Statement,
     fail_many: Statement,
-    /// Passed to fetch_tasks: assignments up to this scheduler tick were fetched, so the scan
-    /// skips this worker's earlier (finished) tasks. The last tick seen is rescanned, since a
-    /// fetch cut short by free slots may have left some of it behind.
-    fetched_after_seq: i64,
 }
 
 struct InFlight {
@@ -312,19 +308,9 @@ impl Runtime<'_> {
         let max_tasks = i32::try_from(free).unwrap_or(i32::MAX);
         let rows = session
             .client
-            .query(
-                &session.fetch,
-                &[&session.worker_id, &max_tasks, &session.fetched_after_seq],
-            )
+            .query(&session.fetch, &[&session.worker_id, &max_tasks])
             .await
             .map_err(|e| Error::postgres("fetching assigned tasks failed", e))?;
-        if let Some(max_seq) = rows
-            .iter()
-            .filter_map(|r| r.try_get::<_, i64>(4).ok())
-            .max()
-        {
-            session.fetched_after_seq = session.fetched_after_seq.max(max_seq - 1);
-        }
         self.more_may_be_assigned = rows.len() >= free;
         let worker_id = session.worker_id;
         for row in rows {
@@ -721,8 +707,8 @@ async fn prepare_session(
         }
     };
     let fetch = prepare(
-        "SELECT task_id, attempt, task_name, input, assign_seq FROM sluice.fetch_tasks($1, $2, $3)",
-        &[Type::INT8, Type::INT4, Type::INT8],
+        "SELECT task_id, attempt, task_name, input FROM sluice.fetch_tasks($1, $2)",
+        &[Type::INT8, Type::INT4],
     )
     .await?;
     let heartbeat = prepare(
@@ -759,7 +745,6 @@ async fn prepare_session(
         heartbeat,
         complete_many,
         fail_many,
-        fetched_after_seq: 0,
     })
 }
 
