@@ -189,7 +189,7 @@ $$;
 -- Cancel --------------------------------------------------------------------------------------
 
 CREATE OR REPLACE FUNCTION sluice.cancel(task_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     t sluice.task_run;
 BEGIN
@@ -345,7 +345,7 @@ $$;
 CREATE OR REPLACE FUNCTION sluice.heartbeat(worker_id bigint, task_ids bigint[] DEFAULT '{}',
                                  attempts int[] DEFAULT '{}')
 RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 BEGIN
     PERFORM sluice._live_worker(worker_id);
     IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts) THEN
@@ -377,14 +377,24 @@ $$;
 CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100)
 RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
 LANGUAGE plpgsql AS $$
+BEGIN
+    -- Here and not as a SET clause: a SET clause is undone when the function returns, before
+    -- the commit it is meant for.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY SELECT * FROM sluice._claim_assigned(worker_id, max_tasks);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._claim_assigned(worker_id bigint, max_tasks int)
+RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 #variable_conflict use_column
 DECLARE
     ids      bigint[];
     attempts int[];
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
     SELECT array_agg(a.task_id), array_agg(a.attempt) INTO ids, attempts
-      FROM sluice._take_assigned(fetch_tasks.worker_id, max_tasks) AS a;
+      FROM sluice._take_assigned(_claim_assigned.worker_id, max_tasks) AS a;
     IF ids IS NULL THEN
         RETURN;
     END IF;
@@ -392,7 +402,7 @@ BEGIN
     -- expected attempt is found by its position in the arrays.
     RETURN QUERY
     UPDATE sluice.task_run t
-       SET status = 'running', attempt = t.attempt + 1, worker_id = fetch_tasks.worker_id,
+       SET status = 'running', attempt = t.attempt + 1, worker_id = _claim_assigned.worker_id,
            assigned_at = now(), picked_at = now(), timeout_at = now() + d.execution_timeout
       FROM sluice.task_definition d
      WHERE t.id = ANY(ids) AND t.attempt = attempts[array_position(ids, t.id)] - 1
@@ -406,7 +416,7 @@ $$;
 CREATE OR REPLACE FUNCTION sluice.complete_many(worker_id bigint, task_ids bigint[], attempts int[],
                                      outputs jsonb[])
 RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     done_ids      bigint[];
     done_attempts int[];
@@ -450,7 +460,7 @@ $$;
 CREATE OR REPLACE FUNCTION sluice.fail_many(worker_id bigint, task_ids bigint[], attempts int[],
                                  errors text[], retryable boolean[] DEFAULT NULL)
 RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     t    sluice.task_run;
     f    record;
@@ -488,7 +498,7 @@ $$;
 
 -- Gives back the worker's unfinished tasks (as lost attempts) and stops it.
 CREATE OR REPLACE FUNCTION sluice.deregister_worker(worker_id bigint) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     t sluice.task_run;
 BEGIN
@@ -504,6 +514,11 @@ BEGIN
 END
 $$;
 
+-- The functions a worker calls per batch run with seqscans disabled (and so JIT off: a plan
+-- made expensive by a disabled seqscan would be compiled): a queue table swings between empty
+-- and full, and statistics taken while it was empty make a sequential scan look cheaper than
+-- one primary-key lookup per id, which it is not once a bulk enqueue has refilled it.
+--
 -- Lookups by task id compare `status::text`, not `status`: the plain comparison lets the
 -- planner prove a partial index's predicate (task_run_worker_idx is `WHERE status =
 -- 'running'`) and walk that whole index, including every entry vacuum has not removed yet,

@@ -15,13 +15,15 @@ use crate::report::{ratio, BenchResult, Report};
 use crate::sluice_side::{self, Check, SluiceWorkers};
 use crate::Result;
 
-/// Sluice worker shapes: (workers, slots per worker; None = the client's default).
-const SLUICE_SHAPES: [(usize, Option<i32>); 5] = [
+/// Sluice worker shapes: (workers, slots per worker; None = the client's default). 8 x 100 holds
+/// as many tasks in flight as the batched baseline's default (8 connections x 100 per claim).
+const SLUICE_SHAPES: [(usize, Option<i32>); 6] = [
     (4, None),
     (1, Some(100)),
     (2, Some(50)),
     (4, Some(25)),
     (8, Some(50)),
+    (8, Some(100)),
 ];
 const SLUICE_DEFAULT: (usize, Option<i32>) = (4, None);
 const BASELINE_CONNECTIONS: [usize; 3] = [4, 8, 16];
