@@ -16,7 +16,28 @@ CREATE TABLE sluice.task_definition (
     schedule_timeout  interval NOT NULL DEFAULT '5 minutes' CHECK (schedule_timeout > '0'),
     priority          int NOT NULL DEFAULT 1,
     created_at        timestamptz NOT NULL DEFAULT now(),
-    updated_at        timestamptz NOT NULL DEFAULT now()
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    -- Concurrency: at most max_runs running per key, the key being this path's first match in
+    -- the input (evaluated at enqueue); all three set or none.
+    concurrency_key      jsonpath,
+    max_runs             int CHECK (max_runs > 0),
+    concurrency_strategy text CHECK (concurrency_strategy IN
+                             ('group_round_robin', 'cancel_in_progress', 'cancel_newest')),
+    -- Rate limits a run consumes, validated by sluice.define_task: an array of
+    --   {"key": "<declared key>", "units": n | "units_path": "<jsonpath>"}
+    --   {"key_path": "<jsonpath>", "units": n | "units_path": ..., "limit": n, "per": "<interval>"}
+    rate_limits          jsonb NOT NULL DEFAULT '[]',
+    CHECK ((concurrency_key IS NULL) = (max_runs IS NULL)
+           AND (max_runs IS NULL) = (concurrency_strategy IS NULL))
+);
+
+-- Declared (static) rate limits: at most max_units units consumed per `per`, fleet-wide, over
+-- any interval of that length. Dynamic keys take their limit from the task definition.
+CREATE TABLE sluice.rate_limit (
+    key        text PRIMARY KEY CHECK (key <> ''),
+    max_units  int NOT NULL CHECK (max_units > 0),
+    per        interval NOT NULL CHECK (per > '0'),
+    updated_at timestamptz NOT NULL DEFAULT now()
 );
 
 -- One row per enqueued task. The current attempt's assignment lives on the row; attempts that
@@ -47,7 +68,14 @@ CREATE TABLE sluice.task_run (
     output            jsonb,
     last_error        text,
     enqueued_at       timestamptz NOT NULL DEFAULT now(),
-    finished_at       timestamptz
+    finished_at       timestamptz,
+    -- Flow control, evaluated once at enqueue from the definition and the input (NULL when the
+    -- definition has none): the concurrency key ('' when the path matches nothing), and the
+    -- rate-limit keys with the units a run consumes, one per entry of the definition's
+    -- rate_limits, in its order.
+    concurrency_key   text,
+    rate_limit_keys   text[],
+    rate_limit_units  int[]
 ) WITH (
     -- room for a row's next versions (claimed, finished) on its own page
     fillfactor = 80,
@@ -70,6 +98,13 @@ CREATE INDEX task_run_schedule_deadline_idx ON sluice.task_run (schedule_deadlin
     WHERE status = 'queued';
 -- A worker's running attempts (deregistration, the workers view).
 CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id) WHERE status = 'running';
+-- Unfinished tasks per concurrency key (the sluice.concurrency view); keyed tasks only.
+CREATE INDEX task_run_concurrency_idx ON sluice.task_run (task_name, concurrency_key)
+    WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running');
+-- Rate-limited starts by time: a restarted scheduler rebuilds its windows from the starts of
+-- the last window, and the sluice.rate_limits view counts them; rate-limited tasks only.
+CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
+    WHERE rate_limit_keys IS NOT NULL;
 -- An idempotency key is unique among the unfinished tasks of one task name.
 CREATE UNIQUE INDEX task_run_idempotency_idx ON sluice.task_run (task_name, idempotency_key)
     WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running');
@@ -171,3 +206,56 @@ FROM sluice.task_run t
 WHERE t.attempt > 0
   AND NOT EXISTS (SELECT 1 FROM sluice.task_attempt a
                    WHERE a.task_id = t.id AND a.attempt = t.attempt);
+
+-- Per concurrency key with unfinished tasks: how many run and how many wait.
+CREATE VIEW sluice.concurrency AS
+SELECT t.task_name,
+       t.concurrency_key AS key,
+       d.max_runs,
+       d.concurrency_strategy AS strategy,
+       count(*) FILTER (WHERE t.status = 'running') AS running,
+       count(*) FILTER (WHERE t.status = 'queued')  AS waiting
+FROM sluice.task_run t
+LEFT JOIN sluice.task_definition d ON d.name = t.task_name
+WHERE t.concurrency_key IS NOT NULL AND t.status IN ('queued', 'running')
+GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;
+
+-- Per rate-limit key: every declared key, and each dynamic key with starts in its window.
+-- Usage counts the starts (claims) of the last `per`, as the scheduler does after a restart.
+CREATE VIEW sluice.rate_limits AS
+WITH dynamic_spec AS (
+    SELECT d.name AS task_name, s.pos, (s.spec->>'limit')::int AS max_units,
+           (s.spec->>'per')::interval AS per
+      FROM sluice.task_definition d
+     CROSS JOIN LATERAL jsonb_array_elements(d.rate_limits) WITH ORDINALITY AS s(spec, pos)
+     WHERE s.spec ? 'key_path'
+), horizon AS (
+    SELECT now() - greatest((SELECT max(l.per) FROM sluice.rate_limit l),
+                            (SELECT max(ds.per) FROM dynamic_spec ds),
+                            interval '0') AS since
+), started AS (
+    SELECT u.key, u.units, u.pos, t.task_name, t.assigned_at
+      FROM sluice.task_run t
+     CROSS JOIN LATERAL unnest(t.rate_limit_keys, t.rate_limit_units)
+           WITH ORDINALITY AS u(key, units, pos)
+     WHERE t.rate_limit_keys IS NOT NULL AND t.assigned_at > (SELECT since FROM horizon)
+), per_key AS (
+    SELECT l.key, 'static' AS kind, l.max_units, l.per, s.units, s.assigned_at
+      FROM sluice.rate_limit l
+      LEFT JOIN started s ON s.key = l.key
+    UNION ALL
+    SELECT s.key, 'dynamic', ds.max_units, ds.per, s.units, s.assigned_at
+      FROM started s
+      JOIN dynamic_spec ds ON ds.task_name = s.task_name AND ds.pos = s.pos
+     WHERE NOT EXISTS (SELECT 1 FROM sluice.rate_limit l WHERE l.key = s.key)
+)
+SELECT p.key,
+       p.kind,
+       p.max_units,
+       p.per,
+       greatest(p.max_units - coalesce(sum(p.units) FILTER (WHERE p.assigned_at > now() - p.per), 0),
+                0)::int AS units_left,
+       min(p.assigned_at) FILTER (WHERE p.assigned_at > now() - p.per) + p.per AS refills_at
+FROM per_key p
+GROUP BY p.key, p.kind, p.max_units, p.per
+HAVING p.kind = 'static' OR count(p.assigned_at) FILTER (WHERE p.assigned_at > now() - p.per) > 0;

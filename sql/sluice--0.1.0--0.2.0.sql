@@ -27,6 +27,87 @@ CREATE FUNCTION sluice.posted_assignments()
 RETURNS TABLE (worker_id bigint, task_id bigint, attempt int)
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'posted_assignments_sql_wrapper';
 
+CREATE FUNCTION sluice._config_changed() RETURNS void
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'config_changed_sql_wrapper';
+
+-- Flow control: concurrency keys and rate limits.
+ALTER TABLE sluice.task_definition
+    ADD COLUMN concurrency_key jsonpath,
+    ADD COLUMN max_runs int CHECK (max_runs > 0),
+    ADD COLUMN concurrency_strategy text CHECK (concurrency_strategy IN
+                             ('group_round_robin', 'cancel_in_progress', 'cancel_newest')),
+    ADD COLUMN rate_limits jsonb NOT NULL DEFAULT '[]',
+    ADD CHECK ((concurrency_key IS NULL) = (max_runs IS NULL)
+               AND (max_runs IS NULL) = (concurrency_strategy IS NULL));
+CREATE TABLE sluice.rate_limit (
+    key        text PRIMARY KEY CHECK (key <> ''),
+    max_units  int NOT NULL CHECK (max_units > 0),
+    per        interval NOT NULL CHECK (per > '0'),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE sluice.task_run
+    ADD COLUMN concurrency_key text,
+    ADD COLUMN rate_limit_keys text[],
+    ADD COLUMN rate_limit_units int[];
+CREATE INDEX task_run_concurrency_idx ON sluice.task_run (task_name, concurrency_key)
+    WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running');
+CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
+    WHERE rate_limit_keys IS NOT NULL;
+-- define_task gained parameters: the old signature would stay as an overload.
+DROP FUNCTION sluice.define_task(text, int, float8, interval, interval, interval, int);
+-- Per concurrency key with unfinished tasks: how many run and how many wait.
+CREATE VIEW sluice.concurrency AS
+SELECT t.task_name,
+       t.concurrency_key AS key,
+       d.max_runs,
+       d.concurrency_strategy AS strategy,
+       count(*) FILTER (WHERE t.status = 'running') AS running,
+       count(*) FILTER (WHERE t.status = 'queued')  AS waiting
+FROM sluice.task_run t
+LEFT JOIN sluice.task_definition d ON d.name = t.task_name
+WHERE t.concurrency_key IS NOT NULL AND t.status IN ('queued', 'running')
+GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;
+
+-- Per rate-limit key: every declared key, and each dynamic key with starts in its window.
+-- Usage counts the starts (claims) of the last `per`, as the scheduler does after a restart.
+CREATE VIEW sluice.rate_limits AS
+WITH dynamic_spec AS (
+    SELECT d.name AS task_name, s.pos, (s.spec->>'limit')::int AS max_units,
+           (s.spec->>'per')::interval AS per
+      FROM sluice.task_definition d
+     CROSS JOIN LATERAL jsonb_array_elements(d.rate_limits) WITH ORDINALITY AS s(spec, pos)
+     WHERE s.spec ? 'key_path'
+), horizon AS (
+    SELECT now() - greatest((SELECT max(l.per) FROM sluice.rate_limit l),
+                            (SELECT max(ds.per) FROM dynamic_spec ds),
+                            interval '0') AS since
+), started AS (
+    SELECT u.key, u.units, u.pos, t.task_name, t.assigned_at
+      FROM sluice.task_run t
+     CROSS JOIN LATERAL unnest(t.rate_limit_keys, t.rate_limit_units)
+           WITH ORDINALITY AS u(key, units, pos)
+     WHERE t.rate_limit_keys IS NOT NULL AND t.assigned_at > (SELECT since FROM horizon)
+), per_key AS (
+    SELECT l.key, 'static' AS kind, l.max_units, l.per, s.units, s.assigned_at
+      FROM sluice.rate_limit l
+      LEFT JOIN started s ON s.key = l.key
+    UNION ALL
+    SELECT s.key, 'dynamic', ds.max_units, ds.per, s.units, s.assigned_at
+      FROM started s
+      JOIN dynamic_spec ds ON ds.task_name = s.task_name AND ds.pos = s.pos
+     WHERE NOT EXISTS (SELECT 1 FROM sluice.rate_limit l WHERE l.key = s.key)
+)
+SELECT p.key,
+       p.kind,
+       p.max_units,
+       p.per,
+       greatest(p.max_units - coalesce(sum(p.units) FILTER (WHERE p.assigned_at > now() - p.per), 0),
+                0)::int AS units_left,
+       min(p.assigned_at) FILTER (WHERE p.assigned_at > now() - p.per) + p.per AS refills_at
+FROM per_key p
+GROUP BY p.key, p.kind, p.max_units, p.per
+HAVING p.kind = 'static' OR count(p.assigned_at) FILTER (WHERE p.assigned_at > now() - p.per) > 0;
+
 -- ---- copy of sql/api.sql ----
 -- Sluice SQL API: task definitions, enqueue, cancel, and the worker protocol.
 --
@@ -58,9 +139,17 @@ CREATE OR REPLACE FUNCTION sluice.define_task(
     backoff_max       interval DEFAULT '1 hour',
     execution_timeout interval DEFAULT '60 seconds',
     schedule_timeout  interval DEFAULT '5 minutes',
-    priority          int      DEFAULT 1
+    priority          int      DEFAULT 1,
+    concurrency_key   text     DEFAULT NULL,
+    max_runs          int      DEFAULT NULL,
+    concurrency_strategy text  DEFAULT NULL,
+    rate_limits       jsonb    DEFAULT '[]'
 ) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    key_path jsonpath;
+    spec     jsonb;
+    n        int := 0;
 BEGIN
     PERFORM sluice._require_preloaded();
     IF name IS NULL OR name = '' THEN
@@ -94,9 +183,83 @@ BEGIN
         RAISE EXCEPTION 'priority must not be NULL (task "%")', name USING ERRCODE = '22004';
     END IF;
 
+    -- Concurrency: a key path and max_runs together; the strategy defaults to round robin.
+    IF concurrency_key IS NOT NULL THEN
+        key_path := sluice._parse_jsonpath(concurrency_key, 'concurrency_key', name);
+        IF max_runs IS NULL OR max_runs <= 0 THEN
+            RAISE EXCEPTION 'max_runs must be a positive number with a concurrency_key, got % (task "%")',
+                coalesce(max_runs::text, 'NULL'), name
+                USING ERRCODE = '22023';
+        END IF;
+        concurrency_strategy := coalesce(concurrency_strategy, 'group_round_robin');
+        IF concurrency_strategy NOT IN ('group_round_robin', 'cancel_in_progress', 'cancel_newest') THEN
+            RAISE EXCEPTION 'unknown concurrency_strategy %, expected group_round_robin, cancel_in_progress or cancel_newest (task "%")',
+                quote_literal(concurrency_strategy), name
+                USING ERRCODE = '22023';
+        END IF;
+    ELSIF max_runs IS NOT NULL OR concurrency_strategy IS NOT NULL THEN
+        RAISE EXCEPTION 'max_runs and concurrency_strategy need a concurrency_key (a jsonpath over the input, e.g. ''$.user_id''; ''$.none'' gives every run the same key) (task "%")',
+            name
+            USING ERRCODE = '22023';
+    END IF;
+
+    -- Rate limits: see sluice.task_definition.rate_limits for the shape.
+    IF rate_limits IS NULL OR jsonb_typeof(rate_limits) <> 'array' THEN
+        RAISE EXCEPTION 'rate_limits must be a JSON array, got % (task "%")',
+            coalesce(rate_limits::text, 'NULL'), name
+            USING ERRCODE = '22023';
+    END IF;
+    FOR spec IN SELECT e FROM jsonb_array_elements(rate_limits) AS e LOOP
+        n := n + 1;
+        IF jsonb_typeof(spec) <> 'object' THEN
+            RAISE EXCEPTION 'rate_limits[%] must be an object, got % (task "%")', n, spec, name
+                USING ERRCODE = '22023';
+        END IF;
+        IF EXISTS (SELECT 1 FROM jsonb_object_keys(spec) AS k
+                    WHERE k NOT IN ('key', 'key_path', 'units', 'units_path', 'limit', 'per')) THEN
+            RAISE EXCEPTION 'rate_limits[%] has unknown fields: % (task "%"); expected key or key_path, units or units_path, and limit and per with key_path',
+                n, spec, name
+                USING ERRCODE = '22023';
+        END IF;
+        IF (spec ? 'key') = (spec ? 'key_path') THEN
+            RAISE EXCEPTION 'rate_limits[%] needs exactly one of key (a declared limit) or key_path (a jsonpath over the input), got % (task "%")',
+                n, spec, name
+                USING ERRCODE = '22023';
+        END IF;
+        IF spec ? 'key' THEN
+            IF jsonb_typeof(spec->'key') <> 'string'
+               OR NOT EXISTS (SELECT 1 FROM sluice.rate_limit l WHERE l.key = spec->>'key') THEN
+                RAISE EXCEPTION 'rate_limits[%]: no rate limit %, declare it first with sluice.set_rate_limit (task "%")',
+                    n, spec->'key', name
+                    USING ERRCODE = '42704';
+            END IF;
+            IF spec ? 'limit' OR spec ? 'per' THEN
+                RAISE EXCEPTION 'rate_limits[%]: a declared key takes its limit from sluice.set_rate_limit, not from limit/per (task "%")',
+                    n, name
+                    USING ERRCODE = '22023';
+            END IF;
+        ELSE
+            PERFORM sluice._parse_jsonpath(spec->>'key_path', format('rate_limits[%s].key_path', n), name);
+            PERFORM sluice._check_limit(spec->'limit', spec->'per', format('rate_limits[%s]', n), name);
+        END IF;
+        IF spec ? 'units' AND spec ? 'units_path' THEN
+            RAISE EXCEPTION 'rate_limits[%] has both units and units_path (task "%")', n, name
+                USING ERRCODE = '22023';
+        ELSIF spec ? 'units_path' THEN
+            PERFORM sluice._parse_jsonpath(spec->>'units_path', format('rate_limits[%s].units_path', n), name);
+        ELSIF spec ? 'units' AND (jsonb_typeof(spec->'units') <> 'number'
+                                  OR (spec->>'units')::numeric <> trunc((spec->>'units')::numeric)
+                                  OR (spec->>'units')::numeric NOT BETWEEN 1 AND 2147483647) THEN
+            RAISE EXCEPTION 'rate_limits[%].units must be a positive whole number, got % (task "%")',
+                n, spec->'units', name
+                USING ERRCODE = '22023';
+        END IF;
+    END LOOP;
+
     INSERT INTO sluice.task_definition AS d
-        (name, retries, backoff_factor, backoff_max, execution_timeout, schedule_timeout, priority)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
+        (name, retries, backoff_factor, backoff_max, execution_timeout, schedule_timeout, priority,
+         concurrency_key, max_runs, concurrency_strategy, rate_limits)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, key_path, $9, concurrency_strategy, $11)
     ON CONFLICT ON CONSTRAINT task_definition_pkey DO UPDATE
         SET retries = excluded.retries,
             backoff_factor = excluded.backoff_factor,
@@ -104,7 +267,143 @@ BEGIN
             execution_timeout = excluded.execution_timeout,
             schedule_timeout = excluded.schedule_timeout,
             priority = excluded.priority,
+            concurrency_key = excluded.concurrency_key,
+            max_runs = excluded.max_runs,
+            concurrency_strategy = excluded.concurrency_strategy,
+            rate_limits = excluded.rate_limits,
             updated_at = now();
+    PERFORM sluice._config_changed();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._parse_jsonpath(path text, what text, task text) RETURNS jsonpath
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF path IS NULL OR path = '' THEN
+        RAISE EXCEPTION '% must be a jsonpath over the input, e.g. ''$.user_id'', got % (task "%")',
+            what, coalesce(quote_literal(path), 'NULL'), task
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN path::jsonpath;
+EXCEPTION WHEN syntax_error OR invalid_text_representation OR invalid_parameter_value THEN
+    RAISE EXCEPTION '% is not a valid jsonpath: % (task "%")', what, quote_literal(path), task
+        USING ERRCODE = '22023', DETAIL = SQLERRM;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._check_limit(max_units jsonb, per jsonb, what text, task text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    window_length interval;
+BEGIN
+    IF max_units IS NULL OR jsonb_typeof(max_units) <> 'number'
+       OR (max_units #>> '{}')::numeric <> trunc((max_units #>> '{}')::numeric)
+       OR (max_units #>> '{}')::numeric NOT BETWEEN 1 AND 2147483647 THEN
+        RAISE EXCEPTION '%.limit must be a positive whole number, got % (task "%")',
+            what, coalesce(max_units::text, 'nothing'), task
+            USING ERRCODE = '22023';
+    END IF;
+    BEGIN
+        window_length := (per #>> '{}')::interval;
+    EXCEPTION WHEN others THEN
+        window_length := NULL;
+    END;
+    IF per IS NULL OR jsonb_typeof(per) <> 'string' OR window_length IS NULL
+       OR window_length <= interval '0' THEN
+        RAISE EXCEPTION '%.per must be a positive interval such as "1 minute", got % (task "%")',
+            what, coalesce(per::text, 'nothing'), task
+            USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Declares or changes a fleet-wide limit: at most max_units units per `per`, over any interval
+-- of that length. A change applies to the scheduler's next assignment.
+CREATE OR REPLACE FUNCTION sluice.set_rate_limit(key text, max_units int, per interval)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._require_preloaded();
+    IF key IS NULL OR key = '' THEN
+        RAISE EXCEPTION 'rate limit key must be a non-empty string, got %', coalesce(quote_literal(key), 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    IF max_units IS NULL OR max_units <= 0 THEN
+        RAISE EXCEPTION 'max_units must be positive, got % (rate limit "%")', coalesce(max_units::text, 'NULL'), key
+            USING ERRCODE = '22023';
+    END IF;
+    IF per IS NULL OR per <= interval '0' THEN
+        RAISE EXCEPTION 'per must be a positive interval, got % (rate limit "%")', coalesce(per::text, 'NULL'), key
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO sluice.rate_limit AS l (key, max_units, per) VALUES ($1, $2, $3)
+    ON CONFLICT ON CONSTRAINT rate_limit_pkey DO UPDATE
+        SET max_units = excluded.max_units, per = excluded.per, updated_at = now();
+    PERFORM sluice._config_changed();
+END
+$$;
+
+-- The text of a path's first match in the input (a string's own text, any other value's JSON),
+-- or NULL when it matches nothing or null.
+CREATE OR REPLACE FUNCTION sluice._path_text(input jsonb, path jsonpath) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN v IS NULL OR v = 'null'::jsonb THEN NULL
+                WHEN jsonb_typeof(v) = 'string' THEN v #>> '{}'
+                ELSE v::text END
+      FROM jsonb_path_query_first(input, path, silent => true) AS v
+$$;
+
+-- A task's flow-control facts, evaluated once at enqueue: its concurrency key ('' when the
+-- path matches nothing: one shared default key) and the key and units of each rate limit.
+CREATE OR REPLACE FUNCTION sluice._flow(def sluice.task_definition, input jsonb,
+                                        OUT concurrency_key text, OUT rate_limit_keys text[],
+                                        OUT rate_limit_units int[])
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    spec      jsonb;
+    key       text;
+    units     int;
+    units_raw jsonb;
+    max_units int;
+BEGIN
+    IF def.concurrency_key IS NOT NULL THEN
+        concurrency_key := coalesce(sluice._path_text(input, def.concurrency_key), '');
+    END IF;
+    IF jsonb_array_length(def.rate_limits) = 0 THEN
+        RETURN;
+    END IF;
+    rate_limit_keys := '{}';
+    rate_limit_units := '{}';
+    FOR spec IN SELECT e FROM jsonb_array_elements(def.rate_limits) AS e LOOP
+        IF spec ? 'key' THEN
+            key := spec->>'key';
+            SELECT l.max_units INTO max_units FROM sluice.rate_limit l WHERE l.key = spec->>'key';
+        ELSE
+            key := coalesce(sluice._path_text(input, (spec->>'key_path')::jsonpath), '');
+            max_units := (spec->>'limit')::int;
+        END IF;
+        IF spec ? 'units_path' THEN
+            units_raw := jsonb_path_query_first(input, (spec->>'units_path')::jsonpath, silent => true);
+            IF units_raw IS NULL OR jsonb_typeof(units_raw) <> 'number'
+               OR (units_raw #>> '{}')::numeric <> trunc((units_raw #>> '{}')::numeric)
+               OR (units_raw #>> '{}')::numeric NOT BETWEEN 1 AND 2147483647 THEN
+                RAISE EXCEPTION 'rate limit units at % must be a positive whole number, got % (task "%")',
+                    spec->>'units_path', coalesce(units_raw::text, 'nothing'), def.name
+                    USING ERRCODE = '22023';
+            END IF;
+            units := (units_raw #>> '{}')::int;
+        ELSE
+            units := coalesce((spec->>'units')::int, 1);
+        END IF;
+        IF units > max_units THEN
+            RAISE EXCEPTION 'a run of task "%" needs % units of rate limit "%", more than its limit of % per window',
+                def.name, units, key, max_units
+                USING ERRCODE = '22023';
+        END IF;
+        rate_limit_keys := rate_limit_keys || key;
+        rate_limit_units := rate_limit_units || units;
+    END LOOP;
 END
 $$;
 
@@ -153,17 +452,26 @@ DECLARE
     def      sluice.task_definition := sluice._definition(task);
     start_at timestamptz := coalesce(run_at, now());
     new_id   bigint;
+    flow     record;
 BEGIN
     IF input IS NULL THEN
         RAISE EXCEPTION 'input must not be NULL (task "%"); use ''{}'' for no input', task
             USING ERRCODE = '22004';
     END IF;
+    IF def.concurrency_key IS NOT NULL OR def.rate_limits <> '[]' THEN
+        SELECT * INTO flow FROM sluice._flow(def, input);
+    ELSE
+        SELECT NULL::text AS concurrency_key, NULL::text[] AS rate_limit_keys,
+               NULL::int[] AS rate_limit_units INTO flow;
+    END IF;
 
     LOOP
         INSERT INTO sluice.task_run
-            (task_name, priority, input, run_at, schedule_deadline, idempotency_key)
+            (task_name, priority, input, run_at, schedule_deadline, idempotency_key,
+             concurrency_key, rate_limit_keys, rate_limit_units)
         VALUES (task, coalesce(enqueue.priority, def.priority), input, start_at,
-                start_at + def.schedule_timeout, idempotency_key)
+                start_at + def.schedule_timeout, idempotency_key,
+                flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units)
         ON CONFLICT (task_name, idempotency_key)
             WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
             DO NOTHING
@@ -203,15 +511,30 @@ BEGIN
         RETURN;
     END IF;
 
-    RETURN QUERY
-    WITH inserted AS (
-        INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
-        SELECT task, def.priority, i.input, now(), now() + def.schedule_timeout
-          FROM unnest(inputs) WITH ORDINALITY AS i(input, n)
-         ORDER BY i.n
-        RETURNING id
-    )
-    SELECT id FROM inserted ORDER BY id;
+    IF def.concurrency_key IS NOT NULL OR def.rate_limits <> '[]' THEN
+        RETURN QUERY
+        WITH inserted AS (
+            INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline,
+                                         concurrency_key, rate_limit_keys, rate_limit_units)
+            SELECT task, def.priority, i.input, now(), now() + def.schedule_timeout,
+                   f.concurrency_key, f.rate_limit_keys, f.rate_limit_units
+              FROM unnest(inputs) WITH ORDINALITY AS i(input, n)
+             CROSS JOIN LATERAL sluice._flow(def, i.input) AS f
+             ORDER BY i.n
+            RETURNING id
+        )
+        SELECT id FROM inserted ORDER BY id;
+    ELSE
+        RETURN QUERY
+        WITH inserted AS (
+            INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+            SELECT task, def.priority, i.input, now(), now() + def.schedule_timeout
+              FROM unnest(inputs) WITH ORDINALITY AS i(input, n)
+             ORDER BY i.n
+            RETURNING id
+        )
+        SELECT id FROM inserted ORDER BY id;
+    END IF;
     PERFORM sluice._wake_scheduler(now());
 END
 $$;
@@ -228,6 +551,31 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no task with id %', coalesce(task_id::text, 'NULL') USING ERRCODE = 'P0002';
     END IF;
+    RETURN sluice._cancel(t, 'cancelled by sluice.cancel()');
+END
+$$;
+
+-- Cancels victims of a concurrency strategy (the scheduler): rows locked by someone else
+-- are skipped this time, the scheduler picks them again. Returns the ids cancelled.
+CREATE OR REPLACE FUNCTION sluice._cancel_for_concurrency(task_ids bigint[], reasons text[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    t sluice.task_run;
+BEGIN
+    FOR t IN SELECT * FROM sluice.task_run r WHERE r.id = ANY(task_ids) ORDER BY r.id
+               FOR UPDATE SKIP LOCKED LOOP
+        IF sluice._cancel(t, reasons[array_position(task_ids, t.id)]) THEN
+            RETURN NEXT t.id;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Cancels a queued or running task whose row the caller has locked.
+CREATE OR REPLACE FUNCTION sluice._cancel(t sluice.task_run, reason text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
     IF t.status NOT IN ('queued', 'running') THEN
         RETURN false;
     END IF;
@@ -236,15 +584,14 @@ BEGIN
         PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt + 1]);
     ELSE
         INSERT INTO sluice.task_attempt (task_id, attempt, worker_id, assigned_at, outcome, error)
-        VALUES (t.id, t.attempt, t.worker_id, t.assigned_at, 'cancelled', 'cancelled by sluice.cancel()')
+        VALUES (t.id, t.attempt, t.worker_id, t.assigned_at, 'cancelled', reason)
         ON CONFLICT DO NOTHING;
         -- The scheduler tells the worker, which fires the handler's cancellation signal.
         INSERT INTO sluice.worker_signal (worker_id) VALUES (t.worker_id);
         PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt]);
     END IF;
     UPDATE sluice.task_run
-       SET status = 'cancelled', finished_at = now(), timeout_at = NULL,
-           last_error = 'cancelled by sluice.cancel()'
+       SET status = 'cancelled', finished_at = now(), timeout_at = NULL, last_error = reason
      WHERE id = t.id;
     PERFORM sluice._wake_scheduler();
     RETURN true;

@@ -19,6 +19,10 @@ pub struct Candidate {
     pub task_id: i64,
     pub task_name: String,
     pub priority: i32,
+    /// Round-robin order across concurrency keys: the n-th waiting task of its key has rank
+    /// n (0 without a key), and `served` is when its key was last served (0: never, or no key).
+    pub rank: u32,
+    pub served: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +49,8 @@ pub fn demand(workers: &[WorkerCapacity]) -> Vec<(String, i32)> {
     out
 }
 
-/// Places candidates on workers: highest priority first, then oldest (lowest id), each on the
+/// Places candidates on workers: highest priority first, then round robin across concurrency
+/// keys (see `Candidate::rank`), then oldest (lowest id), each on the
 /// serving worker with the most free slots (lowest id on ties), which spreads load evenly.
 /// Never gives a worker more tasks than its free slots.
 pub fn plan(workers: &[WorkerCapacity], candidates: &[Candidate]) -> Vec<Assignment> {
@@ -58,7 +63,7 @@ pub fn plan(workers: &[WorkerCapacity], candidates: &[Candidate]) -> Vec<Assignm
     }
 
     let mut order: Vec<&Candidate> = candidates.iter().collect();
-    order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.task_id.cmp(&b.task_id)));
+    order.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.rank, c.served, c.task_id));
 
     let mut out = Vec::new();
     for c in order {
@@ -107,6 +112,8 @@ mod unit_tests {
             task_id: id,
             task_name: name.to_string(),
             priority,
+            rank: 0,
+            served: 0,
         }
     }
 

@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 pub mod assign;
+pub mod flow;
 mod gucs;
 pub mod queue;
 mod scheduler;
@@ -42,6 +43,14 @@ fn require_preloaded_sql() {
 fn wake_scheduler_sql(runnable_from: default!(Option<TimestampWithTimeZone>, "NULL")) {
     wake::require_scheduler();
     wake::wake_at_commit(runnable_from.map(pg_sys::TimestampTz::from));
+}
+
+/// Tells the scheduler, once the current transaction commits, to reload task definitions and
+/// rate limits before its next assignment.
+#[pg_extern(name = "_config_changed")]
+fn config_changed_sql() {
+    wake::require_scheduler();
+    wake::config_changed_at_commit();
 }
 
 /// Tells the scheduler, once the current transaction commits, that these attempts ended.

@@ -16,6 +16,7 @@
 //! Pure Rust, no Postgres: `crate::scheduler` does the reading and writing.
 
 use crate::assign::Candidate;
+use crate::flow::{Blocked, RateLimits, RateUse};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -36,6 +37,62 @@ pub struct Arrival {
     pub priority: i32,
     /// The row's attempt count; the next claim makes attempt `attempt + 1`.
     pub attempt: i32,
+    pub flow: Option<TaskFlow>,
+}
+
+/// A task's flow-control facts, evaluated once at enqueue; only tasks that have any carry one.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TaskFlow {
+    pub concurrency_key: Option<String>,
+    pub rates: Vec<RateUse>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    GroupRoundRobin,
+    CancelInProgress,
+    CancelNewest,
+}
+
+impl Strategy {
+    pub fn parse(s: &str) -> Option<Strategy> {
+        match s {
+            "group_round_robin" => Some(Strategy::GroupRoundRobin),
+            "cancel_in_progress" => Some(Strategy::CancelInProgress),
+            "cancel_newest" => Some(Strategy::CancelNewest),
+            _ => None,
+        }
+    }
+}
+
+/// A task name's concurrency rule: at most `max_runs` running per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencyRule {
+    pub max_runs: u32,
+    pub strategy: Strategy,
+}
+
+/// The runnable tasks of one concurrency key, and when the key was last served (round robin).
+#[derive(Debug, Default)]
+struct KeyQueue {
+    ready: BTreeSet<(Reverse<i32>, i64)>,
+    served: u64,
+}
+
+/// Tasks a candidate walk passes over without a rate-limit verdict before it gives up on a
+/// queue for this tick: bounds the work of a tick whose queue head is rate limited.
+const BLOCKED_WALK_LIMIT: usize = 1_000;
+
+/// What `QueueState::candidates` found.
+#[derive(Debug, Default)]
+pub struct CandidateSet {
+    /// In admission order: highest priority, then round-robin rank across concurrency keys,
+    /// then the key served longest ago, then oldest.
+    pub candidates: Vec<Candidate>,
+    /// The earliest moment a rate-limited task that was passed over could fit.
+    pub blocked_until: Option<Micros>,
+    /// Tasks that ask for more units than a key's whole limit: they can never run.
+    pub over_limit: Vec<(i64, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,8 +123,18 @@ pub enum RowState {
 
 #[derive(Debug)]
 pub struct QueueState {
-    /// Per task name: highest priority first, then oldest (lowest id).
+    /// Per task name: highest priority first, then oldest (lowest id). Tasks of a name with a
+    /// concurrency rule wait in `keyed` instead.
     ready: HashMap<String, BTreeSet<(Reverse<i32>, i64)>>,
+    /// Per task name with a concurrency rule, per key.
+    keyed: HashMap<String, HashMap<String, KeyQueue>>,
+    rules: HashMap<String, ConcurrencyRule>,
+    /// Flow facts (and task name) of ready and running tasks that have any.
+    flow: HashMap<i64, (String, TaskFlow)>,
+    /// Running (or posted) task ids per (task name, concurrency key).
+    key_running: HashMap<(String, String), BTreeSet<i64>>,
+    /// Counts admissions of keyed tasks; a key's `served` is the count at its last admission.
+    served_seq: u64,
     ready_len: usize,
     /// Attempt count of each ready task.
     ready_attempt: HashMap<i64, i32>,
@@ -88,6 +155,11 @@ impl QueueState {
     pub fn new() -> Self {
         QueueState {
             ready: HashMap::new(),
+            keyed: HashMap::new(),
+            rules: HashMap::new(),
+            flow: HashMap::new(),
+            key_running: HashMap::new(),
+            served_seq: 0,
             ready_len: 0,
             ready_attempt: HashMap::new(),
             cursor: FROM_START,
@@ -112,6 +184,9 @@ impl QueueState {
     /// watermark could not, such as a prepared transaction committed by another session).
     pub fn reread_from_start(&mut self) {
         self.ready.clear();
+        self.keyed.clear();
+        let running = &self.running;
+        self.flow.retain(|id, _| running.contains_key(id));
         self.ready_attempt.clear();
         self.ready_len = 0;
         self.cursor = FROM_START;
@@ -132,17 +207,137 @@ impl QueueState {
                 continue;
             }
             self.end_running(a.task_id);
+            if let Some(flow) = a.flow {
+                self.flow.insert(a.task_id, (a.task_name.clone(), flow));
+            }
             self.insert_ready(a.task_name, a.priority, a.task_id, a.attempt);
         }
         self.cursor = self.cursor.max(next);
     }
 
+    /// Sets the concurrency rules per task name. A changed rule rereads the queue (its tasks
+    /// move between the plain and the keyed queues); running counts per key are kept.
+    pub fn set_rules(&mut self, rules: HashMap<String, ConcurrencyRule>) {
+        if rules != self.rules {
+            self.rules = rules;
+            self.reread_from_start();
+        }
+    }
+
+    pub fn rule(&self, task_name: &str) -> Option<ConcurrencyRule> {
+        self.rules.get(task_name).copied()
+    }
+
+    /// The concurrency key a task waits under: only with a rule for its name and a key
+    /// evaluated at enqueue (tasks enqueued before the rule existed are not limited by it).
+    fn key_of(&self, task_name: &str, task_id: i64) -> Option<&str> {
+        if !self.rules.contains_key(task_name) {
+            return None;
+        }
+        self.flow
+            .get(&task_id)
+            .and_then(|(_, f)| f.concurrency_key.as_deref())
+    }
+
     fn insert_ready(&mut self, task_name: String, priority: i32, task_id: i64, attempt: i32) {
-        let queue = self.ready.entry(task_name).or_default();
-        if queue.insert((Reverse(priority), task_id)) {
+        let inserted = match self.key_of(&task_name, task_id).map(str::to_string) {
+            Some(key) => self
+                .keyed
+                .entry(task_name)
+                .or_default()
+                .entry(key)
+                .or_default()
+                .ready
+                .insert((Reverse(priority), task_id)),
+            None => self
+                .ready
+                .entry(task_name)
+                .or_default()
+                .insert((Reverse(priority), task_id)),
+        };
+        if inserted {
             self.ready_len += 1;
         }
         self.ready_attempt.insert(task_id, attempt);
+    }
+
+    /// Running (or posted) tasks of one concurrency key.
+    pub fn running_for_key(&self, task_name: &str, key: &str) -> usize {
+        self.key_running
+            .get(&(task_name.to_string(), key.to_string()))
+            .map_or(0, BTreeSet::len)
+    }
+
+    /// Tasks to cancel so each key of a name with a cancel strategy keeps `max_runs` tasks:
+    /// `cancel_newest` cancels the newest waiting ones (a new task for a full key), and
+    /// `cancel_in_progress` the oldest, running ones included. They leave the queue here; the
+    /// caller cancels their rows.
+    pub fn concurrency_victims(&mut self) -> Vec<(i64, String)> {
+        let mut victims: Vec<(i64, String)> = Vec::new();
+        for (name, keys) in &self.keyed {
+            let Some(rule) = self.rules.get(name) else {
+                continue;
+            };
+            if rule.strategy == Strategy::GroupRoundRobin {
+                continue;
+            }
+            for (key, queue) in keys {
+                let running = self.key_running.get(&(name.clone(), key.clone()));
+                let total = queue.ready.len() + running.map_or(0, BTreeSet::len);
+                let excess = total.saturating_sub(rule.max_runs as usize);
+                if excess == 0 {
+                    continue;
+                }
+                let mut ready: Vec<i64> = queue.ready.iter().map(|(_, id)| *id).collect();
+                ready.sort_unstable();
+                let chosen: Vec<i64> = match rule.strategy {
+                    Strategy::CancelNewest => ready.iter().rev().take(excess).copied().collect(),
+                    _ => {
+                        let mut all: Vec<i64> = ready;
+                        all.extend(running.into_iter().flatten().copied());
+                        all.sort_unstable();
+                        all.into_iter().take(excess).collect()
+                    }
+                };
+                let reason = match rule.strategy {
+                    Strategy::CancelNewest => format!(
+                        "cancelled by concurrency strategy cancel_newest: key {key:?} of task \"{name}\" already has max_runs = {} tasks",
+                        rule.max_runs
+                    ),
+                    _ => format!(
+                        "cancelled by concurrency strategy cancel_in_progress: newer tasks for key {key:?} of task \"{name}\" took its max_runs = {} places",
+                        rule.max_runs
+                    ),
+                };
+                victims.extend(chosen.into_iter().map(|id| (id, reason.clone())));
+            }
+        }
+        for (id, _) in &victims {
+            self.forget_ready(*id);
+        }
+        victims.sort_unstable();
+        victims
+    }
+
+    /// Removes a ready task whatever its queue (cancelled).
+    pub fn forget_ready(&mut self, task_id: i64) {
+        let Some((name, _)) = self.flow.get(&task_id) else {
+            return;
+        };
+        let name = name.clone();
+        for queue in self.keyed.get(&name).into_iter().flat_map(|k| k.values()) {
+            if let Some(entry) = queue.ready.iter().find(|(_, id)| *id == task_id).copied() {
+                self.remove_ready(&name, entry.0 .0, task_id);
+                return;
+            }
+        }
+        if let Some(entry) = self
+            .ready
+            .get(&name)
+            .and_then(|q| q.iter().find(|(_, id)| *id == task_id).copied())
+        {
+            self.remove_ready(&name, entry.0 .0, task_id);
+        }
     }
 
     /// A ready task's attempt count.
@@ -161,7 +356,16 @@ impl QueueState {
         timeout: Micros,
     ) -> Option<i32> {
         let attempt = self.ready_attempt(c.task_id)? + 1;
-        self.remove_ready(&c.task_name, c.priority, c.task_id);
+        if let Some(key) = self.key_of(&c.task_name, c.task_id).map(str::to_string) {
+            self.served_seq += 1;
+            if let Some(q) = self
+                .keyed
+                .get_mut(&c.task_name)
+                .and_then(|k| k.get_mut(&key))
+            {
+                q.served = self.served_seq;
+            }
+        }
         self.start_running(
             c.task_id,
             RunningAttempt {
@@ -170,6 +374,7 @@ impl QueueState {
                 timeout_at: now.saturating_add(timeout),
             },
         );
+        self.remove_ready(&c.task_name, c.priority, c.task_id);
         self.posted.insert(
             c.task_id,
             Posted {
@@ -192,7 +397,11 @@ impl QueueState {
             return;
         }
         if let Some(p) = self.posted.remove(&task_id) {
+            let flow = self.flow.get(&task_id).cloned();
             self.end_running(task_id);
+            if let Some(flow) = flow {
+                self.flow.insert(task_id, flow);
+            }
             self.insert_ready(p.task_name, p.priority, task_id, attempt - 1);
         }
     }
@@ -235,36 +444,147 @@ impl QueueState {
         self.ready_len
     }
 
-    /// The head of each wanted name's queue: at most `n` per name.
-    pub fn candidates(&self, demand: &[(String, i32)]) -> Vec<Candidate> {
-        let mut out = Vec::new();
+    /// The tasks to offer the wanted names' workers: at most `n` per name, highest priority
+    /// first, then oldest; for a name with a concurrency rule, at most the free runs of each
+    /// key, taken round robin across keys. Rate-limited tasks are passed over (they keep their
+    /// place); a walk gives up after `BLOCKED_WALK_LIMIT` of them.
+    pub fn candidates(
+        &self,
+        demand: &[(String, i32)],
+        limits: &mut RateLimits,
+        now: Micros,
+    ) -> CandidateSet {
+        let mut set = CandidateSet::default();
         for (name, n) in demand {
-            let Some(queue) = self.ready.get(name) else {
+            let n = (*n).max(0) as usize;
+            if let Some(queue) = self.ready.get(name) {
+                self.walk(&mut set, limits, now, name, queue, n, None);
+            }
+            let (Some(keys), Some(rule)) = (self.keyed.get(name), self.rules.get(name)) else {
                 continue;
             };
-            out.extend(
-                queue
-                    .iter()
-                    .take((*n).max(0) as usize)
-                    .map(|(Reverse(priority), id)| Candidate {
-                        task_id: *id,
-                        task_name: name.clone(),
-                        priority: *priority,
-                    }),
-            );
+            for (key, queue) in keys {
+                let free = (rule.max_runs as usize).saturating_sub(self.running_for_key(name, key));
+                if free > 0 {
+                    self.walk(
+                        &mut set,
+                        limits,
+                        now,
+                        name,
+                        &queue.ready,
+                        free.min(n),
+                        Some(queue.served),
+                    );
+                }
+            }
         }
-        out
+        set.candidates
+            .sort_by_key(|c| (Reverse(c.priority), c.rank, c.served, c.task_id));
+        set
+    }
+
+    /// Takes up to `n` admissible tasks from one queue into `set`. A concurrency key's queue
+    /// (`served`: when the key was last served) ranks its tasks by position for round robin;
+    /// a plain queue does not rank (oldest first across names).
+    #[allow(clippy::too_many_arguments)]
+    fn walk(
+        &self,
+        set: &mut CandidateSet,
+        limits: &mut RateLimits,
+        now: Micros,
+        name: &str,
+        queue: &BTreeSet<(Reverse<i32>, i64)>,
+        n: usize,
+        served: Option<u64>,
+    ) {
+        let mut taken = 0;
+        let mut passed = 0;
+        for (Reverse(priority), id) in queue {
+            if taken >= n || passed >= BLOCKED_WALK_LIMIT {
+                break;
+            }
+            if let Some((_, flow)) = self.flow.get(id).filter(|(_, f)| !f.rates.is_empty()) {
+                match limits.check(&flow.rates, now) {
+                    Ok(()) => {}
+                    Err(Blocked::Until(at)) => {
+                        set.blocked_until = Some(set.blocked_until.map_or(at, |t| t.min(at)));
+                        passed += 1;
+                        continue;
+                    }
+                    Err(Blocked::OverLimit) => {
+                        let wanted: Vec<String> = flow
+                            .rates
+                            .iter()
+                            .map(|u| format!("{} unit(s) of \"{}\"", u.units, u.key))
+                            .collect();
+                        set.over_limit.push((
+                            *id,
+                            format!(
+                                "the task needs {} but that is more than the rate limit allows in one window",
+                                wanted.join(", ")
+                            ),
+                        ));
+                        passed += 1;
+                        continue;
+                    }
+                }
+            }
+            set.candidates.push(Candidate {
+                task_id: *id,
+                task_name: name.to_string(),
+                priority: *priority,
+                rank: if served.is_some() { taken as u32 } else { 0 },
+                served: served.unwrap_or(0),
+            });
+            taken += 1;
+        }
+    }
+
+    /// The rate-limit uses of a task (empty if none).
+    pub fn rate_uses(&self, task_id: i64) -> &[RateUse] {
+        self.flow
+            .get(&task_id)
+            .map_or(&[], |(_, f)| f.rates.as_slice())
     }
 
     /// Removes a task from the runnable queue (assigned, or no longer queued).
     pub fn remove_ready(&mut self, task_name: &str, priority: i32, task_id: i64) {
-        if let Some(queue) = self.ready.get_mut(task_name) {
-            if queue.remove(&(Reverse(priority), task_id)) {
-                self.ready_len -= 1;
-                self.ready_attempt.remove(&task_id);
+        let entry = (Reverse(priority), task_id);
+        let removed = match self.key_of(task_name, task_id).map(str::to_string) {
+            Some(key) => {
+                let idle = self.running_for_key(task_name, &key) == 0;
+                let mut removed = false;
+                if let Some(keys) = self.keyed.get_mut(task_name) {
+                    if let Some(q) = keys.get_mut(&key) {
+                        removed = q.ready.remove(&entry);
+                        // A key with nothing waiting or running is forgotten; its round-robin
+                        // turn restarts if it comes back, which only favours it once.
+                        if q.ready.is_empty() && idle {
+                            keys.remove(&key);
+                        }
+                    }
+                    if keys.is_empty() {
+                        self.keyed.remove(task_name);
+                    }
+                }
+                removed
             }
-            if queue.is_empty() {
-                self.ready.remove(task_name);
+            None => {
+                let mut removed = false;
+                if let Some(queue) = self.ready.get_mut(task_name) {
+                    removed = queue.remove(&entry);
+                    if queue.is_empty() {
+                        self.ready.remove(task_name);
+                    }
+                }
+                removed
+            }
+        };
+        if removed {
+            self.ready_len -= 1;
+            self.ready_attempt.remove(&task_id);
+            if !self.running.contains_key(&task_id) {
+                self.flow.remove(&task_id);
             }
         }
     }
@@ -272,6 +592,19 @@ impl QueueState {
     pub fn start_running(&mut self, task_id: i64, attempt: RunningAttempt) {
         if let Some(old) = self.running.insert(task_id, attempt) {
             self.dec_worker(old.worker_id);
+        }
+        if let Some((
+            name,
+            TaskFlow {
+                concurrency_key: Some(key),
+                ..
+            },
+        )) = self.flow.get(&task_id)
+        {
+            self.key_running
+                .entry((name.clone(), key.clone()))
+                .or_default()
+                .insert(task_id);
         }
         *self
             .running_per_worker
@@ -301,6 +634,11 @@ impl QueueState {
             .collect();
         self.running.clear();
         self.running_per_worker.clear();
+        self.key_running.clear();
+        let ready = &self.ready_attempt;
+        let posted_ids: HashSet<i64> = posted.iter().map(|(id, _)| *id).collect();
+        self.flow
+            .retain(|id, _| ready.contains_key(id) || posted_ids.contains(id));
         for (id, a) in posted {
             self.start_running(id, a);
         }
@@ -312,6 +650,43 @@ impl QueueState {
         if let Some(old) = self.running.remove(&task_id) {
             self.dec_worker(old.worker_id);
         }
+        if let Some((name, flow)) = self.flow.get(&task_id) {
+            if let Some(key) = &flow.concurrency_key {
+                let k = (name.clone(), key.clone());
+                if let Some(ids) = self.key_running.get_mut(&k) {
+                    ids.remove(&task_id);
+                    if ids.is_empty() {
+                        self.key_running.remove(&k);
+                        // Nothing waiting or running: forget the key.
+                        if let Some(keys) = self.keyed.get_mut(&k.0) {
+                            if keys.get(&k.1).is_some_and(|q| q.ready.is_empty()) {
+                                keys.remove(&k.1);
+                            }
+                            if keys.is_empty() {
+                                self.keyed.remove(&k.0);
+                            }
+                        }
+                    }
+                }
+            }
+            if !self.ready_attempt.contains_key(&task_id) {
+                self.flow.remove(&task_id);
+            }
+        }
+    }
+
+    /// A running attempt loaded from the table, with its flow facts (for the key counts).
+    pub fn load_running(
+        &mut self,
+        task_id: i64,
+        task_name: &str,
+        flow: Option<TaskFlow>,
+        attempt: RunningAttempt,
+    ) {
+        if let Some(flow) = flow {
+            self.flow.insert(task_id, (task_name.to_string(), flow));
+        }
+        self.start_running(task_id, attempt);
     }
 
     fn dec_worker(&mut self, worker_id: i64) {
@@ -387,6 +762,7 @@ mod unit_tests {
             task_name: name.into(),
             priority,
             attempt: 0,
+            flow: None,
         }
     }
 
@@ -411,7 +787,12 @@ mod unit_tests {
             (10, 4),
         );
         let got: Vec<i64> = q
-            .candidates(&[("a".into(), 2), ("b".into(), 5), ("c".into(), 1)])
+            .candidates(
+                &[("a".into(), 2), ("b".into(), 5), ("c".into(), 1)],
+                &mut RateLimits::default(),
+                0,
+            )
+            .candidates
             .iter()
             .map(|c| c.task_id)
             .collect();
@@ -443,7 +824,12 @@ mod unit_tests {
         // Read as queued again (its worker deregistered and gave it back): running no more.
         q.add_arrivals([arrival(1, "a", 1)], (3, 1));
         assert_eq!(q.ready_len(), 2);
-        assert_eq!(q.candidates(&[("a".into(), 10)]).len(), 2);
+        assert_eq!(
+            q.candidates(&[("a".into(), 10)], &mut RateLimits::default(), 0)
+                .candidates
+                .len(),
+            2
+        );
         assert_eq!((q.running_on(7), q.running_len()), (0, 0));
     }
 
@@ -485,7 +871,10 @@ mod unit_tests {
             [arrival(1, "a", 1), arrival(2, "a", 1), arrival(3, "a", 1)],
             (1, 3),
         );
-        for c in q.candidates(&[("a".into(), 3)]) {
+        for c in q
+            .candidates(&[("a".into(), 3)], &mut RateLimits::default(), 0)
+            .candidates
+        {
             assert_eq!(q.post(&c, 7, 1_000, 50), Some(1));
         }
         assert_eq!((q.ready_len(), q.running_on(7)), (0, 3));
@@ -526,5 +915,133 @@ mod unit_tests {
         q.reread_from_start();
         assert_eq!((q.ready_len(), q.cursor()), (0, FROM_START));
         assert_eq!(q.running_on(7), 1);
+    }
+    fn keyed(id: i64, name: &str, key: &str) -> Arrival {
+        Arrival {
+            flow: Some(TaskFlow {
+                concurrency_key: Some(key.into()),
+                rates: vec![],
+            }),
+            ..arrival(id, name, 1)
+        }
+    }
+
+    fn victim_ids(q: &mut QueueState) -> Vec<i64> {
+        q.concurrency_victims()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    fn rule(max_runs: u32, strategy: Strategy) -> HashMap<String, ConcurrencyRule> {
+        HashMap::from([("a".to_string(), ConcurrencyRule { max_runs, strategy })])
+    }
+
+    /// Admits up to `slots` tasks of name "a" on worker 7 as the scheduler would; returns ids.
+    fn admit(q: &mut QueueState, limits: &mut RateLimits, slots: i32, now: Micros) -> Vec<i64> {
+        let set = q.candidates(&[("a".into(), slots)], limits, now);
+        let mut out = Vec::new();
+        for c in set.candidates.into_iter().take(slots as usize) {
+            if limits.try_admit(q.rate_uses(c.task_id), now).is_ok() {
+                q.post(&c, 7, now, 1_000_000).unwrap();
+                out.push(c.task_id);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn at_most_max_runs_per_key_and_a_freed_run_admits_the_next() {
+        let mut q = QueueState::new();
+        q.set_rules(rule(2, Strategy::GroupRoundRobin));
+        q.add_arrivals((1..=5).map(|i| keyed(i, "a", "k")), (1, 5));
+        let mut limits = RateLimits::default();
+        assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![1, 2]);
+        assert!(admit(&mut q, &mut limits, 10, 0).is_empty());
+        assert_eq!(q.running_for_key("a", "k"), 2);
+        q.end_attempt(1, 1);
+        assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![3]);
+        // A rule change rereads the queue but keeps the running counts.
+        q.set_rules(rule(3, Strategy::GroupRoundRobin));
+        assert_eq!(q.running_for_key("a", "k"), 2);
+    }
+
+    #[test]
+    fn keys_take_turns_a_late_key_is_served_within_a_round() {
+        let mut q = QueueState::new();
+        q.set_rules(rule(5, Strategy::GroupRoundRobin));
+        q.add_arrivals((1..=1000).map(|i| keyed(i, "a", "A")), (1, 1000));
+        let mut limits = RateLimits::default();
+        // One slot at a time: A runs, then B's ten tasks arrive.
+        let first = admit(&mut q, &mut limits, 1, 0);
+        assert_eq!(first, vec![1]);
+        q.end_attempt(1, 1);
+        q.add_arrivals((1001..=1010).map(|i| keyed(i, "a", "B")), (2, 1010));
+        let mut order = Vec::new();
+        for _ in 0..20 {
+            let got = admit(&mut q, &mut limits, 1, 0);
+            q.end_attempt(got[0], 1);
+            order.extend(got);
+        }
+        let b: Vec<i64> = order.iter().copied().filter(|&id| id > 1000).collect();
+        assert_eq!(
+            b,
+            (1001..=1010).collect::<Vec<_>>(),
+            "admissions: {order:?}"
+        );
+        assert_eq!(order[0], 1001, "the key never served goes first");
+    }
+
+    #[test]
+    fn cancel_strategies_pick_the_newest_waiting_or_the_oldest_overall() {
+        let mut q = QueueState::new();
+        q.set_rules(rule(2, Strategy::CancelNewest));
+        q.add_arrivals((1..=2).map(|i| keyed(i, "a", "k")), (1, 2));
+        let mut limits = RateLimits::default();
+        assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![1, 2]);
+        q.add_arrivals([keyed(3, "a", "k"), keyed(4, "a", "other")], (2, 4));
+        assert_eq!(victim_ids(&mut q), vec![3]);
+        assert_eq!(q.ready_len(), 1);
+
+        let mut q = QueueState::new();
+        q.set_rules(rule(2, Strategy::CancelInProgress));
+        q.add_arrivals((1..=2).map(|i| keyed(i, "a", "k")), (1, 2));
+        assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![1, 2]);
+        q.add_arrivals([keyed(3, "a", "k")], (2, 3));
+        assert_eq!(victim_ids(&mut q), vec![1], "the oldest running one");
+        q.add_arrivals([keyed(4, "a", "k"), keyed(5, "a", "k")], (3, 5));
+        assert_eq!(victim_ids(&mut q), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_rate_limited_task_is_passed_over_and_its_refill_is_reported() {
+        use crate::flow::Limit;
+        let mut q = QueueState::new();
+        let limited = |id: i64| Arrival {
+            flow: Some(TaskFlow {
+                concurrency_key: None,
+                rates: vec![RateUse {
+                    key: "r".into(),
+                    units: 1,
+                    dynamic_limit: None,
+                }],
+            }),
+            ..arrival(id, "a", 1)
+        };
+        q.add_arrivals([limited(1), limited(2), arrival(3, "a", 1)], (1, 3));
+        let mut limits = RateLimits::default();
+        limits.set_declared(HashMap::from([(
+            "r".to_string(),
+            Limit {
+                max_units: 1,
+                per: 1_000_000,
+            },
+        )]));
+        assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![1, 3]);
+        let set = q.candidates(&[("a".into(), 10)], &mut limits, 10);
+        assert!(set.candidates.is_empty());
+        let until = set.blocked_until.unwrap();
+        assert!((1_000_000..1_002_000).contains(&until), "{until}");
+        assert_eq!(admit(&mut q, &mut limits, 10, until), vec![2]);
     }
 }

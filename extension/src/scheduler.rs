@@ -9,7 +9,10 @@
 //! memory from them.
 
 use crate::assign::{self, Candidate, WorkerCapacity};
-use crate::queue::{Arrival, Micros, QueueState, RowState, RunningAttempt};
+use crate::flow::{Limit, RateLimits, RateUse};
+use crate::queue::{
+    Arrival, ConcurrencyRule, Micros, QueueState, RowState, RunningAttempt, Strategy, TaskFlow,
+};
 use crate::{gucs, wake};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -179,9 +182,66 @@ struct Scheduler {
     last_reread: Instant,
     /// Schedule deadlines before this were handled (the moving window of `_maintain`).
     deadlines_after: Micros,
-    /// Execution timeout per task name (microseconds), reloaded with maintenance: estimates a
-    /// posted task's timeout until its claim's own is read.
+    /// Task definitions and rate limits, reloaded with maintenance and after every committed
+    /// change (`wake::config_generation`).
+    definitions: Definitions,
+    config_generation: u64,
+    /// Rate-limit windows; rebuilt from the table's recent starts when the scheduler starts.
+    limits: RateLimits,
+    limits_rebuilt: bool,
+}
+
+/// What the scheduler needs from the definitions and rate limits.
+#[derive(Default)]
+struct Definitions {
+    /// Execution timeout per task name (microseconds): estimates a posted task's timeout until
+    /// its claim's own is read.
     execution_timeouts: HashMap<String, Micros>,
+    rules: HashMap<String, ConcurrencyRule>,
+    /// Per task name, per entry of its rate_limits: the limit of a dynamic key.
+    dynamic_limits: HashMap<String, Vec<Option<Limit>>>,
+    declared: HashMap<String, Limit>,
+}
+
+impl Definitions {
+    fn longest_window(&self) -> Micros {
+        self.declared
+            .values()
+            .copied()
+            .chain(self.dynamic_limits.values().flatten().flatten().copied())
+            .map(|l| l.per)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn flow(
+        &self,
+        task_name: &str,
+        key: Option<String>,
+        rates: Option<(Vec<String>, Vec<i32>)>,
+    ) -> Option<TaskFlow> {
+        if key.is_none() && rates.is_none() {
+            return None;
+        }
+        let dynamic = self.dynamic_limits.get(task_name);
+        let rates = rates
+            .map(|(keys, units)| {
+                keys.into_iter()
+                    .zip(units)
+                    .enumerate()
+                    .map(|(i, (key, units))| RateUse {
+                        key,
+                        units: units as i64,
+                        dynamic_limit: dynamic.and_then(|d| d.get(i).copied().flatten()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(TaskFlow {
+            concurrency_key: key,
+            rates,
+        })
+    }
 }
 
 /// A posted assignment not claimed after this long, and no longer on the board (taken by a
@@ -194,6 +254,7 @@ struct Statements {
     installed_version: OwnedPreparedStatement,
     load_workers: OwnedPreparedStatement,
     load_definitions: OwnedPreparedStatement,
+    load_rate_limits: OwnedPreparedStatement,
     read_arrivals: OwnedPreparedStatement,
     check_running: OwnedPreparedStatement,
     notify: OwnedPreparedStatement,
@@ -223,12 +284,30 @@ impl Statements {
                 &[],
             ),
             load_definitions: prepare(
-                "SELECT d.name, (extract(epoch FROM d.execution_timeout) * 1000000)::bigint
+                "SELECT d.name, (extract(epoch FROM d.execution_timeout) * 1000000)::bigint,
+                        d.max_runs, d.concurrency_strategy,
+                        (SELECT array_agg(CASE WHEN e.spec ? 'key_path'
+                                               THEN (e.spec->>'limit')::bigint ELSE 0 END
+                                          ORDER BY e.n)
+                           FROM jsonb_array_elements(d.rate_limits) WITH ORDINALITY AS e(spec, n)),
+                        (SELECT array_agg(CASE WHEN e.spec ? 'key_path'
+                                               THEN (extract(epoch FROM (e.spec->>'per')::interval)
+                                                     * 1000000)::bigint
+                                               ELSE 0 END
+                                          ORDER BY e.n)
+                           FROM jsonb_array_elements(d.rate_limits) WITH ORDINALITY AS e(spec, n))
                    FROM sluice.task_definition d",
                 &[],
             ),
+            load_rate_limits: prepare(
+                "SELECT l.key, l.max_units::bigint,
+                        (extract(epoch FROM l.per) * 1000000)::bigint
+                   FROM sluice.rate_limit l",
+                &[],
+            ),
             read_arrivals: prepare(
-                "SELECT id, task_name, priority, run_at, attempt FROM sluice.task_run
+                "SELECT id, task_name, priority, run_at, attempt,
+                        concurrency_key, rate_limit_keys, rate_limit_units FROM sluice.task_run
                   WHERE status = 'queued' AND (run_at, id) > ($1, $2) AND run_at <= now()
                   ORDER BY run_at, id
                   LIMIT $3",
@@ -277,7 +356,10 @@ impl Scheduler {
             last_maintenance: None,
             last_reread: Instant::now(),
             deadlines_after: i64::MIN,
-            execution_timeouts: HashMap::new(),
+            definitions: Definitions::default(),
+            config_generation: u64::MAX,
+            limits: RateLimits::default(),
+            limits_rebuilt: false,
         }
     }
 
@@ -342,8 +424,17 @@ impl Scheduler {
                 .expect("sluice._stop_lost_workers failed");
         }
         let workers = load_workers(client, statements);
+        let generation = wake::config_generation();
+        if maintain || generation != self.config_generation {
+            self.config_generation = generation;
+            self.reload_definitions(client);
+        }
+        let statements = self.statements.as_ref().expect("prepared above");
+        if !self.limits_rebuilt {
+            rebuild_rate_windows(client, &self.definitions, &mut self.limits);
+            self.limits_rebuilt = true;
+        }
         if maintain {
-            self.execution_timeouts = load_definitions(client, statements);
             let live: HashSet<i64> = workers.iter().map(|w| w.worker_id).collect();
             // Assignments posted to workers that are gone go back to the queue; their claimed
             // attempts are requeued by _maintain.
@@ -384,7 +475,11 @@ impl Scheduler {
             self.check_all_running = false;
             self.last_running_check = Instant::now();
         }
-        soon |= read_arrivals(client, statements, &mut self.queue, now);
+        soon |= read_arrivals(client, statements, &self.definitions, &mut self.queue, now);
+        let victims = self.queue.concurrency_victims();
+        if !victims.is_empty() {
+            cancel_for_concurrency(client, &victims);
+        }
 
         let capacity: Vec<WorkerCapacity> = workers
             .into_iter()
@@ -395,23 +490,35 @@ impl Scheduler {
             .collect();
         let demand = assign::demand(&capacity);
         let mut planned = 0;
+        let mut rate_blocked_until = None;
         if !demand.is_empty() {
-            let candidates = self.queue.candidates(&demand);
+            let found = self.queue.candidates(&demand, &mut self.limits, now);
+            rate_blocked_until = found.blocked_until;
+            if !found.over_limit.is_empty() {
+                for (id, _) in &found.over_limit {
+                    self.queue.forget_ready(*id);
+                }
+                fail_queued(client, &found.over_limit);
+            }
+            let candidates = found.candidates;
             let plan = assign::plan(&capacity, &candidates);
             // A name defined since the last reload is not an orphan: reload before judging.
-            if candidates
-                .iter()
-                .any(|c| !self.execution_timeouts.contains_key(&c.task_name))
-            {
-                self.execution_timeouts = load_definitions(client, statements);
+            if candidates.iter().any(|c| {
+                !self
+                    .definitions
+                    .execution_timeouts
+                    .contains_key(&c.task_name)
+            }) {
+                self.reload_definitions(client);
             }
             if !plan.is_empty() {
                 let (posted_to, posted, more) = post(
                     client,
                     &mut self.queue,
+                    &mut self.limits,
                     &candidates,
                     &plan,
-                    &self.execution_timeouts,
+                    &self.definitions.execution_timeouts,
                     now,
                 );
                 soon |= more;
@@ -429,6 +536,7 @@ impl Scheduler {
             }
         }
 
+        let statements = self.statements.as_ref().expect("prepared above");
         if !notify.is_empty() {
             let ids: Vec<i64> = notify.keys().copied().collect();
             let kinds: Vec<String> = notify.values().map(|k| k.to_string()).collect();
@@ -440,16 +548,29 @@ impl Scheduler {
         let next_due = if soon {
             Some(RETRY_SOON)
         } else {
-            [self.queue.next_timeout(), next_delayed(client, statements)]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(|at| micros_until(at, now))
+            [
+                self.queue.next_timeout(),
+                next_delayed(client, statements),
+                rate_blocked_until,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| micros_until(at, now))
         };
         Tick::Ran {
             next_due,
             assigned: planned,
         }
+    }
+}
+
+impl Scheduler {
+    fn reload_definitions(&mut self, client: &mut SpiClient<'_>) {
+        let statements = self.statements.as_ref().expect("prepared before use");
+        self.definitions = load_definitions(client, statements);
+        self.queue.set_rules(self.definitions.rules.clone());
+        self.limits.set_declared(self.definitions.declared.clone());
     }
 }
 
@@ -500,15 +621,100 @@ fn load_workers(client: &mut SpiClient<'_>, statements: &Statements) -> Vec<Work
     .collect()
 }
 
-fn load_definitions(
-    client: &mut SpiClient<'_>,
-    statements: &Statements,
-) -> HashMap<String, Micros> {
-    client
+fn load_definitions(client: &mut SpiClient<'_>, statements: &Statements) -> Definitions {
+    let mut d = Definitions::default();
+    let rows = client
         .update(&statements.load_definitions, None, &[])
-        .expect("loading task definitions failed")
-        .filter_map(|row| Some((row.get::<String>(1).ok()??, row.get::<i64>(2).ok()??)))
-        .collect()
+        .expect("loading task definitions failed");
+    for row in rows {
+        let (Ok(Some(name)), Ok(Some(timeout))) = (row.get::<String>(1), row.get::<i64>(2)) else {
+            continue;
+        };
+        if let (Ok(Some(max_runs)), Ok(Some(strategy))) = (row.get::<i32>(3), row.get::<String>(4))
+        {
+            if let Some(strategy) = Strategy::parse(&strategy) {
+                d.rules.insert(
+                    name.clone(),
+                    ConcurrencyRule {
+                        max_runs: max_runs.max(1) as u32,
+                        strategy,
+                    },
+                );
+            }
+        }
+        let maxes = row
+            .get::<Vec<Option<i64>>>(5)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let pers = row
+            .get::<Vec<Option<i64>>>(6)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if !maxes.is_empty() {
+            let limits = maxes
+                .into_iter()
+                .zip(pers)
+                .map(|(max_units, per)| match (max_units, per) {
+                    (Some(max_units), Some(per)) if max_units > 0 && per > 0 => {
+                        Some(Limit { max_units, per })
+                    }
+                    _ => None,
+                })
+                .collect();
+            d.dynamic_limits.insert(name.clone(), limits);
+        }
+        d.execution_timeouts.insert(name, timeout);
+    }
+    d.declared = client
+        .update(&statements.load_rate_limits, None, &[])
+        .expect("loading rate limits failed")
+        .filter_map(|row| {
+            let key = row.get::<String>(1).ok()??;
+            let max_units = row.get::<i64>(2).ok()??;
+            let per = row.get::<i64>(3).ok()??;
+            Some((key, Limit { max_units, per }))
+        })
+        .collect();
+    d
+}
+
+/// Counts the rate-limited starts (claims) of the last window, so a restarted scheduler does
+/// not admit a whole window's worth again. An attempt that was retried since counts only its
+/// latest start, and an unclaimed assignment of the previous scheduler never started.
+fn rebuild_rate_windows(
+    client: &mut SpiClient<'_>,
+    definitions: &Definitions,
+    limits: &mut RateLimits,
+) {
+    let window = definitions.longest_window();
+    if window <= 0 {
+        return;
+    }
+    let rows = client
+        .update(
+            "SELECT t.task_name, t.rate_limit_keys, t.rate_limit_units, t.assigned_at
+               FROM sluice.task_run t
+              WHERE t.rate_limit_keys IS NOT NULL
+                AND t.assigned_at > now() - make_interval(secs => $1::float8 / 1000000)",
+            None,
+            &[(window as f64).into()],
+        )
+        .expect("reading recent rate-limited starts failed");
+    for row in rows {
+        let (Ok(Some(name)), Ok(Some(keys)), Ok(Some(units)), Ok(Some(at))) = (
+            row.get::<String>(1),
+            row.get::<Vec<String>>(2),
+            row.get::<Vec<i32>>(3),
+            row.get::<TimestampWithTimeZone>(4),
+        ) else {
+            continue;
+        };
+        if let Some(flow) = definitions.flow(&name, None, Some((keys, units))) {
+            limits.replay(&flow.rates, pg_sys::TimestampTz::from(at));
+        }
+    }
 }
 
 /// The claimed running attempts as the table has them (at start, and with each reread to
@@ -517,7 +723,8 @@ fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
     queue.forget_claimed();
     let rows = client
         .update(
-            "SELECT id, worker_id, attempt, timeout_at FROM sluice.task_run
+            "SELECT id, worker_id, attempt, timeout_at, task_name, concurrency_key
+               FROM sluice.task_run
               WHERE status = 'running'",
             None,
             &[],
@@ -534,10 +741,18 @@ fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
             .ok()
             .flatten()
             .map_or(i64::MAX, pg_sys::TimestampTz::from);
+        let task_name = row.get::<String>(5).ok().flatten().unwrap_or_default();
+        let key = row.get::<String>(6).ok().flatten();
+        let flow = key.map(|k| TaskFlow {
+            concurrency_key: Some(k),
+            rates: Vec::new(),
+        });
         // A posted task that was claimed meanwhile is running now, whoever claimed it.
         queue.end_running(id);
-        queue.start_running(
+        queue.load_running(
             id,
+            &task_name,
+            flow,
             RunningAttempt {
                 worker_id,
                 attempt,
@@ -609,6 +824,7 @@ fn check_running(
 fn read_arrivals(
     client: &mut SpiClient<'_>,
     statements: &Statements,
+    definitions: &Definitions,
     queue: &mut QueueState,
     now: Micros,
 ) -> bool {
@@ -649,11 +865,18 @@ fn read_arrivals(
             continue;
         };
         last = Some((pg_sys::TimestampTz::from(run_at), task_id));
+        let key = row.get::<String>(6).ok().flatten();
+        let rates = match (row.get::<Vec<String>>(7), row.get::<Vec<i32>>(8)) {
+            (Ok(Some(keys)), Ok(Some(units))) => Some((keys, units)),
+            _ => None,
+        };
+        let flow = definitions.flow(&task_name, key, rates);
         arrivals.push(Arrival {
             task_id,
             task_name,
             priority,
             attempt,
+            flow,
         });
     }
     let full = arrivals.len() >= limit;
@@ -674,6 +897,7 @@ fn read_arrivals(
 fn post(
     client: &mut SpiClient<'_>,
     queue: &mut QueueState,
+    limits: &mut RateLimits,
     candidates: &[Candidate],
     plan: &[assign::Assignment],
     execution_timeouts: &HashMap<String, Micros>,
@@ -682,6 +906,7 @@ fn post(
     let by_id: HashMap<i64, &Candidate> = candidates.iter().map(|c| (c.task_id, c)).collect();
     let mut posts = Vec::with_capacity(plan.len());
     let mut orphans = Vec::new();
+    let mut rate_skipped = false;
     for a in plan {
         let Some(c) = by_id.get(&a.task_id) else {
             continue;
@@ -691,6 +916,11 @@ fn post(
             queue.remove_ready(&c.task_name, c.priority, c.task_id);
             continue;
         };
+        // Candidates were checked one by one; those of one tick may share a key's last units.
+        if limits.try_admit(queue.rate_uses(c.task_id), now).is_err() {
+            rate_skipped = true;
+            continue;
+        }
         if let Some(attempt) = queue.post(c, a.worker_id, now, timeout) {
             posts.push(wake::Posted {
                 worker_id: a.worker_id,
@@ -705,7 +935,37 @@ fn post(
         queue.unpost(p.task_id, p.attempt);
     }
     let workers = posts[..fitted].iter().map(|p| p.worker_id).collect();
-    (workers, fitted, fitted < posts.len())
+    (workers, fitted, fitted < posts.len() || rate_skipped)
+}
+
+/// Cancels the victims of concurrency strategies (see `QueueState::concurrency_victims`).
+fn cancel_for_concurrency(client: &mut SpiClient<'_>, victims: &[(i64, String)]) {
+    let (ids, reasons): (Vec<i64>, Vec<String>) = victims.iter().cloned().unzip();
+    client
+        .update(
+            "SELECT sluice._cancel_for_concurrency($1, $2)",
+            None,
+            &[ids.into(), reasons.into()],
+        )
+        .expect("cancelling tasks for a concurrency strategy failed");
+}
+
+/// Fails queued tasks that can never run, each with its reason.
+fn fail_queued(client: &mut SpiClient<'_>, failed: &[(i64, String)]) {
+    let (ids, reasons): (Vec<i64>, Vec<String>) = failed.iter().cloned().unzip();
+    client
+        .update(
+            "UPDATE sluice.task_run t
+                SET status = 'failed', finished_at = now(),
+                    last_error = ($2::text[])[array_position($1::bigint[], t.id)]
+              WHERE t.id = ANY((SELECT array_agg(l.id) FROM (
+                                  SELECT q.id FROM sluice.task_run q
+                                   WHERE q.id = ANY($1) AND q.status::text = 'queued'
+                                     FOR UPDATE SKIP LOCKED) l)::bigint[])",
+            None,
+            &[ids.into(), reasons.into()],
+        )
+        .expect("failing tasks that can never run failed");
 }
 
 fn fail_orphans(client: &mut SpiClient<'_>, orphans: &[i64]) {

@@ -21,7 +21,7 @@
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock, PgSqlErrorCode};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Attempts that ended (completed, failed, lost, cancelled) in transactions committed since
@@ -93,6 +93,13 @@ static SCHEDULER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"sluice_s
 static COMMITTED_RUNNABLE_FROM: PgAtomic<AtomicI64> =
     unsafe { PgAtomic::new(c"sluice_committed_runnable_from") };
 
+/// Bumped by every commit that changed a definition or a rate limit: the scheduler reloads
+/// them before its next assignment instead of on its next maintenance pass.
+static CONFIG_GENERATION: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"sluice_config_generation") };
+/// This backend's current transaction changed the configuration.
+static CONFIG_CHANGED_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
 /// Set in `_PG_init` when loaded through shared_preload_libraries (per process).
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 /// This backend's current transaction asked for a wake-up at commit.
@@ -105,6 +112,7 @@ static DATABASE_CHECKED: AtomicBool = AtomicBool::new(false);
 pub fn init_shared_memory() {
     pg_shmem_init!(SCHEDULER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(COMMITTED_RUNNABLE_FROM = AtomicI64::new(i64::MAX));
+    pg_shmem_init!(CONFIG_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(ENDED);
     pg_shmem_init!(ASSIGNMENTS);
     PRELOADED.store(true, Ordering::Relaxed);
@@ -126,6 +134,20 @@ pub fn wake_at_commit(runnable_from: Option<pg_sys::TimestampTz>) {
     if let Some(at) = runnable_from {
         RUNNABLE_FROM_AT_COMMIT.fetch_min(at, Ordering::Relaxed);
     }
+}
+
+/// The configuration (definitions, rate limits) changes when this transaction commits.
+pub fn config_changed_at_commit() {
+    CONFIG_CHANGED_AT_COMMIT.store(true, Ordering::Relaxed);
+    WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// Changes committed so far (compare with the value at the last reload).
+pub fn config_generation() -> u64 {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return 0;
+    }
+    CONFIG_GENERATION.get().load(Ordering::SeqCst)
 }
 
 /// Records attempts this transaction ended, for the scheduler once it commits.
@@ -352,6 +374,11 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Clear the request first, whatever happens next: it belongs to this transaction.
             let requested = WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
+            if CONFIG_CHANGED_AT_COMMIT.swap(false, Ordering::Relaxed)
+                && PRELOADED.load(Ordering::Relaxed)
+            {
+                CONFIG_GENERATION.get().fetch_add(1, Ordering::SeqCst);
+            }
             let runnable_from = RUNNABLE_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
             let ended =
                 std::mem::take(&mut *ENDED_AT_COMMIT.lock().unwrap_or_else(|e| e.into_inner()));
@@ -387,6 +414,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                 put_back_taken();
             }
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            CONFIG_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);
             RUNNABLE_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
             ENDED_AT_COMMIT
                 .lock()
