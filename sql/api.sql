@@ -32,7 +32,8 @@ CREATE OR REPLACE FUNCTION sluice.define_task(
     concurrency_key   text     DEFAULT NULL,
     max_runs          int      DEFAULT NULL,
     concurrency_strategy text  DEFAULT NULL,
-    rate_limits       jsonb    DEFAULT '[]'
+    rate_limits       jsonb    DEFAULT '[]',
+    desired_labels    jsonb    DEFAULT '[]'
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -145,10 +146,39 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- Placement: see sluice.task_definition.desired_labels for the shape.
+    IF desired_labels IS NULL OR jsonb_typeof(desired_labels) <> 'array' THEN
+        RAISE EXCEPTION 'desired_labels must be a JSON array, got % (task "%")',
+            coalesce(desired_labels::text, 'NULL'), name
+            USING ERRCODE = '22023';
+    END IF;
+    n := 0;
+    FOR spec IN SELECT e FROM jsonb_array_elements(desired_labels) AS e LOOP
+        n := n + 1;
+        IF jsonb_typeof(spec) <> 'object'
+           OR EXISTS (SELECT 1 FROM jsonb_object_keys(spec) AS k
+                       WHERE k NOT IN ('label', 'value', 'required', 'weight'))
+           OR jsonb_typeof(spec->'label') IS DISTINCT FROM 'string' OR spec->>'label' = ''
+           OR jsonb_typeof(spec->'value') NOT IN ('string', 'number')
+           OR jsonb_typeof(spec->'value') IS NULL
+           OR (spec ? 'required' AND jsonb_typeof(spec->'required') <> 'boolean') THEN
+            RAISE EXCEPTION 'desired_labels[%] must be {"label": name, "value": text or number, "required": bool, "weight": positive number}, got % (task "%")',
+                n, spec, name
+                USING ERRCODE = '22023';
+        END IF;
+        IF spec ? 'weight' AND (jsonb_typeof(spec->'weight') <> 'number'
+                                OR (spec->>'weight')::numeric <> trunc((spec->>'weight')::numeric)
+                                OR (spec->>'weight')::numeric NOT BETWEEN 1 AND 1000000) THEN
+            RAISE EXCEPTION 'desired_labels[%].weight must be a whole number from 1 to 1000000, got % (task "%")',
+                n, spec->'weight', name
+                USING ERRCODE = '22023';
+        END IF;
+    END LOOP;
+
     INSERT INTO sluice.task_definition AS d
         (name, retries, backoff_factor, backoff_max, execution_timeout, schedule_timeout, priority,
-         concurrency_key, max_runs, concurrency_strategy, rate_limits)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, key_path, $9, concurrency_strategy, $11)
+         concurrency_key, max_runs, concurrency_strategy, rate_limits, desired_labels)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, key_path, $9, concurrency_strategy, $11, $12)
     ON CONFLICT ON CONSTRAINT task_definition_pkey DO UPDATE
         SET retries = excluded.retries,
             backoff_factor = excluded.backoff_factor,
@@ -160,6 +190,7 @@ BEGIN
             max_runs = excluded.max_runs,
             concurrency_strategy = excluded.concurrency_strategy,
             rate_limits = excluded.rate_limits,
+            desired_labels = excluded.desired_labels,
             updated_at = now();
     PERFORM sluice._config_changed();
 END
@@ -551,7 +582,9 @@ $$;
 
 -- Worker protocol -----------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION sluice.register_worker(name text, task_names text[], slots int) RETURNS bigint
+CREATE OR REPLACE FUNCTION sluice.register_worker(name text, task_names text[], slots int,
+                                                  labels jsonb DEFAULT '{}')
+RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     unknown  text;
@@ -559,6 +592,7 @@ DECLARE
     new_id   bigint;
 BEGIN
     PERFORM sluice._require_preloaded();
+    PERFORM sluice._check_labels(labels, format('worker "%s"', name));
     IF name IS NULL OR name = '' THEN
         RAISE EXCEPTION 'worker name must be a non-empty string' USING ERRCODE = '22023';
     END IF;
@@ -579,12 +613,37 @@ BEGIN
     END IF;
 
     SELECT a.backend_start INTO started FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
-    INSERT INTO sluice.worker (name, task_names, slots, backend_pid, backend_start)
+    INSERT INTO sluice.worker (name, task_names, slots, labels, backend_pid, backend_start)
     VALUES (name, (SELECT array_agg(DISTINCT n ORDER BY n) FROM unnest(task_names) n), slots,
-            pg_backend_pid(), coalesce(started, now()))
+            labels, pg_backend_pid(), coalesce(started, now()))
     RETURNING id INTO new_id;
     PERFORM sluice._wake_scheduler();
     RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._check_labels(labels jsonb, owner text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF labels IS NULL OR jsonb_typeof(labels) <> 'object'
+       OR EXISTS (SELECT 1 FROM jsonb_each(labels) AS l
+                   WHERE l.key = '' OR jsonb_typeof(l.value) NOT IN ('string', 'number')) THEN
+        RAISE EXCEPTION 'labels must be a JSON object of non-empty names to text or numbers, got % (%)',
+            coalesce(labels::text, 'NULL'), owner
+            USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Replaces a live worker's labels; the next assignment uses them.
+CREATE OR REPLACE FUNCTION sluice.set_worker_labels(worker_id bigint, labels jsonb) RETURNS void
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    w sluice.worker := sluice._live_worker(worker_id);
+BEGIN
+    PERFORM sluice._check_labels(labels, format('worker %s', worker_id));
+    UPDATE sluice.worker SET labels = set_worker_labels.labels WHERE id = w.id;
+    PERFORM sluice._wake_scheduler();
 END
 $$;
 

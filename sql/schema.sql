@@ -27,6 +27,11 @@ CREATE TABLE sluice.task_definition (
     --   {"key": "<declared key>", "units": n | "units_path": "<jsonpath>"}
     --   {"key_path": "<jsonpath>", "units": n | "units_path": ..., "limit": n, "per": "<interval>"}
     rate_limits          jsonb NOT NULL DEFAULT '[]',
+    -- Worker labels a run asks for, validated by sluice.define_task: an array of
+    --   {"label": "<name>", "value": "<text>" | <number>, "required": bool, "weight": n}
+    -- A required label must match for a worker to get the task; among the workers that may,
+    -- the one with the most weight of matching preferred labels gets it.
+    desired_labels       jsonb NOT NULL DEFAULT '[]',
     CHECK ((concurrency_key IS NULL) = (max_runs IS NULL)
            AND (max_runs IS NULL) = (concurrency_strategy IS NULL))
 );
@@ -132,6 +137,8 @@ CREATE TABLE sluice.worker (
     backend_start  timestamptz NOT NULL,
     registered_at  timestamptz NOT NULL DEFAULT now(),
     last_heartbeat timestamptz NOT NULL DEFAULT now(),
+    -- Labels for placement (sluice.task_definition.desired_labels): text or number per name.
+    labels         jsonb NOT NULL DEFAULT '{}',
     stopped_at     timestamptz,
     stop_reason    text
 );
@@ -185,6 +192,7 @@ SELECT w.id,
        w.slots,
        (SELECT count(*) FROM sluice.task_run t
          WHERE t.worker_id = w.id AND t.status = 'running') AS running,
+       w.labels,
        w.backend_pid,
        w.registered_at,
        w.last_heartbeat,

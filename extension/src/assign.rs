@@ -11,6 +11,35 @@ pub struct WorkerCapacity {
     pub worker_id: i64,
     pub task_names: Vec<String>,
     pub free_slots: i32,
+    /// Label name -> value (numbers as their JSON text).
+    pub labels: HashMap<String, String>,
+}
+
+/// A worker label a task definition asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredLabel {
+    pub label: String,
+    pub value: String,
+    /// Only workers with this label and value may run the task.
+    pub required: bool,
+    /// Otherwise: workers with it are preferred, by the sum of the matching weights.
+    pub weight: i64,
+}
+
+/// Whether a worker may run a task asking for `desired`, and how well it fits (`None`: a
+/// required label is missing).
+fn fit(worker: &WorkerCapacity, desired: &[DesiredLabel]) -> Option<i64> {
+    let mut score = 0;
+    for d in desired {
+        let matches = worker.labels.get(&d.label) == Some(&d.value);
+        if d.required && !matches {
+            return None;
+        }
+        if matches && !d.required {
+            score += d.weight;
+        }
+    }
+    Some(score)
 }
 
 /// A queued, runnable task.
@@ -50,10 +79,15 @@ pub fn demand(workers: &[WorkerCapacity]) -> Vec<(String, i32)> {
 }
 
 /// Places candidates on workers: highest priority first, then round robin across concurrency
-/// keys (see `Candidate::rank`), then oldest (lowest id), each on the
-/// serving worker with the most free slots (lowest id on ties), which spreads load evenly.
-/// Never gives a worker more tasks than its free slots.
-pub fn plan(workers: &[WorkerCapacity], candidates: &[Candidate]) -> Vec<Assignment> {
+/// keys (see `Candidate::rank`), then oldest (lowest id), each on a serving worker that has
+/// the task's required labels: the one with the most weight of preferred labels, then the
+/// most free slots (which spreads load evenly), then the lowest id. Never gives a worker more
+/// tasks than its free slots; a task no worker may take now stays out of the plan.
+pub fn plan(
+    workers: &[WorkerCapacity],
+    candidates: &[Candidate],
+    desired: &HashMap<String, Vec<DesiredLabel>>,
+) -> Vec<Assignment> {
     let mut free: Vec<i32> = workers.iter().map(|w| w.free_slots.max(0)).collect();
     let mut serving: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, w) in workers.iter().enumerate() {
@@ -70,15 +104,21 @@ pub fn plan(workers: &[WorkerCapacity], candidates: &[Candidate]) -> Vec<Assignm
         let Some(indexes) = serving.get(c.task_name.as_str()) else {
             continue;
         };
+        let wanted = desired
+            .get(c.task_name.as_str())
+            .map_or(&[][..], Vec::as_slice);
         let best = indexes
             .iter()
             .copied()
             .filter(|&i| free[i] > 0)
-            .max_by(|&a, &b| {
-                free[a]
-                    .cmp(&free[b])
+            .filter_map(|i| Some((i, fit(&workers[i], wanted)?)))
+            .max_by(|&(a, fit_a), &(b, fit_b)| {
+                fit_a
+                    .cmp(&fit_b)
+                    .then(free[a].cmp(&free[b]))
                     .then(workers[b].worker_id.cmp(&workers[a].worker_id))
-            });
+            })
+            .map(|(i, _)| i);
         if let Some(i) = best {
             free[i] -= 1;
             out.push(Assignment {
@@ -99,7 +139,51 @@ mod unit_tests {
             worker_id: id,
             task_names: names.iter().map(|s| s.to_string()).collect(),
             free_slots: free,
+            labels: HashMap::new(),
         }
+    }
+
+    fn plan(workers: &[WorkerCapacity], candidates: &[Candidate]) -> Vec<Assignment> {
+        super::plan(workers, candidates, &HashMap::new())
+    }
+
+    fn labelled(mut w: WorkerCapacity, labels: &[(&str, &str)]) -> WorkerCapacity {
+        w.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        w
+    }
+
+    fn want(label: &str, value: &str, required: bool, weight: i64) -> DesiredLabel {
+        DesiredLabel {
+            label: label.into(),
+            value: value.into(),
+            required,
+            weight,
+        }
+    }
+
+    #[test]
+    fn required_labels_filter_workers_and_preferred_ones_rank_them() {
+        let w = [
+            labelled(worker(1, &["a"], 9), &[("region", "eu")]),
+            labelled(worker(2, &["a"], 1), &[("region", "eu"), ("gpu", "a100")]),
+            labelled(worker(3, &["a"], 9), &[("region", "us"), ("gpu", "a100")]),
+        ];
+        let desired = HashMap::from([(
+            "a".to_string(),
+            vec![want("region", "eu", true, 1), want("gpu", "a100", false, 5)],
+        )]);
+        let c = [task(1, "a", 1), task(2, "a", 1), task(3, "a", 1)];
+        // Worker 3 lacks the required region; worker 2 fits best until its slot is used.
+        assert_eq!(
+            pairs(&super::plan(&w, &c, &desired)),
+            vec![(1, 2), (2, 1), (3, 1)]
+        );
+        // A required label no worker has: nothing is planned.
+        let desired = HashMap::from([("a".to_string(), vec![want("region", "ap", true, 1)])]);
+        assert!(super::plan(&w, &c, &desired).is_empty());
     }
 
     /// A plan as (task id, worker id) pairs, in assignment order.

@@ -8,7 +8,7 @@
 //! `sluice.poll_interval` passes. Tables are the truth: a restarted scheduler rebuilds its
 //! memory from them.
 
-use crate::assign::{self, Candidate, WorkerCapacity};
+use crate::assign::{self, Candidate, DesiredLabel, WorkerCapacity};
 use crate::flow::{Limit, RateLimits, RateUse};
 use crate::queue::{
     Arrival, ConcurrencyRule, Micros, QueueState, RowState, RunningAttempt, Strategy, TaskFlow,
@@ -200,6 +200,8 @@ struct Definitions {
     rules: HashMap<String, ConcurrencyRule>,
     /// Per task name, per entry of its rate_limits: the limit of a dynamic key.
     dynamic_limits: HashMap<String, Vec<Option<Limit>>>,
+    /// Per task name: the worker labels it asks for (if any).
+    desired_labels: HashMap<String, Vec<DesiredLabel>>,
     declared: HashMap<String, Limit>,
 }
 
@@ -279,7 +281,12 @@ impl Statements {
                 &[],
             ),
             load_workers: prepare(
-                "SELECT w.id, w.task_names, w.slots FROM sluice.worker w
+                "SELECT w.id, w.task_names, w.slots,
+                        CASE WHEN w.labels <> '{}' THEN
+                             (SELECT array_agg(l.key ORDER BY l.key) FROM jsonb_each_text(w.labels) l) END,
+                        CASE WHEN w.labels <> '{}' THEN
+                             (SELECT array_agg(l.value ORDER BY l.key) FROM jsonb_each_text(w.labels) l) END
+                   FROM sluice.worker w
                   WHERE w.stopped_at IS NULL ORDER BY w.id",
                 &[],
             ),
@@ -295,7 +302,8 @@ impl Statements {
                                                      * 1000000)::bigint
                                                ELSE 0 END
                                           ORDER BY e.n)
-                           FROM jsonb_array_elements(d.rate_limits) WITH ORDINALITY AS e(spec, n))
+                           FROM jsonb_array_elements(d.rate_limits) WITH ORDINALITY AS e(spec, n)),
+                        CASE WHEN d.desired_labels <> '[]' THEN d.desired_labels::text END
                    FROM sluice.task_definition d",
                 &[],
             ),
@@ -501,7 +509,7 @@ impl Scheduler {
                 fail_queued(client, &found.over_limit);
             }
             let candidates = found.candidates;
-            let plan = assign::plan(&capacity, &candidates);
+            let plan = assign::plan(&capacity, &candidates, &self.definitions.desired_labels);
             // A name defined since the last reload is not an orphan: reload before judging.
             if candidates.iter().any(|c| {
                 !self
@@ -616,6 +624,13 @@ fn load_workers(client: &mut SpiClient<'_>, statements: &Statements) -> Vec<Work
                 .flatten()
                 .collect(),
             free_slots: row.get::<i32>(3).ok()??,
+            labels: match (
+                row.get::<Vec<String>>(4).ok().flatten(),
+                row.get::<Vec<String>>(5).ok().flatten(),
+            ) {
+                (Some(keys), Some(values)) => keys.into_iter().zip(values).collect(),
+                _ => HashMap::new(),
+            },
         })
     })
     .collect()
@@ -665,6 +680,10 @@ fn load_definitions(client: &mut SpiClient<'_>, statements: &Statements) -> Defi
                 .collect();
             d.dynamic_limits.insert(name.clone(), limits);
         }
+        if let Ok(Some(labels)) = row.get::<String>(7) {
+            d.desired_labels
+                .insert(name.clone(), parse_desired_labels(&labels));
+        }
         d.execution_timeouts.insert(name, timeout);
     }
     d.declared = client
@@ -678,6 +697,36 @@ fn load_definitions(client: &mut SpiClient<'_>, statements: &Statements) -> Defi
         })
         .collect();
     d
+}
+
+/// The definition's desired_labels (validated by sluice.define_task); values compare as text,
+/// as `jsonb_each_text` gives the workers' labels.
+fn parse_desired_labels(json: &str) -> Vec<DesiredLabel> {
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(json)
+    else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let value = match item.get("value")? {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            Some(DesiredLabel {
+                label: item.get("label")?.as_str()?.to_string(),
+                value,
+                required: item
+                    .get("required")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false),
+                weight: item
+                    .get("weight")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(1),
+            })
+        })
+        .collect()
 }
 
 /// Counts the rate-limited starts (claims) of the last window, so a restarted scheduler does

@@ -402,12 +402,24 @@ impl WorkerProcess {
     /// `exe` is `env!("CARGO_BIN_EXE_test_worker")` from the calling test. The worker serves
     /// `task` with `slots` slots and is named `test_worker-<pid>`.
     pub fn spawn(exe: &str, dsn: &str, task: &str, slots: i32) -> Self {
+        Self::spawn_labelled(exe, dsn, task, slots, &serde_json::json!({}))
+    }
+
+    /// Like `spawn`, registering the worker with these labels (a JSON object).
+    pub fn spawn_labelled(
+        exe: &str,
+        dsn: &str,
+        task: &str,
+        slots: i32,
+        labels: &serde_json::Value,
+    ) -> Self {
         let dir = target_dir().join("test-workers");
         std::fs::create_dir_all(&dir).expect("creating target/test-workers");
         let pending = dir.join(format!("starting-{}.log", unique_suffix()));
         let stderr = std::fs::File::create(&pending).expect("creating the worker log");
         let child = Command::new(exe)
             .args([dsn, task, &slots.to_string()])
+            .env("SLUICE_TEST_WORKER_LABELS", labels.to_string())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

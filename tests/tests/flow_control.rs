@@ -598,3 +598,175 @@ async fn limits_hold_across_an_immediate_restart_and_nothing_gets_stuck() {
     }
     drop(workers);
 }
+
+/// A worker's free slot goes to the highest-priority task it can run, across the task names
+/// it serves (then the oldest): one slot, a queue of low-priority tasks of one name, then
+/// high-priority ones of another name and one enqueued with a priority above its definition's.
+#[tokio::test]
+async fn a_free_slot_goes_to_the_highest_priority_task_across_names() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let low = define_unique_task(&client, "prio_low", ", priority => 1").await;
+    let high = define_unique_task(&client, "prio_high", ", priority => 5").await;
+    // One worker serving both names through one slot: the raw protocol, so the test decides
+    // when each task finishes.
+    let worker = connect(&shared_dsn()).await;
+    let worker_id: i64 = worker
+        .query_one(
+            "SELECT sluice.register_worker('prio', ARRAY[$1, $2], 1)",
+            &[&low, &high],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let first = enqueue_sql(&client, &low, json!({})).await;
+    let (got, attempt) = fetch_one(&worker, worker_id).await;
+    assert_eq!(got, first);
+    let lows = enqueue_copies(&client, &low, json!({}), 3).await;
+    let highs = enqueue_copies(&client, &high, json!({}), 2).await;
+    let urgent: i64 = client
+        .query_one("SELECT sluice.enqueue($1, '{}', priority => 9)", &[&low])
+        .await
+        .unwrap()
+        .get(0);
+    let mut order = Vec::new();
+    let (mut current, mut current_attempt) = (got, attempt);
+    for _ in 0..6 {
+        worker
+            .execute(
+                "SELECT sluice.complete($1, $2, $3)",
+                &[&worker_id, &current, &current_attempt],
+            )
+            .await
+            .unwrap();
+        let next = fetch_one(&worker, worker_id).await;
+        order.push(next.0);
+        (current, current_attempt) = next;
+    }
+    let expected: Vec<i64> = [vec![urgent], highs.clone(), lows.clone()].concat();
+    assert_eq!(
+        order, expected,
+        "priority 9, then the two of priority 5, then the oldest of 1"
+    );
+    worker
+        .execute("SELECT sluice.deregister_worker($1)", &[&worker_id])
+        .await
+        .unwrap();
+}
+
+/// Worker labels: a required label keeps the task with the workers that have it (waiting
+/// while none has, then taken by a worker that gets it later); preferred labels pick the best
+/// of the workers that may run it.
+#[tokio::test]
+async fn required_labels_pick_the_workers_and_one_that_appears_later_gets_the_task() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let zone = unique("zone");
+    let task = define_unique_task(
+        &client,
+        "labels",
+        &format!(
+            r#", desired_labels => '[{{"label": "zone", "value": "{zone}", "required": true}},
+                                    {{"label": "gpu", "value": 1, "weight": 10}}]'"#
+        ),
+    )
+    .await;
+    let plain = WorkerProcess::spawn_labelled(WORKER, &shared_dsn(), &task, 5, &json!({"gpu": 1}));
+    // No live worker has the zone: the task waits.
+    let waiting = enqueue_sql(&client, &task, json!({})).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(task_state(&client, waiting).await.0, "queued");
+    // The plain worker gets the zone label: it takes the task.
+    let plain_id: i64 = client
+        .query_one(
+            "SELECT id FROM sluice.workers WHERE name = $1 AND stopped_at IS NULL",
+            &[&plain.name()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "SELECT sluice.set_worker_labels($1, jsonb_build_object('zone', $2::text))",
+            &[&plain_id, &zone],
+        )
+        .await
+        .unwrap();
+    wait_finished(&client, &[waiting], Duration::from_secs(10)).await;
+    assert_eq!(task_state(&client, waiting).await.0, "succeeded");
+
+    // Two workers in the zone, one with the preferred label: it gets every task while it has
+    // free slots (4 tasks, 5 slots each).
+    let gpu = WorkerProcess::spawn_labelled(
+        WORKER,
+        &shared_dsn(),
+        &task,
+        5,
+        &json!({"zone": zone, "gpu": 1}),
+    );
+    let other =
+        WorkerProcess::spawn_labelled(WORKER, &shared_dsn(), &task, 5, &json!({"zone": zone}));
+    wait_until(
+        Duration::from_secs(10),
+        "both workers registered",
+        || async {
+            let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM sluice.workers WHERE name = ANY($1) AND stopped_at IS NULL",
+                &[&vec![gpu.name(), other.name()]],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+            if n == 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} registered"))
+            }
+        },
+    )
+    .await;
+    client
+        .execute("SELECT sluice.set_worker_labels($1, '{}')", &[&plain_id])
+        .await
+        .unwrap();
+    let ids = enqueue_copies(&client, &task, json!({"sleep_ms": 200}), 4).await;
+    wait_finished(&client, &ids, Duration::from_secs(10)).await;
+    let pids: Vec<i32> = client
+        .query(
+            "SELECT DISTINCT worker_pid FROM sluice_test.execution WHERE task_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        pids,
+        vec![gpu.pid() as i32],
+        "the preferred worker ran them all"
+    );
+
+    // Bad labels are refused with 22023, naming the value.
+    for (sql, text) in [
+        ("SELECT sluice.set_worker_labels($1, '[1]')", "[1]"),
+        (
+            "SELECT sluice.set_worker_labels($1, '{\"a\": [1]}')",
+            "{\"a\": [1]}",
+        ),
+    ] {
+        let err = client.execute(sql, &[&plain_id]).await.expect_err(sql);
+        let db = err.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "22023", "{sql}");
+        assert!(db.message().contains(text), "{sql}: {}", db.message());
+    }
+    let err = client
+        .execute(
+            "SELECT sluice.define_task($1, desired_labels => '[{\"label\": \"zone\"}]')",
+            &[&unique("bad_labels")],
+        )
+        .await
+        .expect_err("a desired label without a value");
+    assert_eq!(err.as_db_error().unwrap().code().code(), "22023");
+}

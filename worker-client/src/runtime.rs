@@ -666,8 +666,13 @@ async fn register(config: &WorkerConfig) -> Result<Session, Error> {
     let task_names: Vec<&str> = config.handlers.keys().map(String::as_str).collect();
     let row = client
         .query_one(
-            "SELECT sluice.register_worker($1, $2, $3)",
-            &[&config.name, &task_names, &config.slots],
+            "SELECT sluice.register_worker($1, $2, $3, $4)",
+            &[
+                &config.name,
+                &task_names,
+                &config.slots,
+                &serde_json::Value::Object(config.labels.clone()),
+            ],
         )
         .await
         .map_err(|e| {

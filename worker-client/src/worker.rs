@@ -26,6 +26,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) batch_max: usize,
     pub(crate) batch_max_delay: Duration,
     pub(crate) handlers: HashMap<String, ErasedHandler>,
+    /// Labels for placement (`desired_labels` on task definitions), a JSON object.
+    pub(crate) labels: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Runs task handlers for the tasks it was built with, as one registered Sluice worker.
@@ -46,6 +48,7 @@ impl Worker {
             batch_max_delay: Duration::from_millis(5),
             handlers: HashMap::new(),
             duplicate_task: None,
+            labels: serde_json::Map::new(),
         }
     }
 
@@ -78,12 +81,21 @@ pub struct WorkerBuilder {
     batch_max_delay: Duration,
     handlers: HashMap<String, ErasedHandler>,
     duplicate_task: Option<String>,
+    labels: serde_json::Map<String, serde_json::Value>,
 }
 
 impl WorkerBuilder {
     /// The worker's name in `sluice.workers`; default `<hostname>-<pid>`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// A label for placement: tasks whose definition asks for it (`desired_labels`) require or
+    /// prefer workers that have it. The value is text or a number. Labels given here are
+    /// registered again after a reconnect; `sluice.set_worker_labels` changes them meanwhile.
+    pub fn label(mut self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.labels.insert(name.into(), value.into());
         self
     }
 
@@ -151,6 +163,15 @@ impl WorkerBuilder {
                 self.slots
             )));
         }
+        if let Some((name, value)) = self
+            .labels
+            .iter()
+            .find(|(k, v)| k.is_empty() || !(v.is_string() || v.is_number()))
+        {
+            return Err(Error::config(format!(
+                "label {name:?} must have a non-empty name and a text or number value, got {value}"
+            )));
+        }
         if self.heartbeat_interval.is_zero() || self.poll_interval.is_zero() {
             return Err(Error::config(
                 "heartbeat_interval and poll_interval must be longer than zero",
@@ -181,6 +202,7 @@ impl WorkerBuilder {
                 batch_max: self.batch_max,
                 batch_max_delay: self.batch_max_delay,
                 handlers: self.handlers,
+                labels: self.labels,
             },
         })
     }

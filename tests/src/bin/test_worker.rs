@@ -172,7 +172,16 @@ async fn main() {
         client: Mutex::new(None),
     });
 
-    let worker = Worker::builder(dsn.clone())
+    let mut builder = Worker::builder(dsn.clone());
+    // Labels for placement tests, a JSON object (set by WorkerProcess::spawn_labelled).
+    if let Ok(labels) = std::env::var("SLUICE_TEST_WORKER_LABELS") {
+        let labels: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&labels).expect("SLUICE_TEST_WORKER_LABELS is a JSON object");
+        for (name, value) in labels {
+            builder = builder.label(name, value);
+        }
+    }
+    let worker = builder
         .name(format!("test_worker-{}", std::process::id()))
         .slots(slots)
         .heartbeat_interval(Duration::from_millis(500))
