@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 pub const USAGE: &str = "usage: sluice-bench [--scenario NAME]... [--quick] [--dsn DSN] [--out PATH]
 
-  --scenario NAME  drain | enqueue | pickup | depth | churn | idle (repeatable; default: all)
+  --scenario NAME  drain | enqueue | pickup | depth | churn | idle | flow (repeatable; default: all)
   --quick          task counts ~20x smaller and 5 s idle: for development, not for results
   --dsn DSN        default: $SLUICE_TEST_DSN or host=127.0.0.1 port=28815 user=postgres dbname=sluice
   --out PATH       JSON lines, overwritten per invocation; default: target/bench/results.jsonl";
@@ -19,16 +19,18 @@ pub enum Scenario {
     Depth,
     Churn,
     Idle,
+    Flow,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Drain,
         Scenario::Enqueue,
         Scenario::Pickup,
         Scenario::Depth,
         Scenario::Churn,
         Scenario::Idle,
+        Scenario::Flow,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +41,7 @@ impl Scenario {
             Scenario::Depth => "depth",
             Scenario::Churn => "churn",
             Scenario::Idle => "idle",
+            Scenario::Flow => "flow",
         }
     }
 

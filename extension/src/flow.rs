@@ -174,10 +174,11 @@ impl RateLimits {
 
     fn window(&mut self, u: &RateUse) -> Option<&mut RateWindow> {
         let limit = self.limit_for(u)?;
-        let w = self
-            .windows
-            .entry(u.key.clone())
-            .or_insert_with(|| RateWindow::new(limit));
+        // Looked up before inserting: the key is cloned only for a new window.
+        if !self.windows.contains_key(&u.key) {
+            self.windows.insert(u.key.clone(), RateWindow::new(limit));
+        }
+        let w = self.windows.get_mut(&u.key)?;
         if w.limit() != limit {
             w.set_limit(limit);
         }

@@ -132,7 +132,7 @@ pub struct QueueState {
     /// Flow facts (and task name) of ready and running tasks that have any.
     flow: HashMap<i64, (String, TaskFlow)>,
     /// Running (or posted) task ids per (task name, concurrency key).
-    key_running: HashMap<(String, String), BTreeSet<i64>>,
+    key_running: HashMap<String, HashMap<String, BTreeSet<i64>>>,
     /// Counts admissions of keyed tasks; a key's `served` is the count at its last admission.
     served_seq: u64,
     ready_len: usize,
@@ -215,12 +215,35 @@ impl QueueState {
         self.cursor = self.cursor.max(next);
     }
 
-    /// Sets the concurrency rules per task name. A changed rule rereads the queue (its tasks
-    /// move between the plain and the keyed queues); running counts per key are kept.
+    /// Sets the concurrency rules per task name. The ready tasks of a name whose rule appeared
+    /// or went move between the plain and the keyed queues, in memory (a reread from the table
+    /// would walk every index entry not yet vacuumed); running counts per key are kept.
     pub fn set_rules(&mut self, rules: HashMap<String, ConcurrencyRule>) {
-        if rules != self.rules {
-            self.rules = rules;
-            self.reread_from_start();
+        if rules == self.rules {
+            return;
+        }
+        let moved: Vec<String> = rules
+            .keys()
+            .chain(self.rules.keys())
+            .filter(|name| rules.contains_key(*name) != self.rules.contains_key(*name))
+            .cloned()
+            .collect();
+        self.rules = rules;
+        for name in moved {
+            let mut tasks: Vec<(Reverse<i32>, i64)> = Vec::new();
+            if let Some(queue) = self.ready.remove(&name) {
+                tasks.extend(queue);
+            }
+            if let Some(keys) = self.keyed.remove(&name) {
+                tasks.extend(keys.into_values().flat_map(|q| q.ready));
+            }
+            for (Reverse(priority), id) in tasks {
+                let Some(attempt) = self.ready_attempt.get(&id).copied() else {
+                    continue;
+                };
+                self.ready_len -= 1;
+                self.insert_ready(name.clone(), priority, id, attempt);
+            }
         }
     }
 
@@ -264,7 +287,8 @@ impl QueueState {
     /// Running (or posted) tasks of one concurrency key.
     pub fn running_for_key(&self, task_name: &str, key: &str) -> usize {
         self.key_running
-            .get(&(task_name.to_string(), key.to_string()))
+            .get(task_name)
+            .and_then(|keys| keys.get(key))
             .map_or(0, BTreeSet::len)
     }
 
@@ -282,7 +306,7 @@ impl QueueState {
                 continue;
             }
             for (key, queue) in keys {
-                let running = self.key_running.get(&(name.clone(), key.clone()));
+                let running = self.key_running.get(name).and_then(|k| k.get(key));
                 let total = queue.ready.len() + running.map_or(0, BTreeSet::len);
                 let excess = total.saturating_sub(rule.max_runs as usize);
                 if excess == 0 {
@@ -463,24 +487,127 @@ impl QueueState {
             let (Some(keys), Some(rule)) = (self.keyed.get(name), self.rules.get(name)) else {
                 continue;
             };
-            for (key, queue) in keys {
-                let free = (rule.max_runs as usize).saturating_sub(self.running_for_key(name, key));
-                if free > 0 {
-                    self.walk(
-                        &mut set,
-                        limits,
-                        now,
-                        name,
-                        &queue.ready,
-                        free.min(n),
-                        Some(queue.served),
-                    );
-                }
-            }
+            self.merge_keys(&mut set, limits, now, name, keys, rule, n);
         }
         set.candidates
             .sort_by_key(|c| (Reverse(c.priority), c.rank, c.served, c.task_id));
         set
+    }
+
+    /// Takes the best `n` tasks across the keys of one name, in the order `plan` uses
+    /// (priority, then rank within the key, then the key served longest ago, then oldest),
+    /// merging the keys' queues through a heap: a tick looks at each key's head, and beyond it
+    /// only at the tasks it takes, however many keys and tasks wait.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_keys(
+        &self,
+        set: &mut CandidateSet,
+        limits: &mut RateLimits,
+        now: Micros,
+        name: &str,
+        keys: &HashMap<String, KeyQueue>,
+        rule: &ConcurrencyRule,
+        n: usize,
+    ) {
+        use std::collections::BinaryHeap;
+        struct KeyCursor<'q> {
+            tasks: std::collections::btree_set::Iter<'q, (Reverse<i32>, i64)>,
+            served: u64,
+            free: usize,
+            taken: usize,
+            passed: usize,
+        }
+        /// (order, cursor index), smallest order first.
+        type Head = Reverse<((Reverse<i32>, u32, u64, i64), usize)>;
+        // Pushes a key's next admissible task, if it may take one more.
+        let advance = |c: &mut KeyCursor,
+                       i: usize,
+                       heap: &mut BinaryHeap<Head>,
+                       set: &mut CandidateSet,
+                       limits: &mut RateLimits| {
+            if c.taken >= c.free {
+                return;
+            }
+            while c.passed < BLOCKED_WALK_LIMIT {
+                let Some(&(priority, id)) = c.tasks.next() else {
+                    return;
+                };
+                if self.admissible(set, limits, now, id) {
+                    heap.push(Reverse(((priority, c.taken as u32, c.served, id), i)));
+                    return;
+                }
+                c.passed += 1;
+            }
+        };
+        let mut cursors: Vec<KeyCursor> = Vec::new();
+        let mut heap: BinaryHeap<Head> = BinaryHeap::new();
+        for (key, queue) in keys {
+            let free = (rule.max_runs as usize).saturating_sub(self.running_for_key(name, key));
+            if free == 0 || queue.ready.is_empty() {
+                continue;
+            }
+            cursors.push(KeyCursor {
+                tasks: queue.ready.iter(),
+                served: queue.served,
+                free,
+                taken: 0,
+                passed: 0,
+            });
+            let i = cursors.len() - 1;
+            advance(&mut cursors[i], i, &mut heap, set, limits);
+        }
+        let mut taken = 0;
+        while taken < n {
+            let Some(Reverse(((Reverse(priority), rank, served, id), i))) = heap.pop() else {
+                break;
+            };
+            set.candidates.push(Candidate {
+                task_id: id,
+                task_name: name.to_string(),
+                priority,
+                rank,
+                served,
+            });
+            taken += 1;
+            cursors[i].taken += 1;
+            advance(&mut cursors[i], i, &mut heap, set, limits);
+        }
+    }
+
+    /// Whether a task's rate limits let it run now; records when a blocked one could, and
+    /// tasks that never can.
+    fn admissible(
+        &self,
+        set: &mut CandidateSet,
+        limits: &mut RateLimits,
+        now: Micros,
+        id: i64,
+    ) -> bool {
+        let Some((_, flow)) = self.flow.get(&id).filter(|(_, f)| !f.rates.is_empty()) else {
+            return true;
+        };
+        match limits.check(&flow.rates, now) {
+            Ok(()) => true,
+            Err(Blocked::Until(at)) => {
+                set.blocked_until = Some(set.blocked_until.map_or(at, |t| t.min(at)));
+                false
+            }
+            Err(Blocked::OverLimit) => {
+                let wanted: Vec<String> = flow
+                    .rates
+                    .iter()
+                    .map(|u| format!("{} unit(s) of \"{}\"", u.units, u.key))
+                    .collect();
+                set.over_limit.push((
+                    id,
+                    format!(
+                        "the task needs {} but that is more than the rate limit allows in one window",
+                        wanted.join(", ")
+                    ),
+                ));
+                false
+            }
+        }
     }
 
     /// Takes up to `n` admissible tasks from one queue into `set`. A concurrency key's queue
@@ -503,31 +630,9 @@ impl QueueState {
             if taken >= n || passed >= BLOCKED_WALK_LIMIT {
                 break;
             }
-            if let Some((_, flow)) = self.flow.get(id).filter(|(_, f)| !f.rates.is_empty()) {
-                match limits.check(&flow.rates, now) {
-                    Ok(()) => {}
-                    Err(Blocked::Until(at)) => {
-                        set.blocked_until = Some(set.blocked_until.map_or(at, |t| t.min(at)));
-                        passed += 1;
-                        continue;
-                    }
-                    Err(Blocked::OverLimit) => {
-                        let wanted: Vec<String> = flow
-                            .rates
-                            .iter()
-                            .map(|u| format!("{} unit(s) of \"{}\"", u.units, u.key))
-                            .collect();
-                        set.over_limit.push((
-                            *id,
-                            format!(
-                                "the task needs {} but that is more than the rate limit allows in one window",
-                                wanted.join(", ")
-                            ),
-                        ));
-                        passed += 1;
-                        continue;
-                    }
-                }
+            if !self.admissible(set, limits, now, *id) {
+                passed += 1;
+                continue;
             }
             set.candidates.push(Candidate {
                 task_id: *id,
@@ -602,7 +707,9 @@ impl QueueState {
         )) = self.flow.get(&task_id)
         {
             self.key_running
-                .entry((name.clone(), key.clone()))
+                .entry(name.clone())
+                .or_default()
+                .entry(key.clone())
                 .or_default()
                 .insert(task_id);
         }
@@ -652,19 +759,27 @@ impl QueueState {
         }
         if let Some((name, flow)) = self.flow.get(&task_id) {
             if let Some(key) = &flow.concurrency_key {
-                let k = (name.clone(), key.clone());
-                if let Some(ids) = self.key_running.get_mut(&k) {
-                    ids.remove(&task_id);
-                    if ids.is_empty() {
-                        self.key_running.remove(&k);
-                        // Nothing waiting or running: forget the key.
-                        if let Some(keys) = self.keyed.get_mut(&k.0) {
-                            if keys.get(&k.1).is_some_and(|q| q.ready.is_empty()) {
-                                keys.remove(&k.1);
-                            }
-                            if keys.is_empty() {
-                                self.keyed.remove(&k.0);
-                            }
+                let mut now_idle = false;
+                if let Some(keys) = self.key_running.get_mut(name) {
+                    if let Some(ids) = keys.get_mut(key) {
+                        ids.remove(&task_id);
+                        if ids.is_empty() {
+                            keys.remove(key);
+                            now_idle = true;
+                        }
+                    }
+                    if keys.is_empty() {
+                        self.key_running.remove(name);
+                    }
+                }
+                // Nothing waiting or running: forget the key.
+                if now_idle {
+                    if let Some(keys) = self.keyed.get_mut(name) {
+                        if keys.get(key).is_some_and(|q| q.ready.is_empty()) {
+                            keys.remove(key);
+                        }
+                        if keys.is_empty() {
+                            self.keyed.remove(name);
                         }
                     }
                 }
@@ -961,9 +1076,20 @@ mod unit_tests {
         assert_eq!(q.running_for_key("a", "k"), 2);
         q.end_attempt(1, 1);
         assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![3]);
-        // A rule change rereads the queue but keeps the running counts.
+        // A changed max_runs keeps the running counts and the queue.
         q.set_rules(rule(3, Strategy::GroupRoundRobin));
-        assert_eq!(q.running_for_key("a", "k"), 2);
+        assert_eq!((q.running_for_key("a", "k"), q.ready_len()), (2, 2));
+        assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![4]);
+        // Without a rule the tasks are plain again, and back under one when it returns.
+        q.set_rules(HashMap::new());
+        assert_eq!(q.ready_len(), 1);
+        q.set_rules(rule(3, Strategy::GroupRoundRobin));
+        assert!(
+            admit(&mut q, &mut limits, 10, 0).is_empty(),
+            "k is full (3 running)"
+        );
+        q.set_rules(HashMap::new());
+        assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![5]);
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     for (workers, slots) in SLUICE_SHAPES {
         let shape = super::sluice_shape(workers, slots);
         let outcome = db::retrying(&ctx.dsn, &format!("drain sluice {shape}"), || {
-            sluice_drain(ctx, n, workers, slots)
+            sluice_drain(ctx, n, workers, slots, None)
         })
         .await;
         runs.push(finish(
@@ -103,16 +103,26 @@ fn finish(
 }
 
 /// Enqueues `n` tasks, starts the workers, and times until every task succeeded in the
-/// database. Returns (tasks/s, seconds, check).
-async fn sluice_drain(
+/// database. `definition_sql`: more `sluice.define_task` arguments for the task (SQL text
+/// starting with a comma), such as flow control. Returns (tasks/s, seconds, check).
+pub(super) async fn sluice_drain(
     ctx: &Ctx,
     n: usize,
     workers: usize,
     slots: Option<i32>,
+    definition_sql: Option<&str>,
 ) -> Result<(f64, f64, Check)> {
     let client = db::connect(&ctx.dsn).await?;
     let task = sluice_side::define_fresh_task(&client, "drain").await?;
     let outcome = async {
+        if let Some(extra) = definition_sql {
+            client
+                .execute(
+                    &format!("SELECT sluice.define_task($1, schedule_timeout => '1 hour' {extra})"),
+                    &[&task],
+                )
+                .await?;
+        }
         sluice_side::enqueue_range(&client, 0..n as u64).await?;
         let recorder = Arc::new(Recorder::new(n, n, n / 100, false));
         let start = Instant::now();

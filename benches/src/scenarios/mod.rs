@@ -5,6 +5,7 @@ mod churn;
 mod depth;
 mod drain;
 mod enqueue;
+mod flow;
 mod idle;
 mod pickup;
 
@@ -53,6 +54,7 @@ pub async fn run(scenario: Scenario, ctx: &Ctx, report: &mut Report) -> Result<(
         Scenario::Depth => depth::run(ctx, report).await,
         Scenario::Churn => churn::run(ctx, report).await,
         Scenario::Idle => idle::run(ctx, report).await,
+        Scenario::Flow => flow::run(ctx, report).await,
     }
 }
 
