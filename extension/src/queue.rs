@@ -18,7 +18,7 @@
 use crate::assign::Candidate;
 use crate::flow::{Blocked, RateLimits, RateUse};
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// A Postgres `timestamptz`: microseconds since 2000-01-01 UTC.
 pub type Micros = i64;
@@ -79,6 +79,73 @@ struct KeyQueue {
     served: u64,
 }
 
+/// The waiting tasks of one task name with a concurrency rule, per key.
+#[derive(Debug, Default)]
+struct KeyedName {
+    keys: HashMap<String, KeyQueue>,
+    /// The keys with waiting tasks, least recently served first: the round-robin order.
+    by_served: BTreeSet<(u64, String)>,
+    /// Waiting tasks per priority: with a single level, the best candidates come from the
+    /// first keys in `by_served`, and a tick need not look at every key.
+    priorities: BTreeMap<i32, usize>,
+}
+
+impl KeyedName {
+    fn insert(&mut self, key: String, priority: i32, task_id: i64) -> bool {
+        let queue = self.keys.entry(key.clone()).or_default();
+        let was_empty = queue.ready.is_empty();
+        if !queue.ready.insert((Reverse(priority), task_id)) {
+            return false;
+        }
+        if was_empty {
+            self.by_served.insert((queue.served, key));
+        }
+        *self.priorities.entry(priority).or_default() += 1;
+        true
+    }
+
+    fn remove(&mut self, key: &str, priority: i32, task_id: i64) -> bool {
+        let Some(queue) = self.keys.get_mut(key) else {
+            return false;
+        };
+        if !queue.ready.remove(&(Reverse(priority), task_id)) {
+            return false;
+        }
+        if queue.ready.is_empty() {
+            self.by_served.remove(&(queue.served, key.to_string()));
+        }
+        if let Some(n) = self.priorities.get_mut(&priority) {
+            *n -= 1;
+            if *n == 0 {
+                self.priorities.remove(&priority);
+            }
+        }
+        true
+    }
+
+    fn set_served(&mut self, key: &str, served: u64) {
+        if let Some(queue) = self.keys.get_mut(key) {
+            if !queue.ready.is_empty() {
+                self.by_served.remove(&(queue.served, key.to_string()));
+                self.by_served.insert((served, key.to_string()));
+            }
+            queue.served = served;
+        }
+    }
+
+    /// Forgets a key with nothing waiting (the caller knows nothing runs either); its
+    /// round-robin turn restarts if it comes back, which only favours it once.
+    fn forget_if_idle(&mut self, key: &str) {
+        if self.keys.get(key).is_some_and(|q| q.ready.is_empty()) {
+            self.keys.remove(key);
+        }
+    }
+
+    fn tasks(self) -> impl Iterator<Item = (Reverse<i32>, i64)> {
+        self.keys.into_values().flat_map(|q| q.ready)
+    }
+}
+
 /// Tasks a candidate walk passes over without a rate-limit verdict before it gives up on a
 /// queue for this tick: bounds the work of a tick whose queue head is rate limited.
 const BLOCKED_WALK_LIMIT: usize = 1_000;
@@ -127,7 +194,7 @@ pub struct QueueState {
     /// concurrency rule wait in `keyed` instead.
     ready: HashMap<String, BTreeSet<(Reverse<i32>, i64)>>,
     /// Per task name with a concurrency rule, per key.
-    keyed: HashMap<String, HashMap<String, KeyQueue>>,
+    keyed: HashMap<String, KeyedName>,
     rules: HashMap<String, ConcurrencyRule>,
     /// Flow facts (and task name) of ready and running tasks that have any.
     flow: HashMap<i64, (String, TaskFlow)>,
@@ -235,7 +302,7 @@ impl QueueState {
                 tasks.extend(queue);
             }
             if let Some(keys) = self.keyed.remove(&name) {
-                tasks.extend(keys.into_values().flat_map(|q| q.ready));
+                tasks.extend(keys.tasks());
             }
             for (Reverse(priority), id) in tasks {
                 let Some(attempt) = self.ready_attempt.get(&id).copied() else {
@@ -268,10 +335,7 @@ impl QueueState {
                 .keyed
                 .entry(task_name)
                 .or_default()
-                .entry(key)
-                .or_default()
-                .ready
-                .insert((Reverse(priority), task_id)),
+                .insert(key, priority, task_id),
             None => self
                 .ready
                 .entry(task_name)
@@ -298,14 +362,14 @@ impl QueueState {
     /// caller cancels their rows.
     pub fn concurrency_victims(&mut self) -> Vec<(i64, String)> {
         let mut victims: Vec<(i64, String)> = Vec::new();
-        for (name, keys) in &self.keyed {
+        for (name, keyed) in &self.keyed {
             let Some(rule) = self.rules.get(name) else {
                 continue;
             };
             if rule.strategy == Strategy::GroupRoundRobin {
                 continue;
             }
-            for (key, queue) in keys {
+            for (key, queue) in &keyed.keys {
                 let running = self.key_running.get(name).and_then(|k| k.get(key));
                 let total = queue.ready.len() + running.map_or(0, BTreeSet::len);
                 let excess = total.saturating_sub(rule.max_runs as usize);
@@ -349,7 +413,12 @@ impl QueueState {
             return;
         };
         let name = name.clone();
-        for queue in self.keyed.get(&name).into_iter().flat_map(|k| k.values()) {
+        for queue in self
+            .keyed
+            .get(&name)
+            .into_iter()
+            .flat_map(|k| k.keys.values())
+        {
             if let Some(entry) = queue.ready.iter().find(|(_, id)| *id == task_id).copied() {
                 self.remove_ready(&name, entry.0 .0, task_id);
                 return;
@@ -382,12 +451,8 @@ impl QueueState {
         let attempt = self.ready_attempt(c.task_id)? + 1;
         if let Some(key) = self.key_of(&c.task_name, c.task_id).map(str::to_string) {
             self.served_seq += 1;
-            if let Some(q) = self
-                .keyed
-                .get_mut(&c.task_name)
-                .and_then(|k| k.get_mut(&key))
-            {
-                q.served = self.served_seq;
+            if let Some(keyed) = self.keyed.get_mut(&c.task_name) {
+                keyed.set_served(&key, self.served_seq);
             }
         }
         self.start_running(
@@ -413,10 +478,10 @@ impl QueueState {
     /// An assignment that will not be claimed (withdrawn from a lost worker, or left behind by
     /// a fetch that rolled back part of its work) goes back to the ready queue.
     pub fn unpost(&mut self, task_id: i64, attempt: i32) {
-        if !self
+        if self
             .running
             .get(&task_id)
-            .is_some_and(|r| r.attempt == attempt)
+            .is_none_or(|r| r.attempt != attempt)
         {
             return;
         }
@@ -505,7 +570,7 @@ impl QueueState {
         limits: &mut RateLimits,
         now: Micros,
         name: &str,
-        keys: &HashMap<String, KeyQueue>,
+        keyed: &KeyedName,
         rule: &ConcurrencyRule,
         n: usize,
     ) {
@@ -541,7 +606,16 @@ impl QueueState {
         };
         let mut cursors: Vec<KeyCursor> = Vec::new();
         let mut heap: BinaryHeap<Head> = BinaryHeap::new();
-        for (key, queue) in keys {
+        // With one priority level, every key's first task (rank 0) comes before any second
+        // one, in `by_served` order: the first `n` keys that offer a task are enough.
+        let single_level = keyed.priorities.len() <= 1;
+        for (_, key) in &keyed.by_served {
+            if single_level && heap.len() >= n {
+                break;
+            }
+            let Some(queue) = keyed.keys.get(key) else {
+                continue;
+            };
             let free = (rule.max_runs as usize).saturating_sub(self.running_for_key(name, key));
             if free == 0 || queue.ready.is_empty() {
                 continue;
@@ -654,21 +728,16 @@ impl QueueState {
 
     /// Removes a task from the runnable queue (assigned, or no longer queued).
     pub fn remove_ready(&mut self, task_name: &str, priority: i32, task_id: i64) {
-        let entry = (Reverse(priority), task_id);
         let removed = match self.key_of(task_name, task_id).map(str::to_string) {
             Some(key) => {
                 let idle = self.running_for_key(task_name, &key) == 0;
                 let mut removed = false;
-                if let Some(keys) = self.keyed.get_mut(task_name) {
-                    if let Some(q) = keys.get_mut(&key) {
-                        removed = q.ready.remove(&entry);
-                        // A key with nothing waiting or running is forgotten; its round-robin
-                        // turn restarts if it comes back, which only favours it once.
-                        if q.ready.is_empty() && idle {
-                            keys.remove(&key);
-                        }
+                if let Some(keyed) = self.keyed.get_mut(task_name) {
+                    removed = keyed.remove(&key, priority, task_id);
+                    if idle {
+                        keyed.forget_if_idle(&key);
                     }
-                    if keys.is_empty() {
+                    if keyed.keys.is_empty() {
                         self.keyed.remove(task_name);
                     }
                 }
@@ -677,7 +746,7 @@ impl QueueState {
             None => {
                 let mut removed = false;
                 if let Some(queue) = self.ready.get_mut(task_name) {
-                    removed = queue.remove(&entry);
+                    removed = queue.remove(&(Reverse(priority), task_id));
                     if queue.is_empty() {
                         self.ready.remove(task_name);
                     }
@@ -774,11 +843,9 @@ impl QueueState {
                 }
                 // Nothing waiting or running: forget the key.
                 if now_idle {
-                    if let Some(keys) = self.keyed.get_mut(name) {
-                        if keys.get(key).is_some_and(|q| q.ready.is_empty()) {
-                            keys.remove(key);
-                        }
-                        if keys.is_empty() {
+                    if let Some(keyed) = self.keyed.get_mut(name) {
+                        keyed.forget_if_idle(key);
+                        if keyed.keys.is_empty() {
                             self.keyed.remove(name);
                         }
                     }

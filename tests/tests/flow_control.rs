@@ -157,7 +157,7 @@ async fn a_key_that_arrives_late_is_served_within_a_round() {
                JOIN sluice.task_run t ON t.id = x.task_id
               WHERE x.task_id = ANY($1)
                 AND x.started_at > (SELECT max(enqueued_at) FROM sluice.task_run WHERE id = ANY($2))
-              ORDER BY x.started_at LIMIT 20",
+              ORDER BY x.started_at LIMIT 22",
             &[&[a_ids.clone(), b_ids.clone()].concat(), &b_ids],
         )
         .await
@@ -165,10 +165,12 @@ async fn a_key_that_arrives_late_is_served_within_a_round() {
         .iter()
         .map(|r| r.get(0))
         .collect();
+    // The first 20 admissions after B arrived, seen as handler starts: the worker's two slots
+    // may hold A tasks admitted just before B arrived that start just after, so 22 starts.
     let b_starts = order.iter().filter(|k| *k == "B").count();
     assert_eq!(
         b_starts, 10,
-        "all 10 of B's tasks start within the first 20 starts after they arrive: {order:?}"
+        "all 10 of B's tasks start within the first 20 admissions after they arrive: {order:?}"
     );
     client
         .execute(
