@@ -2,7 +2,9 @@
 //!
 //! * Producers define tasks and enqueue runs with [`define_task`], [`enqueue`],
 //!   [`enqueue_many`], [`enqueue_json`] and [`cancel`], on a client or inside their own
-//!   transaction.
+//!   transaction. [`TaskOptions`] also carries flow control: a [`Concurrency`] limit per key,
+//!   [rate limits](RateLimitUse) (declared ones with [`set_rate_limit`]) and
+//!   [`DesiredLabel`]s that place runs on labelled workers ([`set_worker_labels`]).
 //! * A [`Worker`] registers with the scheduler, runs typed handlers for the tasks assigned to
 //!   it, and reports their endings. [`TaskContext::transaction`] makes a handler's database
 //!   writes and its task's completion a single atomic change.
@@ -50,7 +52,9 @@ mod worker;
 pub use context::{TaskContext, TaskTransaction};
 pub use error::{Error, ErrorKind};
 pub use producer::{
-    cancel, define_task, enqueue, enqueue_json, enqueue_many, EnqueueOptions, TaskOptions,
+    cancel, define_task, enqueue, enqueue_json, enqueue_many, set_rate_limit, set_worker_labels,
+    Concurrency, ConcurrencyStrategy, DesiredLabel, EnqueueOptions, RateLimitUse, TaskOptions,
+    Units,
 };
 pub use task::{TaskDefinition, TaskError};
 pub use worker::{Worker, WorkerBuilder};

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sluice_client::tokio_postgres::{self, Client, NoTls};
 use sluice_client::{
-    cancel, define_task, enqueue, enqueue_json, enqueue_many, EnqueueOptions, ErrorKind,
-    TaskContext, TaskDefinition, TaskError, TaskOptions, Worker,
+    cancel, define_task, enqueue, enqueue_json, enqueue_many, set_rate_limit, set_worker_labels,
+    Concurrency, ConcurrencyStrategy, DesiredLabel, EnqueueOptions, ErrorKind, RateLimitUse,
+    TaskContext, TaskDefinition, TaskError, TaskOptions, Units, Worker,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -515,6 +516,222 @@ async fn producer_errors_carry_sqlstates() {
         .expect("enqueue with the same key");
     assert_eq!(first, second);
     assert!(cancel(&client, first).await.expect("cancel"));
+}
+
+live_task!(Throttled, "throttled", Value, Value);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_options_are_stored_and_validated() {
+    let Some(dsn) = dsn() else { return };
+    let client = connect(&dsn).await;
+    let declared = format!("client_live_rl_{}", std::process::id());
+    set_rate_limit(&client, &declared, 100, Duration::from_secs(60))
+        .await
+        .expect("set_rate_limit");
+    let row = client
+        .query_one(
+            "SELECT max_units, per = interval '1 minute' FROM sluice.rate_limit WHERE key = $1",
+            &[&declared],
+        )
+        .await
+        .expect("reading sluice.rate_limit");
+    assert_eq!(row.get::<_, i32>(0), 100);
+    assert!(row.get::<_, bool>(1));
+
+    let options = TaskOptions {
+        concurrency: Some(
+            Concurrency::new("$.user_id", 2).with_strategy(ConcurrencyStrategy::CancelNewest),
+        ),
+        rate_limits: vec![
+            RateLimitUse::declared(&declared, Units::Path("$.cost".into())),
+            RateLimitUse::dynamic("$.tenant", Units::Fixed(2), 5, Duration::from_secs(30)),
+        ],
+        desired_labels: vec![
+            DesiredLabel::required("region", "eu"),
+            DesiredLabel::preferred("gpu", 1, 10),
+        ],
+        ..TaskOptions::default()
+    };
+    define_task(&client, Throttled::name(), &options)
+        .await
+        .expect("define_task with flow control");
+    let row = client
+        .query_one(
+            "SELECT concurrency_key::text, max_runs, concurrency_strategy, rate_limits, \
+                    desired_labels \
+               FROM sluice.task_definition WHERE name = $1",
+            &[&Throttled::name()],
+        )
+        .await
+        .expect("reading sluice.task_definition");
+    assert_eq!(row.get::<_, String>(0), r#"$."user_id""#);
+    assert_eq!(row.get::<_, i32>(1), 2);
+    assert_eq!(row.get::<_, String>(2), "cancel_newest");
+    assert_eq!(
+        row.get::<_, Value>(3),
+        json!([
+            {"key": declared, "units_path": "$.cost"},
+            {"key_path": "$.tenant", "units": 2, "limit": 5, "per": "30.000000 seconds"},
+        ])
+    );
+    assert_eq!(
+        row.get::<_, Value>(4),
+        json!([
+            {"label": "region", "value": "eu", "required": true, "weight": 1},
+            {"label": "gpu", "value": 1, "required": false, "weight": 10},
+        ])
+    );
+
+    // An enqueue evaluates the keys against the input; the run is left queued for an hour and
+    // cancelled, since no worker serves this task.
+    let id = enqueue::<Throttled>(
+        &client,
+        &json!({"user_id": 7, "tenant": "acme", "cost": 3}),
+        &EnqueueOptions {
+            run_at: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+            ..EnqueueOptions::default()
+        },
+    )
+    .await
+    .expect("enqueue with flow control");
+    let row = client
+        .query_one(
+            "SELECT concurrency_key, rate_limit_units FROM sluice.task_run WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("reading sluice.task_run");
+    assert_eq!(row.get::<_, String>(0), "7");
+    assert_eq!(row.get::<_, Vec<i32>>(1), vec![3, 2]);
+    assert!(cancel(&client, id).await.expect("cancel"));
+
+    // Defaults again: redefining without flow control clears it.
+    define_task(&client, Throttled::name(), &TaskOptions::default())
+        .await
+        .expect("define_task without flow control");
+    let row = client
+        .query_one(
+            "SELECT concurrency_key IS NULL, rate_limits, desired_labels \
+               FROM sluice.task_definition WHERE name = $1",
+            &[&Throttled::name()],
+        )
+        .await
+        .expect("reading sluice.task_definition");
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, Value>(1), json!([]));
+    assert_eq!(row.get::<_, Value>(2), json!([]));
+
+    // Bad options: the client error carries Postgres' SQLSTATE.
+    let zero_runs = TaskOptions {
+        concurrency: Some(Concurrency::new("$.user_id", 0)),
+        ..TaskOptions::default()
+    };
+    let error = define_task(&client, Throttled::name(), &zero_runs)
+        .await
+        .expect_err("max_runs 0");
+    assert_eq!(error.kind(), ErrorKind::Db);
+    assert_eq!(error.code().map(|c| c.code()), Some("22023"));
+    assert!(error.to_string().contains("max_runs"), "{error}");
+
+    let undeclared = TaskOptions {
+        rate_limits: vec![RateLimitUse::declared(
+            format!("{declared}_never_declared"),
+            Units::default(),
+        )],
+        ..TaskOptions::default()
+    };
+    let error = define_task(&client, Throttled::name(), &undeclared)
+        .await
+        .expect_err("undeclared rate limit");
+    assert_eq!(error.code().map(|c| c.code()), Some("42704"));
+
+    let bad_window = TaskOptions {
+        rate_limits: vec![RateLimitUse::dynamic(
+            "$.tenant",
+            Units::default(),
+            5,
+            Duration::ZERO,
+        )],
+        ..TaskOptions::default()
+    };
+    let error = define_task(&client, Throttled::name(), &bad_window)
+        .await
+        .expect_err("zero rate-limit window");
+    assert_eq!(error.code().map(|c| c.code()), Some("22023"));
+
+    let bad_weight = TaskOptions {
+        desired_labels: vec![DesiredLabel::preferred("gpu", 1, 0)],
+        ..TaskOptions::default()
+    };
+    let error = define_task(&client, Throttled::name(), &bad_weight)
+        .await
+        .expect_err("zero label weight");
+    assert_eq!(error.code().map(|c| c.code()), Some("22023"));
+
+    let error = set_rate_limit(&client, &declared, 0, Duration::from_secs(1))
+        .await
+        .expect_err("max_units 0");
+    assert_eq!(error.code().map(|c| c.code()), Some("22023"));
+    assert!(error.to_string().contains(&declared), "{error}");
+}
+
+live_task!(Labelled, "labelled", Value, Value);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_worker_labels_replaces_a_live_workers_labels() {
+    let Some(dsn) = dsn() else { return };
+    let client = connect(&dsn).await;
+    define_task(&client, Labelled::name(), &TaskOptions::default())
+        .await
+        .expect("define_task");
+    // A worker registered by this session: alive as long as the session is.
+    let worker_id: i64 = client
+        .query_one(
+            "SELECT sluice.register_worker($1, ARRAY[$2], 1)",
+            &[
+                &format!("client_live_labels_{}", std::process::id()),
+                &Labelled::name(),
+            ],
+        )
+        .await
+        .expect("register_worker")
+        .get(0);
+
+    let mut labels = serde_json::Map::new();
+    labels.insert("region".into(), json!("eu"));
+    labels.insert("gpu".into(), json!(2));
+    let result = set_worker_labels(&client, worker_id, labels).await;
+    let stored = client
+        .query_one(
+            "SELECT labels FROM sluice.worker WHERE id = $1",
+            &[&worker_id],
+        )
+        .await
+        .expect("reading sluice.worker")
+        .get::<_, Value>(0);
+
+    let mut bad = serde_json::Map::new();
+    bad.insert("region".into(), json!(["not", "a", "scalar"]));
+    let rejected = set_worker_labels(&client, worker_id, bad).await;
+
+    client
+        .execute("SELECT sluice.deregister_worker($1)", &[&worker_id])
+        .await
+        .expect("deregister_worker");
+    result.expect("set_worker_labels");
+    assert_eq!(stored, json!({"region": "eu", "gpu": 2}));
+    let error = rejected.expect_err("a non-scalar label");
+    assert_eq!(error.code().map(|c| c.code()), Some("22023"));
+
+    let stopped = set_worker_labels(&client, worker_id, serde_json::Map::new())
+        .await
+        .expect_err("a deregistered worker");
+    assert_eq!(stopped.kind(), ErrorKind::Db);
+    assert_eq!(stopped.code().map(|c| c.code()), Some("SL001"));
+    assert!(
+        stopped.to_string().contains(&format!("worker {worker_id}")),
+        "{stopped}"
+    );
 }
 
 live_task!(Echo, "echo", Value, Value);
