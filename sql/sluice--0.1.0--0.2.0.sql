@@ -268,9 +268,7 @@ BEGIN
                 USING ERRCODE = '22023';
         ELSIF spec ? 'units_path' THEN
             PERFORM sluice._parse_jsonpath(spec->>'units_path', format('rate_limits[%s].units_path', n), name);
-        ELSIF spec ? 'units' AND (jsonb_typeof(spec->'units') <> 'number'
-                                  OR (spec->>'units')::numeric <> trunc((spec->>'units')::numeric)
-                                  OR (spec->>'units')::numeric NOT BETWEEN 1 AND 2147483647) THEN
+        ELSIF spec ? 'units' AND NOT sluice._is_whole_number(spec->'units', 1, 2147483647) THEN
             RAISE EXCEPTION 'rate_limits[%].units must be a positive whole number, got % (task "%")',
                 n, spec->'units', name
                 USING ERRCODE = '22023';
@@ -297,9 +295,7 @@ BEGIN
                 n, spec, name
                 USING ERRCODE = '22023';
         END IF;
-        IF spec ? 'weight' AND (jsonb_typeof(spec->'weight') <> 'number'
-                                OR (spec->>'weight')::numeric <> trunc((spec->>'weight')::numeric)
-                                OR (spec->>'weight')::numeric NOT BETWEEN 1 AND 1000000) THEN
+        IF spec ? 'weight' AND NOT sluice._is_whole_number(spec->'weight', 1, 1000000) THEN
             RAISE EXCEPTION 'desired_labels[%].weight must be a whole number from 1 to 1000000, got % (task "%")',
                 n, spec->'weight', name
                 USING ERRCODE = '22023';
@@ -342,15 +338,21 @@ EXCEPTION WHEN syntax_error OR invalid_text_representation OR invalid_parameter_
 END
 $$;
 
+-- Whether a JSON value is a whole number from lo to hi (false for NULL, strings, fractions).
+CREATE OR REPLACE FUNCTION sluice._is_whole_number(v jsonb, lo numeric, hi numeric) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN jsonb_typeof(v) IS DISTINCT FROM 'number' THEN false
+                ELSE (v #>> '{}')::numeric = trunc((v #>> '{}')::numeric)
+                     AND (v #>> '{}')::numeric BETWEEN lo AND hi END
+$$;
+
 CREATE OR REPLACE FUNCTION sluice._check_limit(max_units jsonb, per jsonb, what text, task text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     window_length interval;
 BEGIN
-    IF max_units IS NULL OR jsonb_typeof(max_units) <> 'number'
-       OR (max_units #>> '{}')::numeric <> trunc((max_units #>> '{}')::numeric)
-       OR (max_units #>> '{}')::numeric NOT BETWEEN 1 AND 2147483647 THEN
+    IF NOT sluice._is_whole_number(max_units, 1, 2147483647) THEN
         RAISE EXCEPTION '%.limit must be a positive whole number, got % (task "%")',
             what, coalesce(max_units::text, 'nothing'), task
             USING ERRCODE = '22023';
@@ -436,9 +438,7 @@ BEGIN
         END IF;
         IF spec ? 'units_path' THEN
             units_raw := jsonb_path_query_first(input, (spec->>'units_path')::jsonpath, silent => true);
-            IF units_raw IS NULL OR jsonb_typeof(units_raw) <> 'number'
-               OR (units_raw #>> '{}')::numeric <> trunc((units_raw #>> '{}')::numeric)
-               OR (units_raw #>> '{}')::numeric NOT BETWEEN 1 AND 2147483647 THEN
+            IF NOT sluice._is_whole_number(units_raw, 1, 2147483647) THEN
                 RAISE EXCEPTION 'rate limit units at % must be a positive whole number, got % (task "%")',
                     spec->>'units_path', coalesce(units_raw::text, 'nothing'), def.name
                     USING ERRCODE = '22023';
@@ -1119,6 +1119,7 @@ BEGIN
            last_error = format('task definition "%s" no longer exists', t.task_name)
       FROM deleted d
      WHERE t.task_name = d.name AND t.status = 'queued';
+    PERFORM sluice._config_changed();
     RETURN NULL;
 END
 $$;

@@ -314,10 +314,6 @@ impl QueueState {
         }
     }
 
-    pub fn rule(&self, task_name: &str) -> Option<ConcurrencyRule> {
-        self.rules.get(task_name).copied()
-    }
-
     /// The concurrency key a task waits under: only with a rule for its name and a key
     /// evaluated at enqueue (tasks enqueued before the rule existed are not limited by it).
     fn key_of(&self, task_name: &str, task_id: i64) -> Option<&str> {
@@ -547,7 +543,7 @@ impl QueueState {
         for (name, n) in demand {
             let n = (*n).max(0) as usize;
             if let Some(queue) = self.ready.get(name) {
-                self.walk(&mut set, limits, now, name, queue, n, None);
+                self.walk(&mut set, limits, now, name, queue, n);
             }
             let (Some(keys), Some(rule)) = (self.keyed.get(name), self.rules.get(name)) else {
                 continue;
@@ -684,10 +680,8 @@ impl QueueState {
         }
     }
 
-    /// Takes up to `n` admissible tasks from one queue into `set`. A concurrency key's queue
-    /// (`served`: when the key was last served) ranks its tasks by position for round robin;
-    /// a plain queue does not rank (oldest first across names).
-    #[allow(clippy::too_many_arguments)]
+    /// Takes up to `n` admissible tasks from a plain (unkeyed) queue into `set`, oldest
+    /// first; they are not ranked (keys take turns, names do not).
     fn walk(
         &self,
         set: &mut CandidateSet,
@@ -696,7 +690,6 @@ impl QueueState {
         name: &str,
         queue: &BTreeSet<(Reverse<i32>, i64)>,
         n: usize,
-        served: Option<u64>,
     ) {
         let mut taken = 0;
         let mut passed = 0;
@@ -712,8 +705,8 @@ impl QueueState {
                 task_id: *id,
                 task_name: name.to_string(),
                 priority: *priority,
-                rank: if served.is_some() { taken as u32 } else { 0 },
-                served: served.unwrap_or(0),
+                rank: 0,
+                served: 0,
             });
             taken += 1;
         }

@@ -438,8 +438,10 @@ impl Scheduler {
                 .expect("sluice._stop_lost_workers failed");
         }
         let workers = load_workers(client, statements);
+        // Every change through the API (define_task, set_rate_limit, a deleted definition)
+        // bumps the generation at commit; the periodic reread also catches direct table edits.
         let generation = wake::config_generation();
-        if maintain || generation != self.config_generation {
+        if purge_workers || generation != self.config_generation {
             self.config_generation = generation;
             self.reload_definitions(client);
         }
@@ -481,6 +483,8 @@ impl Scheduler {
             }
             self.deadlines_after = now;
             self.last_maintenance = Some(Instant::now());
+            // Windows of dynamic keys (one per user, say) are dropped once nothing counts.
+            self.limits.forget_idle(now);
         }
         // Endings are reported through shared memory (crate::wake); checking every running
         // attempt in the table is the safety net, once a second or when reports overflowed.

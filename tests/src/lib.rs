@@ -124,6 +124,40 @@ pub async fn enqueue_copies(
         .collect()
 }
 
+/// Enqueues one task per input in one `sluice.enqueue_many`; returns their ids in input order.
+pub async fn enqueue_inputs(client: &Client, task: &str, inputs: &[serde_json::Value]) -> Vec<i64> {
+    client
+        .query(
+            "SELECT sluice.enqueue_many($1, $2::jsonb[])",
+            &[&task, &inputs],
+        )
+        .await
+        .expect("sluice.enqueue_many")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Waits until at least `n` of `ids` succeeded (a run is under way, mid-run).
+pub async fn wait_succeeded(client: &Client, ids: &[i64], n: i64, timeout: Duration) {
+    wait_until(timeout, &format!("{n} tasks to succeed"), || async {
+        let done: i64 = client
+            .query_one(
+                "SELECT count(*) FROM sluice.tasks WHERE id = ANY($1) AND status = 'succeeded'",
+                &[&ids],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if done >= n {
+            Ok(())
+        } else {
+            Err(format!("{done} succeeded"))
+        }
+    })
+    .await
+}
+
 /// Waits until none of `ids` is queued or running; on timeout the panic shows their rows.
 pub async fn wait_finished(client: &Client, ids: &[i64], timeout: Duration) {
     let ids = ids.to_vec();

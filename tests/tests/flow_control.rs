@@ -10,21 +10,25 @@ use tokio_postgres::Client;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
 
-/// Per concurrency key: the most executions that overlapped one execution's start.
-async fn max_overlap_per_key(client: &Client, ids: &[i64]) -> Vec<(String, i64)> {
+/// Per concurrency key: the most executions that overlapped one execution's start, counting
+/// executions started after `after` (SQL, e.g. '-infinity' or pg_postmaster_start_time()).
+async fn max_overlap_per_key(client: &Client, ids: &[i64], after: &str) -> Vec<(String, i64)> {
     client
         .query(
-            "WITH e AS (
-                 SELECT x.task_id, x.started_at, coalesce(x.finished_at, 'infinity') AS finished_at,
-                        t.concurrency_key AS key
-                   FROM sluice_test.execution x JOIN sluice.task_run t ON t.id = x.task_id
-                  WHERE x.task_id = ANY($1))
-             SELECT e.key, max(o.n)
-               FROM e CROSS JOIN LATERAL (
-                     SELECT count(*) AS n FROM e y
-                      WHERE y.key = e.key AND y.started_at <= e.started_at
-                        AND y.finished_at > e.started_at) o
-              GROUP BY e.key ORDER BY e.key",
+            &format!(
+                "WITH e AS (
+                     SELECT x.task_id, x.started_at,
+                            coalesce(x.finished_at, 'infinity') AS finished_at,
+                            t.concurrency_key AS key
+                       FROM sluice_test.execution x JOIN sluice.task_run t ON t.id = x.task_id
+                      WHERE x.task_id = ANY($1) AND x.started_at > {after})
+                 SELECT e.key, max(o.n)
+                   FROM e CROSS JOIN LATERAL (
+                         SELECT count(*) AS n FROM e y
+                          WHERE y.key = e.key AND y.started_at <= e.started_at
+                            AND y.finished_at > e.started_at) o
+                  GROUP BY e.key ORDER BY e.key"
+            ),
             &[&ids],
         )
         .await
@@ -32,6 +36,17 @@ async fn max_overlap_per_key(client: &Client, ids: &[i64]) -> Vec<(String, i64)>
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
+}
+
+/// Claims (epoch seconds, sorted) never exceed `limit` in any window of `window` seconds.
+fn assert_window_bound(starts: &[f64], limit: i64, window: f64) {
+    for (i, t) in starts.iter().enumerate() {
+        let in_window = starts[i..].iter().take_while(|&&u| u < t + window).count() as i64;
+        assert!(
+            in_window <= limit,
+            "{in_window} claims within {window} s from claim {i}, limit {limit}"
+        );
+    }
 }
 
 async fn executed_once(client: &Client, ids: &[i64]) {
@@ -75,16 +90,7 @@ async fn no_key_ever_runs_more_than_max_runs_under_load() {
             }
         })
         .collect();
-    let ids: Vec<i64> = client
-        .query(
-            "SELECT sluice.enqueue_many($1, $2::jsonb[])",
-            &[&task, &inputs],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = enqueue_inputs(&client, &task, &inputs).await;
     // Sampled from the view while the run is on: never over max_runs.
     let mut most_running = 0i64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -115,7 +121,7 @@ async fn no_key_ever_runs_more_than_max_runs_under_load() {
     wait_finished(&client, &ids, Duration::from_secs(30)).await;
     assert_eq!(status_summary(&client, &ids).await, "succeeded=1200");
     executed_once(&client, &ids).await;
-    let overlaps = max_overlap_per_key(&client, &ids).await;
+    let overlaps = max_overlap_per_key(&client, &ids, "'-infinity'").await;
     assert_eq!(
         overlaps.len(),
         11,
@@ -276,13 +282,7 @@ async fn a_rate_limit_is_never_exceeded_and_is_used_in_full() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for (i, t) in starts.iter().enumerate() {
-        let in_window = starts[i..].iter().take_while(|&&u| u < t + 0.95).count() as i64;
-        assert!(
-            in_window <= LIMIT,
-            "{in_window} starts within 0.95 s from the {i}th start, limit {LIMIT} per second"
-        );
-    }
+    assert_window_bound(&starts, LIMIT, 0.95);
     // Used in full: the first LIMIT start at once, then LIMIT more each second. In the 7 s
     // from the first start, 7 x LIMIT could start; allow 5% less.
     let first = starts[0];
@@ -506,36 +506,8 @@ async fn limits_hold_across_an_immediate_restart_and_nothing_gets_stuck() {
     let inputs: Vec<serde_json::Value> = (0..TASKS)
         .map(|i| json!({"k": format!("k{}", i % 5), "sleep_ms": 30}))
         .collect();
-    let ids: Vec<i64> = client
-        .query(
-            "SELECT sluice.enqueue_many($1, $2::jsonb[])",
-            &[&task, &inputs],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    wait_until(
-        Duration::from_secs(30),
-        "a third of the tasks to succeed",
-        || async {
-            let done: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM sluice.tasks WHERE id = ANY($1) AND status = 'succeeded'",
-                    &[&ids],
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if done >= i64::from(TASKS / 3) {
-                Ok(())
-            } else {
-                Err(format!("{done} succeeded"))
-            }
-        },
-    )
-    .await;
+    let ids = enqueue_inputs(&client, &task, &inputs).await;
+    wait_succeeded(&client, &ids, i64::from(TASKS / 3), Duration::from_secs(30)).await;
     drop(client);
     cluster.restart_immediate();
     let client = connect(&cluster.dsn()).await;
@@ -549,24 +521,10 @@ async fn limits_hold_across_an_immediate_restart_and_nothing_gets_stuck() {
 
     // Concurrency after the restart, from the handlers' log (a handler of an attempt lost in
     // the crash may still have been running at the restart, so only later starts count).
-    let over: Vec<(String, i64)> = client
-        .query(
-            "WITH e AS (
-                 SELECT x.started_at, coalesce(x.finished_at, 'infinity') AS finished_at,
-                        t.concurrency_key AS key
-                   FROM sluice_test.execution x JOIN sluice.task_run t ON t.id = x.task_id
-                  WHERE x.task_id = ANY($1) AND x.started_at > pg_postmaster_start_time())
-             SELECT e.key, max(o.n) FROM e CROSS JOIN LATERAL (
-                     SELECT count(*) AS n FROM e y
-                      WHERE y.key = e.key AND y.started_at <= e.started_at
-                        AND y.finished_at > e.started_at) o
-              GROUP BY e.key HAVING max(o.n) > 2",
-            &[&ids],
-        )
+    let over: Vec<(String, i64)> = max_overlap_per_key(&client, &ids, "pg_postmaster_start_time()")
         .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .into_iter()
+        .filter(|(_, n)| *n > 2)
         .collect();
     assert!(
         over.is_empty(),
@@ -591,13 +549,7 @@ async fn limits_hold_across_an_immediate_restart_and_nothing_gets_stuck() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for (i, t) in starts.iter().enumerate() {
-        let in_window = starts[i..].iter().take_while(|&&u| u < t + 0.95).count() as i64;
-        assert!(
-            in_window <= LIMIT,
-            "{in_window} claims within 0.95 s from claim {i}, limit {LIMIT} per second"
-        );
-    }
+    assert_window_bound(&starts, LIMIT, 0.95);
     drop(workers);
 }
 
@@ -771,4 +723,46 @@ async fn required_labels_pick_the_workers_and_one_that_appears_later_gets_the_ta
         .await
         .expect_err("a desired label without a value");
     assert_eq!(err.as_db_error().unwrap().code().code(), "22023");
+}
+
+/// A task waiting for units it can never get (its limit was lowered below them) is failed
+/// with the reason instead of waiting for its schedule timeout.
+#[tokio::test]
+async fn a_task_that_needs_more_than_a_lowered_limit_fails_with_the_reason() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let key = unique("rl_lowered");
+    client
+        .execute("SELECT sluice.set_rate_limit($1, 3, '1 hour')", &[&key])
+        .await
+        .unwrap();
+    let task = define_unique_task(
+        &client,
+        "rate_lowered",
+        &format!(", rate_limits => '[{{\"key\": \"{key}\", \"units\": 3}}]'"),
+    )
+    .await;
+    let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 5);
+    let first = enqueue_sql(&client, &task, json!({})).await;
+    wait_finished(&client, &[first], Duration::from_secs(10)).await;
+    let second = enqueue_sql(&client, &task, json!({})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        task_state(&client, second).await.0,
+        "queued",
+        "the window is used up"
+    );
+    client
+        .execute("SELECT sluice.set_rate_limit($1, 2, '1 hour')", &[&key])
+        .await
+        .unwrap();
+    wait_finished(&client, &[second], Duration::from_secs(10)).await;
+    let (status, _, reason) = task_state(&client, second).await;
+    assert_eq!(status, "failed");
+    let reason = reason.unwrap_or_default();
+    assert!(
+        reason.contains(&key) && reason.contains("more than the rate limit allows"),
+        "{reason}"
+    );
+    assert_eq!(executions(&client, second).await, vec![]);
 }

@@ -26,26 +26,7 @@ async fn postgres_restarted_in_immediate_mode_mid_run_loses_nothing_and_complete
         TASKS,
     )
     .await;
-    wait_until(
-        Duration::from_secs(30),
-        "a third of the tasks to succeed",
-        || async {
-            let done: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM sluice.tasks WHERE id = ANY($1) AND status = 'succeeded'",
-                    &[&ids],
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if done >= i64::from(TASKS / 3) {
-                Ok(())
-            } else {
-                Err(format!("{done} succeeded"))
-            }
-        },
-    )
-    .await;
+    wait_succeeded(&client, &ids, i64::from(TASKS / 3), Duration::from_secs(30)).await;
     drop(client);
     cluster.restart_immediate();
 
