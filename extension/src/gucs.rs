@@ -12,6 +12,8 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static HEARTBEAT_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// A task lost with its worker more often than this fails instead of being requeued.
 pub static MAX_LOST_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+/// Log the scheduler's tick statistics every 10 seconds (for diagnosing slow assignment).
+pub static LOG_SCHEDULER_STATS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// `preloading`: loaded through shared_preload_libraries. Postgres refuses (FATAL) to define a
 /// server-start setting in a library loaded later, so `sluice.database` only exists then; without
@@ -55,6 +57,14 @@ pub fn define(preloading: bool) {
         0,
         1_000_000,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"sluice.log_scheduler_stats",
+        c"Log the scheduler's tick statistics every 10 seconds.",
+        c"Ticks, their longest and total duration, tasks assigned, and the sizes of its queue.",
+        &LOG_SCHEDULER_STATS,
+        GucContext::Sighup,
         GucFlags::default(),
     );
 }

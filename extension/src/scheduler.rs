@@ -93,6 +93,7 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     let mut sleep = Duration::ZERO;
     let mut warned_version: Option<String> = None;
     let mut last_tick: Option<(Instant, Duration)> = None;
+    let mut stats = TickStats::new();
     while BackgroundWorker::wait_latch(Some(sleep)) {
         if let Some((ended, spacing)) = last_tick {
             // The latch stays set meanwhile; a signal is handled right after.
@@ -117,12 +118,14 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         // An error inside the tick ends the process (and the postmaster restarts it), so the
         // memory it leaves half-updated is never used again.
         let this = std::panic::AssertUnwindSafe(&mut scheduler);
+        let started = Instant::now();
         let outcome = BackgroundWorker::transaction(move || {
             let mut this = this;
             Spi::connect_mut(|client| this.tick(client))
         });
         sleep = match outcome {
             Tick::Ran { next_due, assigned } => {
+                stats.record(started.elapsed(), assigned, &scheduler.queue);
                 warned_version = None;
                 let spacing = if assigned > 0 {
                     BUSY_TICK_SPACING
@@ -159,6 +162,53 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     // exit, and a SIGTERM that is not a server shutdown (pg_terminate_backend, DROP DATABASE
     // ... FORCE) must not stop scheduling for good. During shutdown nothing is restarted.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Tick statistics, logged every `STATS_INTERVAL` with `sluice.log_scheduler_stats` on.
+struct TickStats {
+    since: Instant,
+    ticks: u64,
+    assigned: u64,
+    busy: Duration,
+    longest: Duration,
+}
+
+const STATS_INTERVAL: Duration = Duration::from_secs(10);
+
+impl TickStats {
+    fn new() -> Self {
+        TickStats {
+            since: Instant::now(),
+            ticks: 0,
+            assigned: 0,
+            busy: Duration::ZERO,
+            longest: Duration::ZERO,
+        }
+    }
+
+    fn record(&mut self, took: Duration, assigned: usize, queue: &QueueState) {
+        self.ticks += 1;
+        self.assigned += assigned as u64;
+        self.busy += took;
+        self.longest = self.longest.max(took);
+        let elapsed = self.since.elapsed();
+        if elapsed < STATS_INTERVAL {
+            return;
+        }
+        if gucs::LOG_SCHEDULER_STATS.get() {
+            log!(
+                "sluice scheduler: {} ticks in {:.1} s ({:.1} s busy, longest {:.1} ms), {} assigned, {} ready, {} running",
+                self.ticks,
+                elapsed.as_secs_f64(),
+                self.busy.as_secs_f64(),
+                self.longest.as_secs_f64() * 1000.0,
+                self.assigned,
+                queue.ready_len(),
+                queue.running_len()
+            );
+        }
+        *self = TickStats::new();
+    }
 }
 
 enum Tick {
