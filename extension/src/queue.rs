@@ -19,6 +19,7 @@ use crate::assign::Candidate;
 use crate::flow::{Blocked, RateLimits, RateUse};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::rc::Rc;
 
 /// A Postgres `timestamptz`: microseconds since 2000-01-01 UTC.
 pub type Micros = i64;
@@ -35,9 +36,21 @@ pub struct Arrival {
     pub task_id: i64,
     pub task_name: String,
     pub priority: i32,
+    /// Runnable from; with the id, the task's place in the arrivals index.
+    pub run_at: Micros,
     /// The row's attempt count; the next claim makes attempt `attempt + 1`.
     pub attempt: i32,
     pub flow: Option<TaskFlow>,
+}
+
+/// A runnable task: the queue it waits in (name, priority), its place in the arrivals index
+/// (what `QueueState::sweep` compares with the table) and its attempt count.
+#[derive(Debug, Clone)]
+struct ReadyTask {
+    task_name: Rc<str>,
+    priority: i32,
+    run_at: Micros,
+    attempt: i32,
 }
 
 /// A task's flow-control facts, evaluated once at enqueue; only tasks that have any carry one.
@@ -174,6 +187,7 @@ pub struct RunningAttempt {
 struct Posted {
     task_name: String,
     priority: i32,
+    run_at: Micros,
     posted_at: Micros,
 }
 
@@ -203,8 +217,11 @@ pub struct QueueState {
     /// Counts admissions of keyed tasks; a key's `served` is the count at its last admission.
     served_seq: u64,
     ready_len: usize,
-    /// Attempt count of each ready task.
-    ready_attempt: HashMap<i64, i32>,
+    /// Every ready task, and the same in the arrivals index's order.
+    ready_tasks: HashMap<i64, ReadyTask>,
+    by_position: BTreeSet<Cursor>,
+    /// One copy of each task name for `ready_tasks`.
+    names: HashSet<Rc<str>>,
     cursor: Cursor,
     running: HashMap<i64, RunningAttempt>,
     running_per_worker: HashMap<i64, i32>,
@@ -228,7 +245,9 @@ impl QueueState {
             key_running: HashMap::new(),
             served_seq: 0,
             ready_len: 0,
-            ready_attempt: HashMap::new(),
+            ready_tasks: HashMap::new(),
+            by_position: BTreeSet::new(),
+            names: HashSet::new(),
             cursor: FROM_START,
             running: HashMap::new(),
             running_per_worker: HashMap::new(),
@@ -246,40 +265,74 @@ impl QueueState {
         self.cursor = self.cursor.min((run_at, i64::MIN));
     }
 
-    /// Forgets the runnable queue and rereads it from the start (the periodic safety pass:
-    /// drops entries of tasks cancelled or expired meanwhile, and catches anything a
-    /// watermark could not, such as a prepared transaction committed by another session).
-    pub fn reread_from_start(&mut self) {
-        self.ready.clear();
-        self.keyed.clear();
-        let running = &self.running;
-        self.flow.retain(|id, _| running.contains_key(id));
-        self.ready_attempt.clear();
-        self.ready_len = 0;
-        self.cursor = FROM_START;
-    }
-
-    /// Records tasks read after the cursor and moves the cursor to `next`. A task already
-    /// known is not counted twice (rewinds reread some rows), and one posted to a worker but
-    /// not claimed yet stays posted. A task read as queued that is otherwise remembered as
-    /// running was requeued by someone else (its worker deregistered): that attempt is over.
+    /// Records tasks read after the cursor and moves the cursor to `next`.
     pub fn add_arrivals(&mut self, arrivals: impl IntoIterator<Item = Arrival>, next: Cursor) {
         for a in arrivals {
-            let posted_unclaimed = self.posted.contains_key(&a.task_id)
-                && self
-                    .running
-                    .get(&a.task_id)
-                    .is_some_and(|r| r.attempt == a.attempt + 1);
-            if posted_unclaimed {
-                continue;
-            }
-            self.end_running(a.task_id);
-            if let Some(flow) = a.flow {
-                self.flow.insert(a.task_id, (a.task_name.clone(), flow));
-            }
-            self.insert_ready(a.task_name, a.priority, a.task_id, a.attempt);
+            self.note_queued(a);
         }
         self.cursor = self.cursor.max(next);
+    }
+
+    /// A row read as queued. A task already known is not counted twice (rewinds and sweeps
+    /// reread rows), and one posted to a worker but not claimed yet stays posted. A task read
+    /// as queued that is otherwise remembered as running was requeued by someone else (its
+    /// worker deregistered): that attempt is over.
+    fn note_queued(&mut self, a: Arrival) {
+        if self.ready_tasks.contains_key(&a.task_id) {
+            return;
+        }
+        let posted_unclaimed = self.posted.contains_key(&a.task_id)
+            && self
+                .running
+                .get(&a.task_id)
+                .is_some_and(|r| r.attempt == a.attempt + 1);
+        if posted_unclaimed {
+            return;
+        }
+        self.end_running(a.task_id);
+        if let Some(flow) = a.flow {
+            self.flow.insert(a.task_id, (a.task_name.clone(), flow));
+        }
+        self.insert_ready(a.task_name, a.priority, a.task_id, a.attempt, a.run_at);
+    }
+
+    /// Brings the ready tasks placed in `(from, to]` of the arrivals index in line with
+    /// `rows`, a read of every task queued there (the periodic sweep, a slice per tick): tasks
+    /// no longer queued (deleted, cancelled, expired, claimed outside this scheduler) leave, and
+    /// queued ones that memory missed (committed where no watermark could see them, such as a
+    /// prepared transaction) join. At most `max_gone` leave per call, so that a mass delete
+    /// does not make one long tick. Returns how many left and how far the slice was compared
+    /// (`to`, or the place of the last one that left).
+    pub fn sweep(
+        &mut self,
+        rows: Vec<Arrival>,
+        from: Cursor,
+        to: Cursor,
+        max_gone: usize,
+    ) -> (usize, Cursor) {
+        use std::ops::Bound::{Excluded, Included};
+        let mut gone = Vec::new();
+        let mut reached = to;
+        if from < to {
+            let seen: HashSet<i64> = rows.iter().map(|a| a.task_id).collect();
+            for &(run_at, id) in self.by_position.range((Excluded(from), Included(to))) {
+                if seen.contains(&id) {
+                    continue;
+                }
+                gone.push(id);
+                if gone.len() >= max_gone {
+                    reached = (run_at, id);
+                    break;
+                }
+            }
+        }
+        for id in &gone {
+            self.forget_ready(*id);
+        }
+        for a in rows {
+            self.note_queued(a);
+        }
+        (gone.len(), reached)
     }
 
     /// Sets the concurrency rules per task name. The ready tasks of a name whose rule appeared
@@ -305,11 +358,12 @@ impl QueueState {
                 tasks.extend(keys.tasks());
             }
             for (Reverse(priority), id) in tasks {
-                let Some(attempt) = self.ready_attempt.get(&id).copied() else {
+                let Some(task) = self.ready_tasks.remove(&id) else {
                     continue;
                 };
+                self.by_position.remove(&(task.run_at, id));
                 self.ready_len -= 1;
-                self.insert_ready(name.clone(), priority, id, attempt);
+                self.insert_ready(name.clone(), priority, id, task.attempt, task.run_at);
             }
         }
     }
@@ -325,7 +379,25 @@ impl QueueState {
             .and_then(|(_, f)| f.concurrency_key.as_deref())
     }
 
-    fn insert_ready(&mut self, task_name: String, priority: i32, task_id: i64, attempt: i32) {
+    fn insert_ready(
+        &mut self,
+        task_name: String,
+        priority: i32,
+        task_id: i64,
+        attempt: i32,
+        run_at: Micros,
+    ) {
+        if self.ready_tasks.contains_key(&task_id) {
+            return;
+        }
+        let interned = match self.names.get(task_name.as_str()) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Rc<str> = Rc::from(task_name.as_str());
+                self.names.insert(name.clone());
+                name
+            }
+        };
         let inserted = match self.key_of(&task_name, task_id).map(str::to_string) {
             Some(key) => self
                 .keyed
@@ -340,8 +412,17 @@ impl QueueState {
         };
         if inserted {
             self.ready_len += 1;
+            self.ready_tasks.insert(
+                task_id,
+                ReadyTask {
+                    task_name: interned,
+                    priority,
+                    run_at,
+                    attempt,
+                },
+            );
+            self.by_position.insert((run_at, task_id));
         }
-        self.ready_attempt.insert(task_id, attempt);
     }
 
     /// Running (or posted) tasks of one concurrency key.
@@ -403,35 +484,17 @@ impl QueueState {
         victims
     }
 
-    /// Removes a ready task whatever its queue (cancelled).
+    /// Removes a ready task whatever its queue (cancelled, or not queued any more).
     pub fn forget_ready(&mut self, task_id: i64) {
-        let Some((name, _)) = self.flow.get(&task_id) else {
-            return;
-        };
-        let name = name.clone();
-        for queue in self
-            .keyed
-            .get(&name)
-            .into_iter()
-            .flat_map(|k| k.keys.values())
-        {
-            if let Some(entry) = queue.ready.iter().find(|(_, id)| *id == task_id).copied() {
-                self.remove_ready(&name, entry.0 .0, task_id);
-                return;
-            }
-        }
-        if let Some(entry) = self
-            .ready
-            .get(&name)
-            .and_then(|q| q.iter().find(|(_, id)| *id == task_id).copied())
-        {
-            self.remove_ready(&name, entry.0 .0, task_id);
+        if let Some(task) = self.ready_tasks.get(&task_id) {
+            let (name, priority) = (task.task_name.clone(), task.priority);
+            self.remove_ready(&name, priority, task_id);
         }
     }
 
     /// A ready task's attempt count.
     pub fn ready_attempt(&self, task_id: i64) -> Option<i32> {
-        self.ready_attempt.get(&task_id).copied()
+        self.ready_tasks.get(&task_id).map(|t| t.attempt)
     }
 
     /// Moves a ready task to a worker: posted, counted on the worker's slots, with a timeout
@@ -444,7 +507,8 @@ impl QueueState {
         now: Micros,
         timeout: Micros,
     ) -> Option<i32> {
-        let attempt = self.ready_attempt(c.task_id)? + 1;
+        let ready = self.ready_tasks.get(&c.task_id)?;
+        let (attempt, run_at) = (ready.attempt + 1, ready.run_at);
         if let Some(key) = self.key_of(&c.task_name, c.task_id).map(str::to_string) {
             self.served_seq += 1;
             if let Some(keyed) = self.keyed.get_mut(&c.task_name) {
@@ -465,6 +529,7 @@ impl QueueState {
             Posted {
                 task_name: c.task_name.clone(),
                 priority: c.priority,
+                run_at,
                 posted_at: now,
             },
         );
@@ -487,7 +552,7 @@ impl QueueState {
             if let Some(flow) = flow {
                 self.flow.insert(task_id, flow);
             }
-            self.insert_ready(p.task_name, p.priority, task_id, attempt - 1);
+            self.insert_ready(p.task_name, p.priority, task_id, attempt - 1, p.run_at);
         }
     }
 
@@ -749,7 +814,9 @@ impl QueueState {
         };
         if removed {
             self.ready_len -= 1;
-            self.ready_attempt.remove(&task_id);
+            if let Some(task) = self.ready_tasks.remove(&task_id) {
+                self.by_position.remove(&(task.run_at, task_id));
+            }
             if !self.running.contains_key(&task_id) {
                 self.flow.remove(&task_id);
             }
@@ -804,7 +871,7 @@ impl QueueState {
         self.running.clear();
         self.running_per_worker.clear();
         self.key_running.clear();
-        let ready = &self.ready_attempt;
+        let ready = &self.ready_tasks;
         let posted_ids: HashSet<i64> = posted.iter().map(|(id, _)| *id).collect();
         self.flow
             .retain(|id, _| ready.contains_key(id) || posted_ids.contains(id));
@@ -844,7 +911,7 @@ impl QueueState {
                     }
                 }
             }
-            if !self.ready_attempt.contains_key(&task_id) {
+            if !self.ready_tasks.contains_key(&task_id) {
                 self.flow.remove(&task_id);
             }
         }
@@ -936,6 +1003,7 @@ mod unit_tests {
             task_id: id,
             task_name: name.into(),
             priority,
+            run_at: id,
             attempt: 0,
             flow: None,
         }
@@ -1083,14 +1151,60 @@ mod unit_tests {
     }
 
     #[test]
-    fn reread_from_start_forgets_the_queue_but_not_running_attempts() {
+    fn a_sweep_drops_ready_tasks_no_longer_queued_and_adds_missed_ones() {
         let mut q = QueueState::new();
-        q.add_arrivals([arrival(1, "a", 1)], (5, 1));
-        q.start_running(2, running(7, 100));
-        q.reread_from_start();
-        assert_eq!((q.ready_len(), q.cursor()), (0, FROM_START));
-        assert_eq!(q.running_on(7), 1);
+        q.add_arrivals((1..=6).map(|id| arrival(id, "a", 1)), (6, 6));
+        // Task 3 was deleted, 5 cancelled; 4 is posted (not claimed, so still queued in the
+        // table); 7 committed behind the cursor without a watermark.
+        let posted = q
+            .candidates(&[("a".into(), 4)], &mut RateLimits::default(), 0)
+            .candidates
+            .into_iter()
+            .find(|c| c.task_id == 4)
+            .unwrap();
+        q.post(&posted, 9, 0, 1_000).unwrap();
+        let rows = |ids: &[i64]| ids.iter().map(|&id| arrival(id, "a", 1)).collect::<Vec<_>>();
+        // First slice: (start, (4, 4)] read as 1, 2, 4: task 3 leaves.
+        assert_eq!(q.sweep(rows(&[1, 2, 4]), FROM_START, (4, 4), 10), (1, (4, 4)));
+        assert_eq!(q.ready_len(), 4);
+        assert_eq!(q.running_on(9), 1, "the posted task stays posted");
+        // Second slice up to the cursor: 5 leaves, the missed 7 (placed at 4.5) joins.
+        let mut missed = arrival(7, "a", 1);
+        missed.run_at = 4;
+        assert_eq!(
+            q.sweep([rows(&[6]), vec![missed]].concat(), (4, 4), (6, 6), 10),
+            (1, (6, 6))
+        );
+        let mut left: Vec<i64> = q
+            .candidates(&[("a".into(), 10)], &mut RateLimits::default(), 0)
+            .candidates
+            .iter()
+            .map(|c| c.task_id)
+            .collect();
+        left.sort_unstable();
+        assert_eq!(left, vec![1, 2, 6, 7]);
+        assert_eq!(q.ready_len(), 4);
+        // A slice behind its own start (the cursor rewound) checks nothing.
+        assert_eq!(q.sweep(vec![], (6, 6), (5, 5), 10), (0, (5, 5)));
+        assert_eq!(q.ready_len(), 4);
+        // Everything deleted: at most `max_gone` leave per call, the rest on the next.
+        // (1, 2 and 7, placed at (4, 7), then 6.)
+        assert_eq!(q.sweep(vec![], FROM_START, (7, 7), 3), (3, (4, 7)));
+        assert_eq!(q.sweep(vec![], (4, 7), (7, 7), 3), (1, (7, 7)));
+        assert_eq!(q.ready_len(), 0);
     }
+
+    #[test]
+    fn forgetting_a_keyed_ready_task_frees_its_key() {
+        let mut q = QueueState::new();
+        q.set_rules(rule(1, Strategy::GroupRoundRobin));
+        q.add_arrivals([keyed(1, "a", "k"), keyed(2, "a", "k")], (2, 2));
+        q.forget_ready(1);
+        assert_eq!(q.ready_len(), 1);
+        let mut limits = RateLimits::default();
+        assert_eq!(admit(&mut q, &mut limits, 5, 0), vec![2]);
+    }
+
     fn keyed(id: i64, name: &str, key: &str) -> Arrival {
         Arrival {
             flow: Some(TaskFlow {
