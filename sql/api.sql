@@ -983,6 +983,46 @@ BEGIN
 END
 $$;
 
+-- Deletes finished tasks (and their attempts) that finished before the cutoffs, oldest first,
+-- at most max_rows per status; NULL keeps that kind. Rows someone holds are left for the next
+-- call. Returns how many tasks were deleted (the scheduler calls again soon while it is
+-- max_rows for some status).
+CREATE OR REPLACE FUNCTION sluice._purge_finished(succeeded_before timestamptz,
+                                                  failed_before timestamptz, max_rows int)
+RETURNS int
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    kind   sluice.task_status;
+    before timestamptz;
+    batch  bigint[];
+    ids    bigint[] := '{}';
+    n      int;
+BEGIN
+    FOREACH kind IN ARRAY ARRAY['succeeded', 'failed', 'cancelled']::sluice.task_status[] LOOP
+        before := CASE kind WHEN 'succeeded' THEN succeeded_before ELSE failed_before END;
+        CONTINUE WHEN before IS NULL;
+        SELECT array_agg(x.id) INTO batch FROM (
+            SELECT t.id FROM sluice.task_run t
+             WHERE t.status = kind AND t.finished_at < before
+               -- the index's predicate, spelled out: a generic plan cannot know `kind`
+               AND t.status IN ('succeeded', 'failed', 'cancelled')
+             ORDER BY t.status, t.finished_at LIMIT max_rows
+               FOR UPDATE SKIP LOCKED) x;
+        ids := ids || coalesce(batch, '{}');
+    END LOOP;
+    IF cardinality(ids) = 0 THEN  -- never `id = ANY('{}')`: see _maintain
+        RETURN 0;
+    END IF;
+    DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(ids);
+    DELETE FROM sluice.task_run t WHERE t.id = ANY(ids);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'sluice scheduler: deleting finished tasks failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    RETURN 0;
+END
+$$;
+
 -- Last resort for a row the scheduler cannot process: fail it with the error, so it neither
 -- blocks the queue nor is retried forever.
 CREATE OR REPLACE FUNCTION sluice._quarantine(task_id bigint, error text) RETURNS void

@@ -110,6 +110,10 @@ CREATE INDEX task_run_concurrency_idx ON sluice.task_run (task_name, concurrency
 -- the last window, and the sluice.rate_limits view counts them; rate-limited tasks only.
 CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
     WHERE rate_limit_keys IS NOT NULL;
+-- Finished tasks by status and age: the scheduler deletes those past their retention
+-- (sluice.succeeded_task_retention, sluice.failed_task_retention), oldest first.
+CREATE INDEX task_run_finished_idx ON sluice.task_run (status, finished_at)
+    WHERE status IN ('succeeded', 'failed', 'cancelled');
 -- An idempotency key is unique among the unfinished tasks of one task name.
 CREATE UNIQUE INDEX task_run_idempotency_idx ON sluice.task_run (task_name, idempotency_key)
     WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running');

@@ -12,6 +12,9 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static HEARTBEAT_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// A task lost with its worker more often than this fails instead of being requeued.
 pub static MAX_LOST_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+/// Finished tasks are deleted this long (seconds) after they finish; -1 keeps them.
+pub static SUCCEEDED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static FAILED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 /// Log the scheduler's tick statistics every 10 seconds (for diagnosing slow assignment).
 pub static LOG_SCHEDULER_STATS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
@@ -58,6 +61,26 @@ pub fn define(preloading: bool) {
         1_000_000,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sluice.succeeded_task_retention",
+        c"How long succeeded tasks are kept after they finish; -1 keeps them forever.",
+        c"The scheduler deletes older ones (with their attempts) in batches, oldest first.",
+        &SUCCEEDED_RETENTION_S,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"sluice.failed_task_retention",
+        c"How long failed and cancelled tasks are kept after they finish; -1 keeps them forever.",
+        c"The scheduler deletes older ones (with their attempts) in batches, oldest first.",
+        &FAILED_RETENTION_S,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_bool_guc(
         c"sluice.log_scheduler_stats",

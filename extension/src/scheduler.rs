@@ -34,6 +34,11 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// between its ticks: 1,000,000 queued tasks are swept in about 4 s at a few % of a core.
 const SWEEP_ROWS_PER_TICK: usize = 5_000;
 const SWEEP_TICK: Duration = Duration::from_millis(20);
+/// Finished tasks past their retention are deleted at most this often, this many per status
+/// per call (about 5 ms per 1,000); a full batch is followed by another one with the next
+/// maintenance, so a backlog goes at up to 50,000 per second per status.
+const PURGE_INTERVAL: Duration = Duration::from_secs(1);
+const PURGE_BATCH: i32 = 5_000;
 /// At most this many runnable tasks are kept in memory (about 30 bytes each); beyond it,
 /// newer arrivals are read as room frees up, so priorities apply among the oldest this many.
 const MAX_READY_IN_MEMORY: usize = 1_000_000;
@@ -202,7 +207,7 @@ impl TickStats {
         }
         if gucs::LOG_SCHEDULER_STATS.get() {
             log!(
-                "sluice scheduler: {} ticks in {:.1} s ({:.1} s busy, longest {:.1} ms), {} assigned, {} ready, {} running, {} swept out",
+                "sluice scheduler: {} ticks in {:.1} s ({:.1} s busy, longest {:.1} ms), {} assigned, {} ready, {} running, {} swept out, {} finished tasks deleted",
                 self.ticks,
                 elapsed.as_secs_f64(),
                 self.busy.as_secs_f64(),
@@ -211,9 +216,11 @@ impl TickStats {
                 scheduler.queue.ready_len(),
                 scheduler.queue.running_len(),
                 scheduler.swept_out,
+                scheduler.purged,
             );
         }
         scheduler.swept_out = 0;
+        scheduler.purged = 0;
         *self = TickStats::new();
     }
 }
@@ -247,6 +254,11 @@ struct Scheduler {
     sweep_from: Option<Cursor>,
     /// Ready tasks the sweeps found not queued any more (for the statistics).
     swept_out: usize,
+    last_purge: Instant,
+    /// The last purge deleted a full batch: more are due.
+    purge_again: bool,
+    /// Finished tasks deleted (for the statistics).
+    purged: usize,
     /// Schedule deadlines before this were handled (the moving window of `_maintain`).
     deadlines_after: Micros,
     /// Task definitions and rate limits, reloaded with maintenance and after every committed
@@ -449,6 +461,9 @@ impl Scheduler {
             last_sweep: Instant::now(),
             sweep_from: None,
             swept_out: 0,
+            last_purge: Instant::now(),
+            purge_again: false,
+            purged: 0,
             deadlines_after: i64::MIN,
             definitions: Definitions::default(),
             config_generation: u64::MAX,
@@ -563,6 +578,12 @@ impl Scheduler {
             }
             self.deadlines_after = now;
             self.last_maintenance = Some(Instant::now());
+            if self.purge_again || self.last_purge.elapsed() >= PURGE_INTERVAL {
+                let purged = purge_finished(client);
+                self.purge_again = purged >= PURGE_BATCH as usize;
+                self.purged += purged;
+                self.last_purge = Instant::now();
+            }
             // Windows of dynamic keys (one per user, say) are dropped once nothing counts.
             self.limits.forget_idle(now);
         }
@@ -1139,6 +1160,26 @@ fn post(
     }
     let workers = posts[..fitted].iter().map(|p| p.worker_id).collect();
     (workers, fitted, fitted < posts.len() || rate_skipped)
+}
+
+/// Deletes finished tasks past their retention (`sluice.succeeded_task_retention`,
+/// `sluice.failed_task_retention`), a batch per status. Returns how many went.
+fn purge_finished(client: &mut SpiClient<'_>) -> usize {
+    let cutoff = |seconds: i32| (seconds >= 0).then(|| format!("{seconds} seconds"));
+    let succeeded = cutoff(gucs::SUCCEEDED_RETENTION_S.get());
+    let failed = cutoff(gucs::FAILED_RETENTION_S.get());
+    if succeeded.is_none() && failed.is_none() {
+        return 0;
+    }
+    client
+        .update(
+            "SELECT sluice._purge_finished(now() - $1::interval, now() - $2::interval, $3)",
+            None,
+            &[succeeded.into(), failed.into(), PURGE_BATCH.into()],
+        )
+        .ok()
+        .and_then(|rows| rows.first().get_one::<i32>().ok().flatten())
+        .map_or(0, |n| n.max(0) as usize)
 }
 
 /// Cancels the victims of concurrency strategies (see `QueueState::concurrency_victims`).

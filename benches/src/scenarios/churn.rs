@@ -3,7 +3,8 @@
 //! of executions against the first 10%, and the sizes of every table and index before and
 //! after. Run twice: normally, and with another session holding a transaction (and so the
 //! xmin horizon) open for the whole run, which keeps vacuum from removing anything. The
-//! batched baseline goes through the same.
+//! batched baseline goes through the same. During the Sluice runs succeeded tasks are kept
+//! for `RETENTION_S` (sluice.succeeded_task_retention); the baseline keeps every job.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -213,6 +214,9 @@ async fn churn(
             ("sluice_bench", None)
         }
     };
+    if system == System::Sluice {
+        set_retention(&client, Some(RETENTION_S)).await?;
+    }
     let outcome = async {
         if system == System::Sluice {
             // Cleanup, before the clock: earlier runs' deleted rows leave free space in the
@@ -288,7 +292,9 @@ async fn churn(
             None => Value::Null,
         };
         let check = match task {
-            Some(task) => sluice_side::check(&client, task, &recorder, true).await?,
+            Some(task) => {
+                sluice_side::check_with_retention(&client, task, &recorder, true, true).await?
+            }
             None => {
                 let executions = recorder.check(true);
                 let (jobs, done) = baseline::job_counts(&client).await?;
@@ -316,9 +322,28 @@ async fn churn(
     }
     .await;
     if let Some(task) = task {
+        if let Err(e) = set_retention(&client, None).await {
+            eprintln!("warning: resetting sluice.succeeded_task_retention failed: {e}");
+        }
         sluice_side::cleanup(&ctx.dsn, task).await;
     }
     outcome
+}
+
+/// Succeeded tasks are deleted this long after they finish during the Sluice runs, so that
+/// the table holds about `rate x RETENTION_S` finished rows plus what vacuum has not yet
+/// reclaimed (the default, a day, would keep all 2,000,000).
+const RETENTION_S: i32 = 10;
+
+/// Sets (or resets to the default) `sluice.succeeded_task_retention` for the cluster.
+async fn set_retention(client: &Client, seconds: Option<i32>) -> Result<()> {
+    let sql = match seconds {
+        Some(s) => format!("ALTER SYSTEM SET sluice.succeeded_task_retention = {s}"),
+        None => "ALTER SYSTEM RESET sluice.succeeded_task_retention".to_string(),
+    };
+    client.batch_execute(&sql).await?;
+    client.batch_execute("SELECT pg_reload_conf()").await?;
+    Ok(())
 }
 
 /// One producer: enqueues the next batch of 1,000 whenever fewer than `backlog` tasks are

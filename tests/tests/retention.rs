@@ -1,0 +1,126 @@
+//! Retention: the scheduler deletes finished tasks (with their attempts) once
+//! `sluice.succeeded_task_retention` / `sluice.failed_task_retention` have passed since they
+//! finished, never earlier, and never a queued or running one. A private cluster, since the
+//! settings are cluster-wide and would delete other tests' tasks.
+
+use serde_json::json;
+use sluice_tests::*;
+use std::time::Duration;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
+
+#[tokio::test]
+async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
+    let cluster = PrivateCluster::start(
+        "retention",
+        true,
+        &[
+            ("sluice.succeeded_task_retention", "1"),
+            ("sluice.failed_task_retention", "4"),
+        ],
+    );
+    let client = connect(&cluster.dsn()).await;
+    create_test_tables(&client).await;
+    // Every deletion from task_run, as the deleting transaction saw the row.
+    client
+        .batch_execute(
+            "CREATE TABLE sluice_test.deleted (id bigint, status text, finished_at timestamptz,
+                                               deleted_at timestamptz);
+             CREATE FUNCTION sluice_test.log_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO sluice_test.deleted
+                 VALUES (OLD.id, OLD.status, OLD.finished_at, clock_timestamp());
+                 RETURN OLD;
+             END $$;
+             CREATE TRIGGER log_delete AFTER DELETE ON sluice.task_run
+                 FOR EACH ROW EXECUTE FUNCTION sluice_test.log_delete();",
+        )
+        .await
+        .unwrap();
+    let task = define_unique_task(&client, "retention", ", retries => 1").await;
+    let _worker = WorkerProcess::spawn(WORKER, &cluster.dsn(), &task, 8);
+    let succeeding = enqueue_copies(&client, &task, json!({"sleep_ms": 10}), 40).await;
+    // Fail once, then fail for good: each leaves an attempt row.
+    let failing = enqueue_copies(&client, &task, json!({"fail_attempts": 2}), 5).await;
+    let delayed: i64 = client
+        .query_one(
+            "SELECT sluice.enqueue($1, '{}', run_at => now() + interval '1 hour')",
+            &[&task],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let all: Vec<i64> = [succeeding.clone(), failing.clone()].concat();
+    wait_finished(&client, &all, Duration::from_secs(30)).await;
+
+    let remaining = |ids: Vec<i64>| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT count(*) FROM sluice.task_run WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    wait_until(Duration::from_secs(20), "succeeded tasks to be deleted", || async {
+        match remaining(succeeding.clone()).await {
+            0 => Ok(()),
+            n => Err(format!("{n} of {} left", succeeding.len())),
+        }
+    })
+    .await;
+    wait_until(Duration::from_secs(20), "failed tasks to be deleted", || async {
+        match remaining(failing.clone()).await {
+            0 => Ok(()),
+            n => Err(format!("{n} of {} left", failing.len())),
+        }
+    })
+    .await;
+
+    // Every deletion was of a finished task, after its status's retention.
+    let early: Vec<String> = client
+        .query(
+            "SELECT format('%s %s finished %s deleted %s', id, status, finished_at, deleted_at)
+               FROM sluice_test.deleted
+              WHERE finished_at IS NULL OR status NOT IN ('succeeded', 'failed', 'cancelled')
+                 OR deleted_at < finished_at + CASE status WHEN 'succeeded' THEN interval '1 s'
+                                                           ELSE interval '4 s' END",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(early.is_empty(), "deleted too early or unfinished: {early:?}");
+    let deleted: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT id) FROM sluice_test.deleted WHERE id = ANY($1)",
+            &[&all],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(deleted, all.len() as i64);
+    // Their attempts went with them; the delayed task is still queued.
+    let attempts: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sluice.task_attempt WHERE task_id = ANY($1)",
+            &[&failing],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 0, "attempt rows of deleted tasks are left behind");
+    let (status, _, _) = task_state(&client, delayed).await;
+    assert_eq!(status, "queued");
+    assert!(
+        !cluster.log().contains("deleting finished tasks failed"),
+        "{}",
+        cluster.log_tail(30)
+    );
+}
