@@ -103,13 +103,11 @@ CREATE INDEX task_run_schedule_deadline_idx ON sluice.task_run (schedule_deadlin
     WHERE status = 'queued';
 -- A worker's running attempts (deregistration, the workers view).
 CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id) WHERE status = 'running';
--- Unfinished tasks per concurrency key (the sluice.concurrency view); keyed tasks only.
-CREATE INDEX task_run_concurrency_idx ON sluice.task_run (task_name, concurrency_key)
-    WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running');
 -- Rate-limited starts by time: a restarted scheduler rebuilds its windows from the starts of
--- the last window, and the sluice.rate_limits view counts them; rate-limited tasks only.
+-- the last window, and the sluice.rate_limits view counts them; rate-limited tasks only, from
+-- their claim on (nothing to write at enqueue).
 CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
-    WHERE rate_limit_keys IS NOT NULL;
+    WHERE rate_limit_keys IS NOT NULL AND assigned_at IS NOT NULL;
 -- Finished tasks by status and age: the scheduler deletes those past their retention
 -- (sluice.succeeded_task_retention, sluice.failed_task_retention), oldest first.
 CREATE INDEX task_run_finished_idx ON sluice.task_run (status, finished_at)
@@ -227,9 +225,14 @@ SELECT t.task_name,
        d.concurrency_strategy AS strategy,
        count(*) FILTER (WHERE t.status = 'running') AS running,
        count(*) FILTER (WHERE t.status = 'queued')  AS waiting
-FROM sluice.task_run t
+FROM (-- two parts, each through its status's partial index (no index of its own: it would
+      -- cost every keyed task two more index writes)
+      SELECT r.task_name, r.concurrency_key, r.status FROM sluice.task_run r
+       WHERE r.status = 'running' AND r.concurrency_key IS NOT NULL
+      UNION ALL
+      SELECT q.task_name, q.concurrency_key, q.status FROM sluice.task_run q
+       WHERE q.status = 'queued' AND q.concurrency_key IS NOT NULL) t
 LEFT JOIN sluice.task_definition d ON d.name = t.task_name
-WHERE t.concurrency_key IS NOT NULL AND t.status IN ('queued', 'running')
 GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;
 
 -- Per rate-limit key: every declared key, and each dynamic key with starts in its window.
