@@ -98,9 +98,6 @@ CREATE TABLE sluice.task_run (
 -- Arrivals: the scheduler reads tasks that became runnable since its last read, in
 -- (run_at, id) order, and keeps the runnable queue in memory; also the next delayed task.
 CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at, id) WHERE status = 'queued';
--- Schedule timeouts, scanned as a moving window.
-CREATE INDEX task_run_schedule_deadline_idx ON sluice.task_run (schedule_deadline)
-    WHERE status = 'queued';
 -- A worker's running attempts (deregistration, the workers view).
 CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id) WHERE status = 'running';
 -- Rate-limited starts by time: a restarted scheduler rebuilds its windows from the starts of

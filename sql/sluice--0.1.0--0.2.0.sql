@@ -10,6 +10,8 @@ ALTER TABLE sluice.task_run SET (autovacuum_vacuum_scale_factor = 0.02,
 
 DROP INDEX sluice.task_run_queued_idx;
 DROP INDEX sluice.task_run_timeout_idx;
+-- Schedule deadlines come from the scheduler's memory (sluice._expire_queued).
+DROP INDEX sluice.task_run_schedule_deadline_idx;
 DROP INDEX sluice.task_run_run_at_idx;
 CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at, id) WHERE status = 'queued';
 -- Retention: the scheduler deletes finished tasks past sluice.*_task_retention.
@@ -1033,11 +1035,11 @@ $$;
 
 -- lost_task_ids: running tasks (per the scheduler) whose worker is not live; timed_out_task_ids:
 -- running tasks whose timeout_at has passed (per the scheduler); both are re-checked here.
--- deadlines_after: schedule deadlines before it were handled by an earlier call ('-infinity'
--- for a full pass). purge_workers: also forget workers stopped more than a day ago.
+-- purge_workers: also forget workers stopped more than a day ago. (Schedule timeouts come
+-- from the scheduler's memory too: sluice._expire_queued.)
 -- Returns the workers to notify that a running task of theirs must stop.
 CREATE OR REPLACE FUNCTION sluice._maintain(lost_task_ids bigint[], timed_out_task_ids bigint[],
-                                 deadlines_after timestamptz, purge_workers boolean)
+                                 purge_workers boolean)
 RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1086,24 +1088,7 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- 3. Schedule timeouts: queued for too long, cancelled with the reason.
-    BEGIN
-        UPDATE sluice.task_run r
-           SET status = 'cancelled', finished_at = now(),
-               last_error = format('schedule timeout: not started within %s of %s',
-                                   r.schedule_deadline - r.run_at, r.run_at)
-         WHERE r.id = ANY((SELECT array_agg(late.id) FROM (
-                    SELECT q.id FROM sluice.task_run q
-                     WHERE q.status = 'queued'
-                       AND q.schedule_deadline >= deadlines_after AND q.schedule_deadline < now()
-                     ORDER BY q.schedule_deadline
-                     LIMIT 10000
-                       FOR UPDATE SKIP LOCKED) late)::bigint[]);
-    EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'sluice scheduler: schedule timeouts failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
-    END;
-
-    -- 4. Forget workers stopped long ago (their tasks were requeued in phase 1).
+    -- 3. Forget workers stopped long ago (their tasks were requeued in phase 1).
     IF purge_workers THEN
         BEGIN
             DELETE FROM sluice.worker x
@@ -1115,48 +1100,92 @@ BEGIN
         END;
     END IF;
 
-    -- 5. Signals queued by cancel().
+    -- 4. Signals queued by cancel().
     RETURN QUERY DELETE FROM sluice.worker_signal RETURNING worker_id;
 END
 $$;
 
--- Deletes finished tasks (and their attempts) that finished before the cutoffs, oldest first,
--- at most max_rows per status; NULL keeps that kind. Rows someone holds are left for the next
--- call. Returns how many tasks were deleted (the scheduler calls again soon while it is
--- max_rows for some status).
-CREATE OR REPLACE FUNCTION sluice._purge_finished(succeeded_before timestamptz,
-                                                  failed_before timestamptz, max_rows int)
-RETURNS int
+-- Schedule timeouts: cancels those of the given tasks that are still queued past their
+-- schedule deadline (the scheduler knows the deadlines of the tasks waiting in its memory, so
+-- no index of queued tasks by deadline is kept). Rows locked by someone are left for the next
+-- call. Returns every given task that exists, with its status and deadline after this.
+CREATE OR REPLACE FUNCTION sluice._expire_queued(task_ids bigint[])
+RETURNS TABLE (task_id bigint, status text, schedule_deadline timestamptz)
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+#variable_conflict use_column
 DECLARE
-    kind   sluice.task_status;
+    expired bigint[];
+BEGIN
+    IF cardinality(task_ids) = 0 THEN  -- never `id = ANY('{}')`: see _maintain
+        RETURN;
+    END IF;
+    BEGIN
+        SELECT array_agg(q.id) INTO expired FROM (
+            SELECT q.id FROM sluice.task_run q
+             WHERE q.id = ANY(task_ids) AND q.status::text = 'queued'
+               AND q.schedule_deadline < now()
+               FOR UPDATE SKIP LOCKED) q;
+        IF expired IS NOT NULL THEN
+            UPDATE sluice.task_run r
+               SET status = 'cancelled', finished_at = now(),
+                   last_error = format('schedule timeout: not started within %s of %s',
+                                       r.schedule_deadline - r.run_at, r.run_at)
+             WHERE r.id = ANY(expired);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'sluice scheduler: schedule timeouts failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    END;
+    RETURN QUERY
+    SELECT r.id, r.status::text, r.schedule_deadline FROM sluice.task_run r
+     WHERE r.id = ANY(task_ids);
+END
+$$;
+
+-- Deletes finished tasks (and their attempts) that finished before the cutoffs, oldest first,
+-- at most max_rows per status; a NULL cutoff keeps that kind. Each status is read from
+-- `after` on (its element: succeeded, failed, cancelled), where the scheduler's previous call
+-- ended: under a held xmin horizon the rows deleted before stay in the index until vacuum can
+-- remove them, and starting from the oldest every time would walk them all, every call. Rows
+-- someone holds are left for the next pass. Returns, per status, how many went and the
+-- finish time of the last one.
+CREATE OR REPLACE FUNCTION sluice._purge_finished(succeeded_before timestamptz,
+                                                  failed_before timestamptz,
+                                                  after timestamptz[], max_rows int)
+RETURNS TABLE (status text, deleted int, reached timestamptz)
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    kinds  sluice.task_status[] := ARRAY['succeeded', 'failed', 'cancelled'];
     before timestamptz;
-    batch  bigint[];
-    ids    bigint[] := '{}';
+    ids    bigint[];
+    last   timestamptz;
     n      int;
 BEGIN
-    FOREACH kind IN ARRAY ARRAY['succeeded', 'failed', 'cancelled']::sluice.task_status[] LOOP
-        before := CASE kind WHEN 'succeeded' THEN succeeded_before ELSE failed_before END;
+    FOR i IN 1 .. 3 LOOP
+        before := CASE WHEN i = 1 THEN succeeded_before ELSE failed_before END;
         CONTINUE WHEN before IS NULL;
-        SELECT array_agg(x.id) INTO batch FROM (
-            SELECT t.id FROM sluice.task_run t
-             WHERE t.status = kind AND t.finished_at < before
-               -- the index's predicate, spelled out: a generic plan cannot know `kind`
-               AND t.status IN ('succeeded', 'failed', 'cancelled')
-             ORDER BY t.status, t.finished_at LIMIT max_rows
-               FOR UPDATE SKIP LOCKED) x;
-        ids := ids || coalesce(batch, '{}');
+        BEGIN
+            SELECT array_agg(x.id), max(x.finished_at) INTO ids, last FROM (
+                SELECT t.id, t.finished_at FROM sluice.task_run t
+                 WHERE t.status = kinds[i] AND t.finished_at < before
+                   AND t.finished_at >= coalesce(after[i], '-infinity')
+                   -- the index's predicate, spelled out: a generic plan cannot know kinds[i]
+                   AND t.status IN ('succeeded', 'failed', 'cancelled')
+                 ORDER BY t.status, t.finished_at LIMIT max_rows
+                   FOR UPDATE SKIP LOCKED) x;
+            CONTINUE WHEN ids IS NULL;  -- never `id = ANY('{}')`: see _maintain
+            DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(ids);
+            DELETE FROM sluice.task_run t WHERE t.id = ANY(ids);
+            GET DIAGNOSTICS n = ROW_COUNT;
+            status := kinds[i]::text;
+            deleted := n;
+            reached := last;
+            RETURN NEXT;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'sluice scheduler: deleting finished tasks failed: % (SQLSTATE %)',
+                SQLERRM, SQLSTATE;
+        END;
     END LOOP;
-    IF cardinality(ids) = 0 THEN  -- never `id = ANY('{}')`: see _maintain
-        RETURN 0;
-    END IF;
-    DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(ids);
-    DELETE FROM sluice.task_run t WHERE t.id = ANY(ids);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-EXCEPTION WHEN OTHERS THEN
-    RAISE WARNING 'sluice scheduler: deleting finished tasks failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
-    RETURN 0;
 END
 $$;
 

@@ -38,9 +38,19 @@ pub struct Arrival {
     pub priority: i32,
     /// Runnable from; with the id, the task's place in the arrivals index.
     pub run_at: Micros,
+    /// Cancelled if still waiting then (the schedule timeout).
+    pub schedule_deadline: Micros,
     /// The row's attempt count; the next claim makes attempt `attempt + 1`.
     pub attempt: i32,
     pub flow: Option<TaskFlow>,
+}
+
+/// Where a ready task sits in time: its place in the arrivals index (with its id) and when its
+/// schedule timeout cancels it.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    run_at: Micros,
+    schedule_deadline: Micros,
 }
 
 /// A runnable task: the queue it waits in (name, priority), its place in the arrivals index
@@ -50,6 +60,7 @@ struct ReadyTask {
     task_name: Rc<str>,
     priority: i32,
     run_at: Micros,
+    schedule_deadline: Micros,
     attempt: i32,
 }
 
@@ -188,6 +199,7 @@ struct Posted {
     task_name: String,
     priority: i32,
     run_at: Micros,
+    schedule_deadline: Micros,
     posted_at: Micros,
 }
 
@@ -217,9 +229,11 @@ pub struct QueueState {
     /// Counts admissions of keyed tasks; a key's `served` is the count at its last admission.
     served_seq: u64,
     ready_len: usize,
-    /// Every ready task, and the same in the arrivals index's order.
+    /// Every ready task, and the same in the arrivals index's order and by schedule deadline
+    /// (the schedule timeouts come from memory: no index of queued tasks by deadline).
     ready_tasks: HashMap<i64, ReadyTask>,
     by_position: BTreeSet<Cursor>,
+    by_deadline: BTreeSet<(Micros, i64)>,
     /// One copy of each task name for `ready_tasks`.
     names: HashSet<Rc<str>>,
     cursor: Cursor,
@@ -247,6 +261,7 @@ impl QueueState {
             ready_len: 0,
             ready_tasks: HashMap::new(),
             by_position: BTreeSet::new(),
+            by_deadline: BTreeSet::new(),
             names: HashSet::new(),
             cursor: FROM_START,
             running: HashMap::new(),
@@ -293,7 +308,11 @@ impl QueueState {
         if let Some(flow) = a.flow {
             self.flow.insert(a.task_id, (a.task_name.clone(), flow));
         }
-        self.insert_ready(a.task_name, a.priority, a.task_id, a.attempt, a.run_at);
+        let place = Place {
+            run_at: a.run_at,
+            schedule_deadline: a.schedule_deadline,
+        };
+        self.insert_ready(a.task_name, a.priority, a.task_id, a.attempt, place);
     }
 
     /// Brings the ready tasks placed in `(from, to]` of the arrivals index in line with
@@ -362,8 +381,13 @@ impl QueueState {
                     continue;
                 };
                 self.by_position.remove(&(task.run_at, id));
+                self.by_deadline.remove(&(task.schedule_deadline, id));
                 self.ready_len -= 1;
-                self.insert_ready(name.clone(), priority, id, task.attempt, task.run_at);
+                let place = Place {
+                    run_at: task.run_at,
+                    schedule_deadline: task.schedule_deadline,
+                };
+                self.insert_ready(name.clone(), priority, id, task.attempt, place);
             }
         }
     }
@@ -385,7 +409,7 @@ impl QueueState {
         priority: i32,
         task_id: i64,
         attempt: i32,
-        run_at: Micros,
+        place: Place,
     ) {
         if self.ready_tasks.contains_key(&task_id) {
             return;
@@ -417,11 +441,13 @@ impl QueueState {
                 ReadyTask {
                     task_name: interned,
                     priority,
-                    run_at,
+                    run_at: place.run_at,
+                    schedule_deadline: place.schedule_deadline,
                     attempt,
                 },
             );
-            self.by_position.insert((run_at, task_id));
+            self.by_position.insert((place.run_at, task_id));
+            self.by_deadline.insert((place.schedule_deadline, task_id));
         }
     }
 
@@ -492,6 +518,32 @@ impl QueueState {
         }
     }
 
+    /// Ready tasks whose schedule deadline is before `now`, oldest deadline first, at most
+    /// `max`. They stay ready until the caller has cancelled their rows (`forget_ready`): one
+    /// that could not be cancelled now (its row locked by a claim) is tried again or assigned.
+    pub fn expired(&self, now: Micros, max: usize) -> Vec<i64> {
+        self.by_deadline
+            .iter()
+            .take_while(|(deadline, _)| *deadline < now)
+            .take(max)
+            .map(|&(_, id)| id)
+            .collect()
+    }
+
+    /// A ready task's schedule deadline as its row now has it.
+    pub fn set_deadline(&mut self, task_id: i64, schedule_deadline: Micros) {
+        if let Some(task) = self.ready_tasks.get_mut(&task_id) {
+            self.by_deadline.remove(&(task.schedule_deadline, task_id));
+            task.schedule_deadline = schedule_deadline;
+            self.by_deadline.insert((schedule_deadline, task_id));
+        }
+    }
+
+    /// The earliest schedule deadline among the ready tasks.
+    pub fn next_deadline(&self) -> Option<Micros> {
+        self.by_deadline.first().map(|&(deadline, _)| deadline)
+    }
+
     /// A ready task's attempt count.
     pub fn ready_attempt(&self, task_id: i64) -> Option<i32> {
         self.ready_tasks.get(&task_id).map(|t| t.attempt)
@@ -508,7 +560,8 @@ impl QueueState {
         timeout: Micros,
     ) -> Option<i32> {
         let ready = self.ready_tasks.get(&c.task_id)?;
-        let (attempt, run_at) = (ready.attempt + 1, ready.run_at);
+        let (attempt, run_at, schedule_deadline) =
+            (ready.attempt + 1, ready.run_at, ready.schedule_deadline);
         if let Some(key) = self.key_of(&c.task_name, c.task_id).map(str::to_string) {
             self.served_seq += 1;
             if let Some(keyed) = self.keyed.get_mut(&c.task_name) {
@@ -530,6 +583,7 @@ impl QueueState {
                 task_name: c.task_name.clone(),
                 priority: c.priority,
                 run_at,
+                schedule_deadline,
                 posted_at: now,
             },
         );
@@ -552,7 +606,11 @@ impl QueueState {
             if let Some(flow) = flow {
                 self.flow.insert(task_id, flow);
             }
-            self.insert_ready(p.task_name, p.priority, task_id, attempt - 1, p.run_at);
+            let place = Place {
+                run_at: p.run_at,
+                schedule_deadline: p.schedule_deadline,
+            };
+            self.insert_ready(p.task_name, p.priority, task_id, attempt - 1, place);
         }
     }
 
@@ -816,6 +874,7 @@ impl QueueState {
             self.ready_len -= 1;
             if let Some(task) = self.ready_tasks.remove(&task_id) {
                 self.by_position.remove(&(task.run_at, task_id));
+                self.by_deadline.remove(&(task.schedule_deadline, task_id));
             }
             if !self.running.contains_key(&task_id) {
                 self.flow.remove(&task_id);
@@ -1004,6 +1063,7 @@ mod unit_tests {
             task_name: name.into(),
             priority,
             run_at: id,
+            schedule_deadline: i64::MAX,
             attempt: 0,
             flow: None,
         }
@@ -1192,6 +1252,32 @@ mod unit_tests {
         assert_eq!(q.sweep(vec![], FROM_START, (7, 7), 3), (3, (4, 7)));
         assert_eq!(q.sweep(vec![], (4, 7), (7, 7), 3), (1, (7, 7)));
         assert_eq!(q.ready_len(), 0);
+    }
+
+    #[test]
+    fn schedule_deadlines_come_from_the_waiting_tasks_only() {
+        let mut q = QueueState::new();
+        let due = |id: i64, deadline: Micros| Arrival {
+            schedule_deadline: deadline,
+            ..arrival(id, "a", 1)
+        };
+        q.add_arrivals([due(1, 50), due(2, 30), due(3, 90)], (3, 3));
+        assert_eq!(q.next_deadline(), Some(30));
+        assert_eq!(q.expired(60, 10), vec![2, 1]);
+        assert_eq!(q.expired(60, 1), vec![2]);
+        // Posted to a worker, task 1 is no longer waiting; withdrawn, it waits again.
+        let first = q
+            .candidates(&[("a".into(), 1)], &mut RateLimits::default(), 0)
+            .candidates
+            .remove(0);
+        assert_eq!(first.task_id, 1);
+        let attempt = q.post(&first, 9, 0, 1_000).unwrap();
+        assert_eq!(q.expired(60, 10), vec![2]);
+        q.unpost(1, attempt);
+        assert_eq!(q.expired(60, 10), vec![2, 1]);
+        // Cancelled (the caller forgets it): gone from the deadlines too.
+        q.forget_ready(2);
+        assert_eq!((q.expired(60, 10), q.next_deadline()), (vec![1], Some(50)));
     }
 
     #[test]

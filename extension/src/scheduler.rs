@@ -39,7 +39,9 @@ const SWEEP_TICK: Duration = Duration::from_millis(20);
 /// maintenance, so a backlog goes at up to 50,000 per second per status.
 const PURGE_INTERVAL: Duration = Duration::from_secs(1);
 const PURGE_BATCH: i32 = 5_000;
-/// At most this many runnable tasks are kept in memory (about 30 bytes each); beyond it,
+/// Waiting tasks past their schedule deadline cancelled per maintenance, at most.
+const EXPIRED_PER_MAINTENANCE: usize = 10_000;
+/// At most this many runnable tasks are kept in memory (about 150 bytes each); beyond it,
 /// newer arrivals are read as room frees up, so priorities apply among the oldest this many.
 const MAX_READY_IN_MEMORY: usize = 1_000_000;
 /// Every running attempt is checked in the table at least this often (see `check_running`).
@@ -257,10 +259,11 @@ struct Scheduler {
     last_purge: Instant,
     /// The last purge deleted a full batch: more are due.
     purge_again: bool,
+    /// Where the next purge starts, per status (succeeded, failed, cancelled): finish times
+    /// before were purged (back to the start with each sweep, for rows skipped as locked).
+    purge_after: [Micros; 3],
     /// Finished tasks deleted (for the statistics).
     purged: usize,
-    /// Schedule deadlines before this were handled (the moving window of `_maintain`).
-    deadlines_after: Micros,
     /// Task definitions and rate limits, reloaded with maintenance and after every committed
     /// change (`wake::config_generation`).
     definitions: Definitions,
@@ -396,7 +399,8 @@ impl Statements {
             ),
             read_arrivals: prepare(
                 "SELECT id, task_name, priority, run_at, attempt,
-                        concurrency_key, rate_limit_keys, rate_limit_units FROM sluice.task_run
+                        concurrency_key, rate_limit_keys, rate_limit_units, schedule_deadline
+                   FROM sluice.task_run
                   WHERE status = 'queued' AND (run_at, id) > ($1, $2) AND run_at <= now()
                   ORDER BY run_at, id
                   LIMIT $3",
@@ -408,7 +412,8 @@ impl Statements {
             ),
             sweep: prepare(
                 "SELECT id, task_name, priority, run_at, attempt,
-                        concurrency_key, rate_limit_keys, rate_limit_units FROM sluice.task_run
+                        concurrency_key, rate_limit_keys, rate_limit_units, schedule_deadline
+                   FROM sluice.task_run
                   WHERE status = 'queued' AND (run_at, id) > ($1, $2) AND (run_at, id) <= ($3, $4)
                     AND run_at <= now()
                   ORDER BY run_at, id
@@ -463,8 +468,8 @@ impl Scheduler {
             swept_out: 0,
             last_purge: Instant::now(),
             purge_again: false,
+            purge_after: [i64::MIN; 3],
             purged: 0,
-            deadlines_after: i64::MIN,
             definitions: Definitions::default(),
             config_generation: u64::MAX,
             limits: RateLimits::default(),
@@ -504,7 +509,7 @@ impl Scheduler {
         let purge_workers = self.last_sweep.elapsed() >= SWEEP_INTERVAL;
         if purge_workers {
             self.sweep_from = Some(FROM_START);
-            self.deadlines_after = i64::MIN;
+            self.purge_after = [i64::MIN; 3];
             self.last_sweep = Instant::now();
             self.load_running = true;
         }
@@ -558,17 +563,11 @@ impl Scheduler {
             let lost = self.queue.lost(&live);
             let timed_out = self.queue.timed_out(now);
             soon |= !lost.is_empty() || !timed_out.is_empty();
-            let deadlines_after = timestamptz(self.deadlines_after);
             let signalled = client
                 .update(
-                    "SELECT w FROM sluice._maintain($1, $2, $3, $4) AS w",
+                    "SELECT w FROM sluice._maintain($1, $2, $3) AS w",
                     None,
-                    &[
-                        lost.into(),
-                        timed_out.into(),
-                        deadlines_after.into(),
-                        purge_workers.into(),
-                    ],
+                    &[lost.into(), timed_out.into(), purge_workers.into()],
                 )
                 .expect("sluice._maintain failed");
             for row in signalled {
@@ -576,11 +575,14 @@ impl Scheduler {
                     notify.insert(id, "signal");
                 }
             }
-            self.deadlines_after = now;
+            let expired = self.queue.expired(now, EXPIRED_PER_MAINTENANCE);
+            if !expired.is_empty() {
+                expire_queued(client, &mut self.queue, expired, now);
+            }
             self.last_maintenance = Some(Instant::now());
             if self.purge_again || self.last_purge.elapsed() >= PURGE_INTERVAL {
-                let purged = purge_finished(client);
-                self.purge_again = purged >= PURGE_BATCH as usize;
+                let (purged, more) = purge_finished(client, &mut self.purge_after);
+                self.purge_again = more;
                 self.purged += purged;
                 self.last_purge = Instant::now();
             }
@@ -680,6 +682,7 @@ impl Scheduler {
         } else {
             let due = [
                 self.queue.next_timeout(),
+                self.queue.next_deadline(),
                 next_delayed(client, statements),
                 rate_blocked_until,
             ]
@@ -1059,6 +1062,11 @@ fn queued_rows(
         };
         let run_at = pg_sys::TimestampTz::from(run_at);
         last = Some((run_at, task_id));
+        let schedule_deadline = row
+            .get::<TimestampWithTimeZone>(9)
+            .ok()
+            .flatten()
+            .map_or(i64::MAX, pg_sys::TimestampTz::from);
         let key = row.get::<String>(6).ok().flatten();
         let rates = match (row.get::<Vec<String>>(7), row.get::<Vec<i32>>(8)) {
             (Ok(Some(keys)), Ok(Some(units))) => Some((keys, units)),
@@ -1070,6 +1078,7 @@ fn queued_rows(
             task_name,
             priority,
             run_at,
+            schedule_deadline,
             attempt,
             flow,
         });
@@ -1163,23 +1172,84 @@ fn post(
 }
 
 /// Deletes finished tasks past their retention (`sluice.succeeded_task_retention`,
-/// `sluice.failed_task_retention`), a batch per status. Returns how many went.
-fn purge_finished(client: &mut SpiClient<'_>) -> usize {
+/// `sluice.failed_task_retention`), a batch per status, each status from where the last call
+/// ended (`after`: succeeded, failed, cancelled; moved on here). Returns how many went and
+/// whether a batch was full (more are due).
+fn purge_finished(client: &mut SpiClient<'_>, after: &mut [Micros; 3]) -> (usize, bool) {
     let cutoff = |seconds: i32| (seconds >= 0).then(|| format!("{seconds} seconds"));
     let succeeded = cutoff(gucs::SUCCEEDED_RETENTION_S.get());
     let failed = cutoff(gucs::FAILED_RETENTION_S.get());
     if succeeded.is_none() && failed.is_none() {
-        return 0;
+        return (0, false);
     }
-    client
+    let from: Vec<TimestampWithTimeZone> = after.iter().map(|&at| timestamptz(at)).collect();
+    let rows = client
         .update(
-            "SELECT sluice._purge_finished(now() - $1::interval, now() - $2::interval, $3)",
+            "SELECT status, deleted, reached
+               FROM sluice._purge_finished(now() - $1::interval, now() - $2::interval, $3, $4)",
             None,
-            &[succeeded.into(), failed.into(), PURGE_BATCH.into()],
+            &[
+                succeeded.into(),
+                failed.into(),
+                from.into(),
+                PURGE_BATCH.into(),
+            ],
         )
-        .ok()
-        .and_then(|rows| rows.first().get_one::<i32>().ok().flatten())
-        .map_or(0, |n| n.max(0) as usize)
+        .expect("deleting finished tasks failed");
+    let (mut total, mut full) = (0, false);
+    for row in rows {
+        let (Ok(Some(status)), Ok(Some(deleted)), Ok(Some(reached))) = (
+            row.get::<String>(1),
+            row.get::<i32>(2),
+            row.get::<TimestampWithTimeZone>(3),
+        ) else {
+            continue;
+        };
+        let i = match status.as_str() {
+            "succeeded" => 0,
+            "failed" => 1,
+            _ => 2,
+        };
+        after[i] = pg_sys::TimestampTz::from(reached);
+        total += deleted.max(0) as usize;
+        full |= deleted >= PURGE_BATCH;
+    }
+    (total, full)
+}
+
+/// Cancels waiting tasks whose schedule deadline passed (`QueueState::expired`), and brings
+/// memory in line with what their rows say: cancelled or otherwise not queued any more, they
+/// leave; still queued with a later deadline (rescheduled), they wait until then; still queued
+/// and due (locked by someone), they are tried again with the next maintenance.
+fn expire_queued(client: &mut SpiClient<'_>, queue: &mut QueueState, ids: Vec<i64>, now: Micros) {
+    let rows = client
+        .update(
+            "SELECT task_id, status, schedule_deadline FROM sluice._expire_queued($1)",
+            None,
+            &[ids.clone().into()],
+        )
+        .expect("cancelling tasks past their schedule deadline failed");
+    let mut found: HashMap<i64, (String, Micros)> = HashMap::new();
+    for row in rows {
+        if let (Ok(Some(id)), Ok(Some(status)), Ok(deadline)) = (
+            row.get::<i64>(1),
+            row.get::<String>(2),
+            row.get::<TimestampWithTimeZone>(3),
+        ) {
+            let deadline = deadline.map_or(i64::MAX, pg_sys::TimestampTz::from);
+            found.insert(id, (status, deadline));
+        }
+    }
+    for id in ids {
+        match found.get(&id) {
+            Some((status, deadline)) if status == "queued" => {
+                if *deadline >= now {
+                    queue.set_deadline(id, *deadline);
+                }
+            }
+            _ => queue.forget_ready(id),
+        }
+    }
 }
 
 /// Cancels the victims of concurrency strategies (see `QueueState::concurrency_victims`).

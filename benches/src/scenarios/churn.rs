@@ -37,6 +37,8 @@ struct Churn {
     last_rate: f64,
     overall_rate: f64,
     sizes_before: Value,
+    /// When half the executions were done.
+    sizes_halfway: Value,
     sizes_after: Value,
     held: Value,
     check: Check,
@@ -49,6 +51,7 @@ impl Churn {
             last_rate: NOT_MEASURED,
             overall_rate: NOT_MEASURED,
             sizes_before: Value::Null,
+            sizes_halfway: Value::Null,
             sizes_after: Value::Null,
             held: Value::Null,
             check: Check::failed(format!("run failed: {error}")),
@@ -61,9 +64,19 @@ impl Churn {
 
     /// How much the schema's tables (with their indexes) grew during the run.
     fn growth_mb(&self) -> f64 {
-        let bytes = |sizes: &Value| sizes["total_bytes"].as_f64().unwrap_or(NOT_MEASURED);
-        (bytes(&self.sizes_after) - bytes(&self.sizes_before)) / 1_048_576.0
+        (total_bytes(&self.sizes_after) - total_bytes(&self.sizes_before)) / 1_048_576.0
     }
+
+    /// How much of that growth came in the second half of the run: about half for a table
+    /// that keeps every task, little for one whose size levels off.
+    fn second_half_share(&self) -> f64 {
+        let second = total_bytes(&self.sizes_after) - total_bytes(&self.sizes_halfway);
+        second / (self.growth_mb() * 1_048_576.0)
+    }
+}
+
+fn total_bytes(sizes: &Value) -> f64 {
+    sizes["total_bytes"].as_f64().unwrap_or(NOT_MEASURED)
 }
 
 pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
@@ -80,17 +93,12 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             progress(
                 &what,
                 &format!(
-                    "first 10% {:.0}/s, last 10% {:.0}/s, schema {:.1} MB -> {:.1} MB",
+                    "first 10% {:.0}/s, last 10% {:.0}/s, schema {:.1} MB -> {:.1} MB (halfway) -> {:.1} MB",
                     churn.first_rate,
                     churn.last_rate,
-                    churn.sizes_before["total_bytes"]
-                        .as_f64()
-                        .unwrap_or(f64::NAN)
-                        / 1_048_576.0,
-                    churn.sizes_after["total_bytes"]
-                        .as_f64()
-                        .unwrap_or(f64::NAN)
-                        / 1_048_576.0
+                    total_bytes(&churn.sizes_before) / 1_048_576.0,
+                    total_bytes(&churn.sizes_halfway) / 1_048_576.0,
+                    total_bytes(&churn.sizes_after) / 1_048_576.0
                 ),
             );
             results.push(churn);
@@ -112,7 +120,9 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 "first_10pct_rate": churn.first_rate, "last_10pct_rate": churn.last_rate,
                 "overall_rate": churn.overall_rate, "held_transaction": churn.held,
                 "growth_bytes_per_task": churn.growth_mb() * 1_048_576.0 / total as f64,
-                "sizes_before": churn.sizes_before, "sizes_after": churn.sizes_after,
+                "second_half_growth_share": churn.second_half_share(),
+                "sizes_before": churn.sizes_before, "sizes_halfway": churn.sizes_halfway,
+                "sizes_after": churn.sizes_after,
                 "check": churn.check.details,
             });
             let mut ratio_line = BenchResult::new(
@@ -134,6 +144,16 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 "MB",
             )
             .ok(churn.check.ok)
+            .details(details.clone());
+            let share_line = BenchResult::new(
+                "churn",
+                system,
+                shapes[i].clone(),
+                "second_half_growth_share",
+                churn.second_half_share(),
+                "x",
+            )
+            .ok(churn.check.ok)
             .details(details);
             if i == 0 {
                 ratio_line.vs_batched = ratio(sluice.end_vs_start(), batched.end_vs_start());
@@ -141,6 +161,7 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             }
             report.add(ratio_line)?;
             report.add(size_line)?;
+            report.add(share_line)?;
         }
     }
     Ok(())
@@ -263,6 +284,14 @@ async fn churn(
                 )
             }
         }
+        let halfway = async {
+            let observer = db::connect(&ctx.dsn).await?;
+            recorder
+                .executions
+                .wait_for(total / 2, STALL, "churn halfway")
+                .await?;
+            relation_sizes(&observer, schema).await
+        };
         let ran = async {
             produce(&client, task.is_some(), total, backlog, &recorder).await?;
             recorder.executions.wait_for(total, STALL, "churn").await?;
@@ -273,8 +302,8 @@ async fn churn(
                     Ok(completions.at(total).unwrap_or_else(Instant::now))
                 }
             }
-        }
-        .await;
+        };
+        let (ran, sizes_halfway) = tokio::join!(ran, halfway);
         let stopped = match (sluice_workers, baseline_workers) {
             (Some(w), _) => w.stop().await,
             (_, Some(w)) => w.stop().await,
@@ -315,6 +344,7 @@ async fn churn(
             last_rate: rate(step * 10, at(90)?, at(100)?),
             overall_rate: rate(total, start, end),
             sizes_before,
+            sizes_halfway: sizes_halfway?,
             sizes_after,
             held,
             check,
