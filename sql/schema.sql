@@ -80,7 +80,10 @@ CREATE TABLE sluice.task_run (
     -- rate_limits, in its order.
     concurrency_key   text,
     rate_limit_keys   text[],
-    rate_limit_units  int[]
+    rate_limit_units  int[],
+    -- A step of a workflow run (sql/workflows.sql): the run and the step's name.
+    run_id            bigint,
+    step              text
 ) WITH (
     -- room for a row's next versions (claimed, finished) on its own page
     fillfactor = 80,

@@ -17,6 +17,8 @@ mod wake;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/api.sql", name = "api", finalize);
+// Workflows need only the tables at creation (their functions are plpgsql, resolved when run).
+extension_sql_file!("../sql/workflows.sql", name = "workflows", requires = ["schema"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -39,6 +39,8 @@ const SWEEP_TICK: Duration = Duration::from_millis(20);
 /// maintenance, so a backlog goes at up to 50,000 per second per status.
 const PURGE_INTERVAL: Duration = Duration::from_secs(1);
 const PURGE_BATCH: i32 = 5_000;
+/// Workflow step outcomes applied per tick, at most.
+const ADVANCE_PER_TICK: i32 = 1_000;
 /// Waiting tasks past their schedule deadline cancelled per maintenance, at most.
 const EXPIRED_PER_MAINTENANCE: usize = 10_000;
 /// At most this many runnable tasks are kept in memory (about 150 bytes each); beyond it,
@@ -597,6 +599,9 @@ impl Scheduler {
             self.last_running_check = Instant::now();
         }
         soon |= read_arrivals(client, statements, &self.definitions, &mut self.queue, now);
+        // After the read: the steps this starts are committed with the tick and read by the
+        // next one (a task assigned before its row commits could not be claimed).
+        soon |= advance_runs(client) >= ADVANCE_PER_TICK;
         if let Some(from) = self.sweep_from {
             let (next, gone) = sweep(
                 client,
@@ -1169,6 +1174,22 @@ fn post(
     }
     let workers = posts[..fitted].iter().map(|p| p.worker_id).collect();
     (workers, fitted, fitted < posts.len() || rate_skipped)
+}
+
+/// Applies recorded workflow step outcomes (`sluice._advance_runs`). Returns how many.
+fn advance_runs(client: &mut SpiClient<'_>) -> i32 {
+    client
+        .update(
+            "SELECT sluice._advance_runs($1)",
+            None,
+            &[ADVANCE_PER_TICK.into()],
+        )
+        .expect("advancing workflow runs failed")
+        .first()
+        .get_one::<i32>()
+        .ok()
+        .flatten()
+        .unwrap_or(0)
 }
 
 /// Deletes finished tasks past their retention (`sluice.succeeded_task_retention`,

@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 const MARKER: &str = "-- ---- copy of sql/api.sql ----\n";
+const WORKFLOWS_MARKER: &str = "-- ---- copy of sql/workflows.sql ----\n";
 
 fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -24,12 +25,17 @@ fn repo_file(path: &str) -> PathBuf {
 fn the_upgrade_script_carries_the_current_api_verbatim() {
     let upgrade = std::fs::read_to_string(repo_file("sql/sluice--0.1.0--0.2.0.sql")).unwrap();
     let api = std::fs::read_to_string(repo_file("sql/api.sql")).unwrap();
-    let (_, copy) = upgrade
+    let workflows = std::fs::read_to_string(repo_file("sql/workflows.sql")).unwrap();
+    let (_, copies) = upgrade
         .split_once(MARKER)
         .expect("the upgrade script has the api.sql marker line");
+    let (api_copy, workflows_copy) = copies
+        .split_once(WORKFLOWS_MARKER)
+        .expect("the upgrade script has the workflows.sql marker line after the api.sql copy");
     assert!(
-        copy == api,
-        "sql/sluice--0.1.0--0.2.0.sql must end with an exact copy of sql/api.sql; regenerate it"
+        api_copy == api && workflows_copy == workflows,
+        "sql/sluice--0.1.0--0.2.0.sql must end with exact copies of sql/api.sql and \
+         sql/workflows.sql, each after its marker line; regenerate it"
     );
 }
 

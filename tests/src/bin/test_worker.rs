@@ -38,12 +38,25 @@ struct Input {
     fail_attempts: i32,
     #[serde(default)]
     fatal: bool,
+    /// A workflow step's input: {"input": <run input>, "parents": {...}, "skipped": [...]}.
+    /// The run input's entry for this worker's task name (if any) drives the step as above.
+    #[serde(default)]
+    input: Option<serde_json::Value>,
+    #[serde(default)]
+    parents: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    skipped: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Output {
     worker_pid: u32,
     attempt: i32,
+    /// For a workflow step: the parents whose outputs it was given, and those skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parents: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<Vec<String>>,
 }
 
 impl TaskDefinition for TestTask {
@@ -83,6 +96,20 @@ impl Log {
 }
 
 async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output, TaskError> {
+    let step_parents = input
+        .parents
+        .as_ref()
+        .map(|p| p.keys().cloned().collect::<Vec<_>>());
+    let step_skipped = input.skipped.clone();
+    let input = match input
+        .input
+        .as_ref()
+        .and_then(|run_input| run_input.get(TestTask::name()))
+    {
+        Some(behaviour) => serde_json::from_value(behaviour.clone())
+            .map_err(|e| TaskError::fatal(format!("bad step behaviour: {e}")))?,
+        None => input,
+    };
     let pid = std::process::id() as i32;
     log.execute(
         "INSERT INTO sluice_test.execution (task_id, attempt, worker_pid, started_at)
@@ -108,6 +135,8 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
     let output = Output {
         worker_pid: pid as u32,
         attempt: ctx.attempt(),
+        parents: step_parents,
+        skipped: step_skipped,
     };
     let (task_id, attempt) = (ctx.task_id(), ctx.attempt());
     let finish_params: [&(dyn ToSql + Sync); 3] = [&task_id, &attempt, &pid];

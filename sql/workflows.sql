@@ -1,0 +1,629 @@
+-- Workflows: DAGs of task runs.
+--
+-- A workflow definition is a versioned spec: steps, each running a task definition once its
+-- parents have finished. A run records one row per step (sluice.workflow_step); a step whose
+-- parents are all done becomes a task run (task_run.run_id / .step) whose input is
+--   {"input": <the run's input>, "parents": {"<parent>": <its output>, ...},
+--    "skipped": ["<parent that was skipped>", ...]}
+-- The step's task finishing (succeeded, failed for good, cancelled), by whatever path, fires
+-- a trigger on task_run that records the outcome in the same transaction (a rolled-back
+-- completion records nothing); the scheduler applies outcomes one at a time, deleting each in
+-- the transaction that applies it: children whose parents are all done start, a failure fails
+-- the run and cancels what can no longer run. So a run advances exactly once per outcome.
+--
+-- Included after api.sql (it uses sluice._definition, sluice._flow, sluice._cancel).
+
+CREATE TABLE sluice.workflow_definition (
+    name       text NOT NULL CHECK (name <> ''),
+    version    int NOT NULL CHECK (version > 0),
+    -- normalized by sluice.define_workflow: {"steps": [{"name", "task", "parents",
+    -- "children", "skip_if", "wait_for"}, ...], "on_failure": task | null,
+    -- "on_success": task | null}
+    spec       jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, version)
+);
+
+CREATE TABLE sluice.workflow_run (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    workflow    text NOT NULL,
+    version     int NOT NULL,
+    -- running until every step is done (or one failed: failed; cancel_run: cancelled)
+    status      sluice.task_status NOT NULL DEFAULT 'running',
+    input       jsonb NOT NULL,
+    -- the outputs of the leaf steps, by step name
+    output      jsonb,
+    error       text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    FOREIGN KEY (workflow, version) REFERENCES sluice.workflow_definition (name, version)
+);
+CREATE INDEX workflow_run_workflow_idx ON sluice.workflow_run (workflow, created_at);
+
+CREATE TABLE sluice.workflow_step (
+    run_id       bigint NOT NULL REFERENCES sluice.workflow_run (id) ON DELETE CASCADE,
+    step         text NOT NULL,
+    -- pending: waiting for parents; started: its task run exists (task_id); then its outcome
+    status       text NOT NULL DEFAULT 'pending'
+                 CHECK (status IN ('pending', 'started', 'succeeded', 'failed', 'skipped',
+                                   'cancelled')),
+    parents_left int NOT NULL,
+    task_id      bigint,
+    output       jsonb,
+    error        text,
+    started_at   timestamptz,
+    finished_at  timestamptz,
+    PRIMARY KEY (run_id, step)
+);
+
+-- Definition --------------------------------------------------------------------------------
+
+-- Defines (or redefines) a workflow. spec:
+--   {"steps": [{"name": "validate", "task": "validate_media"},
+--              {"name": "thumbs", "task": "make_thumbnails", "parents": ["validate"]},
+--              {"name": "persist", "task": "persist", "parents": ["thumbs"],
+--               "skip_if": "$.parents.thumbs.count == 0", "wait_for": "5 seconds"}],
+--    "on_failure": "cleanup_task", "on_success": "notify_task"}
+-- Every task must be defined (sluice.define_task). A spec equal to the latest version's returns
+-- that version; a different one creates the next version (runs in flight keep theirs).
+-- Returns the version.
+CREATE OR REPLACE FUNCTION sluice.define_workflow(name text, spec jsonb) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    wf        text := define_workflow.name;
+    steps     jsonb := spec->'steps';
+    step      jsonb;
+    i         int;
+    names     text[] := '{}';
+    step_name text;
+    parent    text;
+    norm      jsonb := '[]';
+    extra     text;
+    ordered   text[];
+    normalized jsonb;
+    latest    sluice.workflow_definition;
+BEGIN
+    IF wf IS NULL OR wf = '' THEN
+        RAISE EXCEPTION 'workflow name must be a non-empty string' USING ERRCODE = '22023';
+    END IF;
+    IF spec IS NULL OR jsonb_typeof(spec) <> 'object' THEN
+        RAISE EXCEPTION 'workflow "%": spec must be a JSON object with "steps", got %', wf,
+            coalesce(spec::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(spec) AS k
+     WHERE k NOT IN ('steps', 'on_failure', 'on_success');
+    IF extra IS NOT NULL THEN
+        RAISE EXCEPTION 'workflow "%": unknown spec key(s) %', wf, extra
+            USING ERRCODE = '22023', HINT = 'Known keys: steps, on_failure, on_success.';
+    END IF;
+    IF steps IS NULL OR jsonb_typeof(steps) <> 'array' OR jsonb_array_length(steps) = 0 THEN
+        RAISE EXCEPTION 'workflow "%": "steps" must be a non-empty array', wf
+            USING ERRCODE = '22023';
+    END IF;
+
+    -- Names first, so parents can be checked against all of them.
+    FOR i IN 0 .. jsonb_array_length(steps) - 1 LOOP
+        step := steps->i;
+        IF jsonb_typeof(step) IS DISTINCT FROM 'object' THEN
+            RAISE EXCEPTION 'workflow "%": step % must be an object, got %', wf, i + 1, step
+                USING ERRCODE = '22023';
+        END IF;
+        step_name := step->>'name';
+        IF jsonb_typeof(step->'name') IS DISTINCT FROM 'string' OR step_name = '' THEN
+            RAISE EXCEPTION 'workflow "%": step % has no name', wf, i + 1
+                USING ERRCODE = '22023';
+        END IF;
+        IF step_name = ANY(names) THEN
+            RAISE EXCEPTION 'workflow "%": duplicate step name "%"', wf, step_name
+                USING ERRCODE = '22023';
+        END IF;
+        names := names || step_name;
+    END LOOP;
+
+    FOR i IN 0 .. jsonb_array_length(steps) - 1 LOOP
+        step := steps->i;
+        step_name := step->>'name';
+        SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(step) AS k
+         WHERE k NOT IN ('name', 'task', 'parents', 'skip_if', 'wait_for');
+        IF extra IS NOT NULL THEN
+            RAISE EXCEPTION 'workflow "%": step "%" has unknown key(s) %', wf, step_name, extra
+                USING ERRCODE = '22023',
+                      HINT = 'Known keys: name, task, parents, skip_if, wait_for.';
+        END IF;
+        IF jsonb_typeof(step->'task') IS DISTINCT FROM 'string' OR step->>'task' = '' THEN
+            RAISE EXCEPTION 'workflow "%": step "%" has no task', wf, step_name
+                USING ERRCODE = '22023',
+                      HINT = 'Give each step "task": the name of a task defined with sluice.define_task.';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM sluice.task_definition d WHERE d.name = step->>'task') THEN
+            RAISE EXCEPTION 'workflow "%": step "%" runs unknown task "%"', wf, step_name,
+                step->>'task'
+                USING ERRCODE = '42704', HINT = 'Define it first with sluice.define_task.';
+        END IF;
+        IF step ? 'parents' AND (jsonb_typeof(step->'parents') <> 'array'
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(step->'parents') p
+                           WHERE jsonb_typeof(p) <> 'string')) THEN
+            RAISE EXCEPTION 'workflow "%": step "%": "parents" must be an array of step names, got %',
+                wf, step_name, step->'parents' USING ERRCODE = '22023';
+        END IF;
+        FOR parent IN SELECT jsonb_array_elements_text(coalesce(step->'parents', '[]')) LOOP
+            IF NOT parent = ANY(names) THEN
+                RAISE EXCEPTION 'workflow "%": step "%" has unknown parent "%"', wf, step_name,
+                    parent USING ERRCODE = '22023';
+            END IF;
+            IF parent = step_name THEN
+                RAISE EXCEPTION 'workflow "%": step "%" is its own parent', wf, step_name
+                    USING ERRCODE = '22023';
+            END IF;
+        END LOOP;
+        IF step ? 'skip_if' THEN
+            IF jsonb_typeof(step->'skip_if') <> 'string' THEN
+                RAISE EXCEPTION 'workflow "%": step "%": skip_if must be a jsonpath predicate (a string), got %',
+                    wf, step_name, step->'skip_if' USING ERRCODE = '22023';
+            END IF;
+            PERFORM sluice._workflow_jsonpath(step->>'skip_if', wf, step_name, 'skip_if');
+        END IF;
+        IF step ? 'wait_for' THEN
+            PERFORM sluice._workflow_interval(step->'wait_for', wf, step_name);
+        END IF;
+        norm := norm || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+            'name', step_name,
+            'task', step->>'task',
+            'parents', coalesce((SELECT jsonb_agg(DISTINCT p) FROM jsonb_array_elements_text(
+                                     step->'parents') p), '[]'),
+            'skip_if', step->'skip_if',
+            'wait_for', step->'wait_for')));
+    END LOOP;
+
+    -- Cycles: repeatedly take the steps whose parents are all taken (Kahn); what is left
+    -- over lies on a cycle.
+    ordered := '{}';
+    LOOP
+        SELECT array_agg(s->>'name' ORDER BY ord) INTO names
+          FROM jsonb_array_elements(norm) WITH ORDINALITY AS x(s, ord)
+         WHERE NOT (s->>'name') = ANY(ordered)
+           AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(s->'parents') p
+                            WHERE NOT p = ANY(ordered));
+        EXIT WHEN names IS NULL;
+        ordered := ordered || names;
+    END LOOP;
+    IF cardinality(ordered) < jsonb_array_length(norm) THEN
+        SELECT string_agg(s->>'name', ', ' ORDER BY ord) INTO extra
+          FROM jsonb_array_elements(norm) WITH ORDINALITY AS x(s, ord)
+         WHERE NOT (s->>'name') = ANY(ordered);
+        RAISE EXCEPTION 'workflow "%": its steps form a cycle (among: %)', wf, extra
+            USING ERRCODE = '22023';
+    END IF;
+
+    -- Children, for advancing runs without scanning every step.
+    SELECT jsonb_agg(s || jsonb_build_object('children', coalesce(
+               (SELECT jsonb_agg(c->>'name' ORDER BY o)
+                  FROM jsonb_array_elements(norm) WITH ORDINALITY AS y(c, o)
+                 WHERE c->'parents' ? (s->>'name')), '[]')) ORDER BY ord)
+      INTO norm
+      FROM jsonb_array_elements(norm) WITH ORDINALITY AS x(s, ord);
+
+    FOREACH extra IN ARRAY ARRAY['on_failure', 'on_success'] LOOP
+        IF spec ? extra AND jsonb_typeof(spec->extra) <> 'null' THEN
+            IF jsonb_typeof(spec->extra) <> 'string'
+               OR NOT EXISTS (SELECT 1 FROM sluice.task_definition d
+                               WHERE d.name = spec->>extra) THEN
+                RAISE EXCEPTION 'workflow "%": % must name a defined task, got %', wf, extra,
+                    spec->extra USING ERRCODE = '42704';
+            END IF;
+        END IF;
+    END LOOP;
+    normalized := jsonb_strip_nulls(jsonb_build_object(
+        'steps', norm, 'on_failure', spec->'on_failure', 'on_success', spec->'on_success'));
+
+    -- A new version unless the latest is the same (concurrent definers take turns).
+    PERFORM pg_advisory_xact_lock(hashtext('sluice.define_workflow'), hashtext(wf));
+    SELECT * INTO latest FROM sluice.workflow_definition w
+     WHERE w.name = wf ORDER BY w.version DESC LIMIT 1;
+    IF latest.spec = normalized THEN
+        RETURN latest.version;
+    END IF;
+    INSERT INTO sluice.workflow_definition (name, version, spec)
+    VALUES (wf, coalesce(latest.version, 0) + 1, normalized);
+    RETURN coalesce(latest.version, 0) + 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._workflow_jsonpath(path text, wf text, step text, what text)
+RETURNS jsonpath
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN path::jsonpath;
+EXCEPTION WHEN syntax_error OR invalid_text_representation OR invalid_parameter_value THEN
+    RAISE EXCEPTION 'workflow "%": step "%": % is not a valid jsonpath: %', wf, step, what,
+        quote_literal(path) USING ERRCODE = '22023', DETAIL = SQLERRM;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._workflow_interval(v jsonb, wf text, step text)
+RETURNS interval
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    d interval;
+BEGIN
+    IF jsonb_typeof(v) IS DISTINCT FROM 'string' THEN
+        RAISE EXCEPTION 'workflow "%": step "%": wait_for must be a duration such as ''30 seconds'', got %',
+            wf, step, v USING ERRCODE = '22023';
+    END IF;
+    BEGIN
+        d := (v #>> '{}')::interval;
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+        RAISE EXCEPTION 'workflow "%": step "%": wait_for is not a duration: %', wf, step, v
+            USING ERRCODE = '22023';
+    END;
+    IF d < interval '0' THEN
+        RAISE EXCEPTION 'workflow "%": step "%": wait_for must not be negative, got %', wf, step, v
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN d;
+END
+$$;
+
+-- Runs ----------------------------------------------------------------------------------------
+
+-- Starts a run of the latest version of a workflow; transactional like sluice.enqueue (a
+-- rollback leaves nothing). Returns the run id.
+CREATE OR REPLACE FUNCTION sluice.run_workflow(name text, input jsonb DEFAULT '{}') RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    def    sluice.workflow_definition;
+    run    sluice.workflow_run;
+BEGIN
+    PERFORM sluice._require_preloaded();
+    IF input IS NULL THEN
+        RAISE EXCEPTION 'input must not be NULL (workflow "%"); use ''{}'' for no input', name
+            USING ERRCODE = '22004';
+    END IF;
+    SELECT * INTO def FROM sluice.workflow_definition w
+     WHERE w.name = run_workflow.name ORDER BY w.version DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown workflow "%"', coalesce(name, 'NULL')
+            USING ERRCODE = '42704',
+                  HINT = 'Define it first with sluice.define_workflow(name, spec).';
+    END IF;
+    INSERT INTO sluice.workflow_run (workflow, version, input)
+    VALUES (def.name, def.version, input)
+    RETURNING * INTO run;
+    INSERT INTO sluice.workflow_step (run_id, step, parents_left)
+    SELECT run.id, s->>'name', jsonb_array_length(s->'parents')
+      FROM jsonb_array_elements(def.spec->'steps') s;
+    PERFORM sluice._start_steps(run, def.spec,
+        ARRAY(SELECT s->>'name' FROM jsonb_array_elements(def.spec->'steps') s
+               WHERE s->'parents' = '[]'));
+    RETURN run.id;
+END
+$$;
+
+-- Starts the given steps of a running run (their parents are all done): a step whose skip_if
+-- holds is skipped (and counts as done for its children), the others become task runs.
+CREATE OR REPLACE FUNCTION sluice._start_steps(run sluice.workflow_run, spec jsonb, names text[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    s        jsonb;
+    envelope jsonb;
+    skipped  boolean;
+    new_task bigint;
+    start_at timestamptz;
+BEGIN
+    FOR s IN SELECT x FROM jsonb_array_elements(spec->'steps') x WHERE x->>'name' = ANY(names)
+    LOOP
+        SELECT jsonb_build_object(
+                   'input', run.input,
+                   'parents', coalesce(jsonb_object_agg(p.step, p.output)
+                                       FILTER (WHERE p.status = 'succeeded'), '{}'),
+                   'skipped', coalesce(jsonb_agg(p.step) FILTER (WHERE p.status = 'skipped'),
+                                       '[]'))
+          INTO envelope
+          FROM sluice.workflow_step p
+         WHERE p.run_id = run.id AND s->'parents' ? p.step;
+        skipped := s ? 'skip_if'
+                   AND coalesce(jsonb_path_match(envelope, (s->>'skip_if')::jsonpath, silent => true),
+                                false);
+        IF skipped THEN
+            UPDATE sluice.workflow_step
+               SET status = 'skipped', started_at = now(), finished_at = now()
+             WHERE run_id = run.id AND step = s->>'name';
+            PERFORM sluice._step_done(run, spec, s->>'name');
+            CONTINUE;
+        END IF;
+        start_at := now() + coalesce((s->>'wait_for')::interval, interval '0');
+        new_task := sluice._enqueue_step(s->>'task', envelope, start_at, run.id, s->>'name');
+        UPDATE sluice.workflow_step
+           SET status = 'started', task_id = new_task, started_at = now()
+         WHERE run_id = run.id AND step = s->>'name';
+    END LOOP;
+END
+$$;
+
+-- One task run for a step: the task definition's priority, timeouts and flow control apply.
+CREATE OR REPLACE FUNCTION sluice._enqueue_step(task text, input jsonb, run_at timestamptz,
+                                                run_id bigint, step text)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    def    sluice.task_definition := sluice._definition(task);
+    flow   record;
+    new_id bigint;
+BEGIN
+    IF def.concurrency_key IS NOT NULL OR def.rate_limits <> '[]' THEN
+        SELECT * INTO flow FROM sluice._flow(def, input);
+    ELSE
+        SELECT NULL::text AS concurrency_key, NULL::text[] AS rate_limit_keys,
+               NULL::int[] AS rate_limit_units INTO flow;
+    END IF;
+    INSERT INTO sluice.task_run
+        (task_name, priority, input, run_at, schedule_deadline, concurrency_key,
+         rate_limit_keys, rate_limit_units, run_id, step)
+    VALUES (task, def.priority, input, run_at, run_at + def.schedule_timeout,
+            flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units, run_id, step)
+    RETURNING id INTO new_id;
+    PERFORM sluice._wake_scheduler(run_at);
+    RETURN new_id;
+END
+$$;
+
+-- A step is done (succeeded or skipped): its children with no parent left start; a run with
+-- nothing left pending or started has succeeded.
+CREATE OR REPLACE FUNCTION sluice._step_done(run sluice.workflow_run, spec jsonb, step text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    ready text[];
+BEGIN
+    WITH children AS (
+        SELECT jsonb_array_elements_text(x->'children') AS name
+          FROM jsonb_array_elements(spec->'steps') x WHERE x->>'name' = _step_done.step
+    ), decremented AS (
+        UPDATE sluice.workflow_step w SET parents_left = w.parents_left - 1
+          FROM children c
+         WHERE w.run_id = run.id AND w.step = c.name AND w.status = 'pending'
+        RETURNING w.step, w.parents_left
+    )
+    SELECT array_agg(d.step) INTO ready FROM decremented d WHERE d.parents_left = 0;
+    IF ready IS NOT NULL THEN
+        PERFORM sluice._start_steps(run, spec, ready);
+    END IF;
+    PERFORM sluice._finish_run_if_done(run.id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._finish_run_if_done(run_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    run  sluice.workflow_run;
+    spec jsonb;
+BEGIN
+    SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id;
+    IF run.status <> 'running' OR EXISTS (
+           SELECT 1 FROM sluice.workflow_step w
+            WHERE w.run_id = _finish_run_if_done.run_id AND w.status IN ('pending', 'started')) THEN
+        RETURN;
+    END IF;
+    SELECT d.spec INTO spec FROM sluice.workflow_definition d
+     WHERE d.name = run.workflow AND d.version = run.version;
+    UPDATE sluice.workflow_run r
+       SET status = 'succeeded', finished_at = now(),
+           output = (SELECT coalesce(jsonb_object_agg(w.step, w.output), '{}')
+                       FROM sluice.workflow_step w
+                       JOIN jsonb_array_elements(spec->'steps') s ON s->>'name' = w.step
+                      WHERE w.run_id = r.id AND s->'children' = '[]'
+                        AND w.status = 'succeeded')
+     WHERE r.id = _finish_run_if_done.run_id;
+    IF spec ? 'on_success' THEN
+        PERFORM sluice._enqueue_step(spec->>'on_success',
+            jsonb_build_object('input', run.input,
+                               'outputs', (SELECT coalesce(jsonb_object_agg(w.step, w.output), '{}')
+                                             FROM sluice.workflow_step w
+                                            WHERE w.run_id = run.id AND w.status = 'succeeded')),
+            now(), NULL, NULL);
+    END IF;
+END
+$$;
+
+-- A step's task failed for good or was cancelled: the run fails (or is cancelled), steps that
+-- can no longer run are cancelled (running ones are signalled), and on_failure runs with the
+-- error.
+CREATE OR REPLACE FUNCTION sluice._step_failed(run sluice.workflow_run, spec jsonb, step text,
+                                               outcome text, reason text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE sluice.workflow_run r
+       SET status = CASE outcome WHEN 'cancelled' THEN 'cancelled'::sluice.task_status
+                                 ELSE 'failed' END,
+           error = format('step "%s" %s: %s', step, outcome, coalesce(reason, 'no message')),
+           finished_at = now()
+     WHERE r.id = run.id AND r.status = 'running';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM sluice._cancel_run_steps(run.id, format('run %s: step "%s" %s', run.id, step, outcome));
+    IF spec ? 'on_failure' THEN
+        PERFORM sluice._enqueue_step(spec->>'on_failure',
+            jsonb_build_object('input', run.input, 'run_id', run.id, 'failed_step', step,
+                               'error', reason),
+            now(), NULL, NULL);
+    END IF;
+END
+$$;
+
+-- Cancels the steps of a run that have not finished: pending ones at once, started ones
+-- through sluice._cancel (queued: cancelled; running: its worker is signalled).
+CREATE OR REPLACE FUNCTION sluice._cancel_run_steps(run_id bigint, reason text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    t sluice.task_run;
+BEGIN
+    UPDATE sluice.workflow_step w SET status = 'cancelled', finished_at = now()
+     WHERE w.run_id = _cancel_run_steps.run_id AND w.status = 'pending';
+    FOR t IN
+        SELECT r.* FROM sluice.task_run r
+         WHERE r.id = ANY(ARRAY(SELECT w.task_id FROM sluice.workflow_step w
+                                 WHERE w.run_id = _cancel_run_steps.run_id
+                                   AND w.status = 'started'))
+           AND r.status IN ('queued', 'running')
+         ORDER BY r.id
+           FOR UPDATE
+    LOOP
+        PERFORM sluice._cancel(t, reason);
+    END LOOP;
+END
+$$;
+
+-- Step outcomes for the scheduler to apply (sluice._advance_runs). The trigger below only
+-- records them: advancing a run in the finishing transaction would lock the run (fan-in needs
+-- one outcome at a time per run) from many workers' completions at once, in whatever order
+-- their batches hold, which deadlocks; one applier in the scheduler cannot.
+CREATE TABLE sluice.step_outcome (
+    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id  bigint NOT NULL,
+    step    text NOT NULL,
+    task_id bigint NOT NULL
+);
+
+CREATE OR REPLACE FUNCTION sluice._step_task_finished() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO sluice.step_outcome (run_id, step, task_id) VALUES (NEW.run_id, NEW.step, NEW.id);
+    PERFORM sluice._wake_scheduler();
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER task_run_step_finished
+    AFTER UPDATE OF status ON sluice.task_run
+    FOR EACH ROW
+    WHEN (NEW.run_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+          AND NEW.status IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION sluice._step_task_finished();
+
+-- Applies up to max_outcomes recorded step outcomes, oldest first (the scheduler, every tick).
+-- An outcome that cannot be applied (say a child's task definition was deleted) fails its run
+-- with the reason instead of stopping the others. Returns how many were taken.
+CREATE OR REPLACE FUNCTION sluice._advance_runs(max_outcomes int) RETURNS int
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    o sluice.step_outcome;
+    n int := 0;
+BEGIN
+    FOR o IN
+        DELETE FROM sluice.step_outcome x
+         WHERE x.id = ANY(ARRAY(SELECT y.id FROM sluice.step_outcome y
+                                 ORDER BY y.id LIMIT max_outcomes))
+        RETURNING x.*
+    LOOP
+        n := n + 1;
+        BEGIN
+            PERFORM sluice._apply_step_outcome(o.run_id, o.step, o.task_id);
+        EXCEPTION WHEN OTHERS THEN
+            BEGIN
+                UPDATE sluice.workflow_run r
+                   SET status = 'failed', finished_at = now(),
+                       error = format('advancing the run after step "%s" failed: %s', o.step,
+                                      SQLERRM)
+                 WHERE r.id = o.run_id AND r.status = 'running';
+                PERFORM sluice._cancel_run_steps(o.run_id,
+                    format('run %s failed: it could not advance after step "%s"', o.run_id,
+                           o.step));
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'sluice scheduler: run % could not advance or fail: %', o.run_id,
+                    SQLERRM;
+            END;
+        END;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._apply_step_outcome(run_id bigint, step text, task_id bigint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    run  sluice.workflow_run;
+    spec jsonb;
+    t    sluice.task_run;
+BEGIN
+    SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id FOR UPDATE;
+    SELECT * INTO t FROM sluice.task_run r WHERE r.id = task_id;
+    IF run.id IS NULL OR t.id IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE sluice.workflow_step w
+       SET status = t.status::text, output = t.output, error = t.last_error,
+           finished_at = coalesce(t.finished_at, now())
+     WHERE w.run_id = _apply_step_outcome.run_id AND w.step = _apply_step_outcome.step
+       AND w.task_id = t.id AND w.status = 'started';
+    IF NOT FOUND OR run.status <> 'running' THEN
+        RETURN;
+    END IF;
+    SELECT d.spec INTO spec FROM sluice.workflow_definition d
+     WHERE d.name = run.workflow AND d.version = run.version;
+    IF t.status = 'succeeded' THEN
+        PERFORM sluice._step_done(run, spec, step);
+    ELSE
+        PERFORM sluice._step_failed(run, spec, step, t.status::text, t.last_error);
+    END IF;
+END
+$$;
+
+-- Cancels a run: pending steps are cancelled, queued ones too, running ones are signalled
+-- (their handlers see the cancellation). Returns false if the run had already finished.
+CREATE OR REPLACE FUNCTION sluice.cancel_run(run_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    run sluice.workflow_run;
+BEGIN
+    SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no workflow run with id %', coalesce(run_id::text, 'NULL')
+            USING ERRCODE = 'P0002';
+    END IF;
+    IF run.status <> 'running' THEN
+        RETURN false;
+    END IF;
+    UPDATE sluice.workflow_run r
+       SET status = 'cancelled', finished_at = now(), error = 'cancelled by sluice.cancel_run()'
+     WHERE r.id = run_id;
+    PERFORM sluice._cancel_run_steps(run_id, 'run cancelled by sluice.cancel_run()');
+    RETURN true;
+END
+$$;
+
+-- Runs with their steps: the run's status (queued, running, succeeded, failed, cancelled), and
+-- per step its status (a started step shows its task's: queued, running, ...), task, output,
+-- error and times. The run's output is the set of its leaf steps' outputs.
+CREATE VIEW sluice.runs AS
+SELECT r.id,
+       r.workflow,
+       r.version,
+       -- queued until one of its steps has been claimed (or finished, or skipped)
+       CASE WHEN r.status = 'running' AND NOT EXISTS (
+                SELECT 1 FROM sluice.workflow_step w
+                  LEFT JOIN sluice.task_run t ON t.id = w.task_id
+                 WHERE w.run_id = r.id
+                   AND (w.status NOT IN ('pending', 'started')
+                        OR (w.status = 'started' AND t.status IS DISTINCT FROM 'queued')))
+            THEN 'queued'::sluice.task_status
+            ELSE r.status END AS status,
+       r.input,
+       r.output,
+       r.error,
+       r.created_at,
+       r.finished_at,
+       (SELECT jsonb_object_agg(w.step, jsonb_strip_nulls(jsonb_build_object(
+                   'status', CASE WHEN w.status = 'started' THEN t.status::text ELSE w.status END,
+                   'task_id', w.task_id,
+                   'output', w.output,
+                   'error', w.error,
+                   'started_at', w.started_at,
+                   'finished_at', w.finished_at)))
+          FROM sluice.workflow_step w
+          LEFT JOIN sluice.task_run t ON t.id = w.task_id
+         WHERE w.run_id = r.id) AS steps
+FROM sluice.workflow_run r;

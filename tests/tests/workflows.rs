@@ -1,0 +1,360 @@
+//! Workflows end to end: the real scheduler advances runs, real worker processes run the steps
+//! (one test worker per step task; the run input's entry for a task name drives that step).
+
+use serde_json::{json, Value};
+use sluice_tests::*;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
+
+/// Defines one task per name (unique names) and starts a worker for each; returns the names.
+async fn step_tasks(client: &Client, prefixes: &[&str]) -> (Vec<String>, Vec<WorkerProcess>) {
+    let mut names = Vec::new();
+    let mut workers = Vec::new();
+    for prefix in prefixes {
+        let task = define_unique_task(client, prefix, "").await;
+        workers.push(WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 4));
+        names.push(task);
+    }
+    (names, workers)
+}
+
+async fn define(client: &Client, name: &str, spec: Value) -> i32 {
+    client
+        .query_one("SELECT sluice.define_workflow($1, $2)", &[&name, &spec])
+        .await
+        .unwrap_or_else(|e| panic!("define_workflow({name}, {spec}): {e}"))
+        .get(0)
+}
+
+async fn run(client: &Client, name: &str, input: Value) -> i64 {
+    client
+        .query_one("SELECT sluice.run_workflow($1, $2)", &[&name, &input])
+        .await
+        .unwrap_or_else(|e| panic!("run_workflow({name}): {e}"))
+        .get(0)
+}
+
+/// Waits until the run is no longer running; returns its sluice.runs row as JSON.
+async fn wait_run(client: &Client, run_id: i64, timeout: Duration) -> Value {
+    wait_until(timeout, &format!("run {run_id} to finish"), || async {
+        let row: Value = client
+            .query_one(
+                "SELECT to_jsonb(r) FROM sluice.runs r WHERE r.id = $1",
+                &[&run_id],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if ["succeeded", "failed", "cancelled"].contains(&row["status"].as_str().unwrap_or("")) {
+            Ok(row)
+        } else {
+            Err(row.to_string())
+        }
+    })
+    .await
+}
+
+/// Waits until every step of the run has a final status (after the run itself finished, the
+/// cancellations of its other steps are applied by the scheduler).
+async fn wait_steps_final(client: &Client, run_id: i64) -> Value {
+    wait_until(Duration::from_secs(15), "every step to be final", || async {
+        let row: Value = client
+            .query_one("SELECT to_jsonb(r) FROM sluice.runs r WHERE r.id = $1", &[&run_id])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        let open = row["steps"]
+            .as_object()
+            .map(|steps| {
+                steps.values().any(|s| {
+                    ["pending", "started", "queued", "running"]
+                        .contains(&s["status"].as_str().unwrap_or(""))
+                })
+            })
+            .unwrap_or(true);
+        if open {
+            Err(row.to_string())
+        } else {
+            Ok(row)
+        }
+    })
+    .await
+}
+
+/// (started_at, finished_at) of a task's first execution, as epoch seconds.
+async fn execution_span(client: &Client, task_id: i64) -> (f64, f64) {
+    let row = client
+        .query_one(
+            "SELECT extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8
+               FROM sluice_test.execution WHERE task_id = $1 ORDER BY started_at LIMIT 1",
+            &[&task_id],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("no execution of task {task_id}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+fn step_task_id(run: &Value, step: &str) -> i64 {
+    run["steps"][step]["task_id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("step {step} has no task: {run}"))
+}
+
+fn pipeline_spec(t: &[String], on_failure: Option<&str>) -> Value {
+    let mut spec = json!({"steps": [
+        {"name": "validate", "task": t[0]},
+        {"name": "thumbnails", "task": t[1], "parents": ["validate"]},
+        {"name": "caption", "task": t[2], "parents": ["validate"]},
+        {"name": "persist", "task": t[3], "parents": ["thumbnails", "caption"]},
+        {"name": "notify", "task": t[4], "parents": ["persist"]}
+    ]});
+    if let Some(task) = on_failure {
+        spec["on_failure"] = json!(task);
+    }
+    spec
+}
+
+#[tokio::test]
+async fn the_media_pipeline_runs_its_middle_steps_in_parallel_and_fans_in() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(
+        &client,
+        &["wf_validate", "wf_thumbs", "wf_caption", "wf_persist", "wf_notify"],
+    )
+    .await;
+    let wf = unique("media");
+    assert_eq!(define(&client, &wf, pipeline_spec(&t, None)).await, 1);
+    let input = json!({"media_id": 7, t[1].clone(): {"sleep_ms": 600}, t[2].clone(): {"sleep_ms": 600}});
+    let run_id = run(&client, &wf, input.clone()).await;
+    let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["input"], input);
+
+    let (thumbs_start, thumbs_end) = execution_span(&client, step_task_id(&run, "thumbnails")).await;
+    let (caption_start, caption_end) = execution_span(&client, step_task_id(&run, "caption")).await;
+    let (persist_start, _) = execution_span(&client, step_task_id(&run, "persist")).await;
+    let overlap = thumbs_end.min(caption_end) - thumbs_start.max(caption_start);
+    assert!(overlap > 0.3, "the middle steps overlapped {overlap:.3} s only: {run}");
+    assert!(
+        persist_start >= thumbs_end.max(caption_end),
+        "persist started before both middle steps finished: {run}"
+    );
+    assert_eq!(
+        run["steps"]["persist"]["output"]["parents"],
+        json!(["caption", "thumbnails"]),
+        "persist sees both outputs: {run}"
+    );
+    // The run's output: its leaf steps' outputs.
+    let leaves: Vec<&String> = run["output"].as_object().unwrap().keys().collect();
+    assert_eq!(leaves, vec!["notify"], "{run}");
+    assert_eq!(run["output"]["notify"], run["steps"]["notify"]["output"]);
+}
+
+#[tokio::test]
+async fn a_failing_step_fails_the_run_cancels_its_descendants_and_runs_on_failure() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(
+        &client,
+        &["wf_validate", "wf_thumbs", "wf_caption", "wf_persist", "wf_notify", "wf_cleanup"],
+    )
+    .await;
+    let wf = unique("media_fail");
+    define(&client, &wf, pipeline_spec(&t, Some(&t[5]))).await;
+    let input = json!({t[2].clone(): {"fail_attempts": 9, "fatal": true}, t[1].clone(): {"sleep_ms": 100}});
+    let run_id = run(&client, &wf, input).await;
+    let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("caption") && error.contains("planned failure"),
+        "{run}"
+    );
+    let run = wait_steps_final(&client, run_id).await;
+    for step in ["persist", "notify"] {
+        assert_eq!(run["steps"][step]["status"], "cancelled", "{step}: {run}");
+    }
+    assert_eq!(run["steps"]["caption"]["status"], "failed", "{run}");
+    // on_failure ran with the error.
+    let handled: Value = wait_until(Duration::from_secs(15), "on_failure to succeed", || async {
+        let rows = client
+            .query(
+                "SELECT input FROM sluice.tasks WHERE task_name = $1 AND status = 'succeeded'",
+                &[&t[5]],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        rows.first()
+            .map(|r| r.get::<_, Value>(0))
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    assert_eq!(handled["run_id"], json!(run_id));
+    assert_eq!(handled["failed_step"], "caption");
+    assert!(handled["error"].as_str().unwrap_or_default().contains("planned failure"));
+}
+
+#[tokio::test]
+async fn skip_if_skips_a_step_its_children_see_it_and_wait_for_delays_one() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(&client, &["wf_a", "wf_b", "wf_c"]).await;
+    let wf = unique("conditions");
+    define(
+        &client,
+        &wf,
+        json!({"steps": [
+            {"name": "a", "task": t[0]},
+            // a's output has attempt 1: b is skipped
+            {"name": "b", "task": t[1], "parents": ["a"], "skip_if": "$.parents.a.attempt == 1"},
+            {"name": "c", "task": t[2], "parents": ["b"], "wait_for": "2 seconds"}
+        ]}),
+    )
+    .await;
+    let run_id = run(&client, &wf, json!({})).await;
+    let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"]["b"]["status"], "skipped", "{run}");
+    assert_eq!(run["steps"]["c"]["output"]["skipped"], json!(["b"]), "{run}");
+    let (_, a_end) = execution_span(&client, step_task_id(&run, "a")).await;
+    let (c_start, _) = execution_span(&client, step_task_id(&run, "c")).await;
+    assert!(
+        c_start - a_end >= 1.9,
+        "c started {:.3} s after a, wait_for is 2 s",
+        c_start - a_end
+    );
+}
+
+#[tokio::test]
+async fn cancel_run_signals_running_steps_and_cancels_the_rest() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(&client, &["wf_slow", "wf_after"]).await;
+    let wf = unique("cancel");
+    define(
+        &client,
+        &wf,
+        json!({"steps": [{"name": "slow", "task": t[0]},
+                         {"name": "after", "task": t[1], "parents": ["slow"]}]}),
+    )
+    .await;
+    let run_id = run(&client, &wf, json!({t[0].clone(): {"sleep_ms": 20000}})).await;
+    let slow_task: i64 = wait_until(Duration::from_secs(15), "the slow step to start", || async {
+        let row = client
+            .query_opt(
+                "SELECT w.task_id FROM sluice.workflow_step w
+                   JOIN sluice_test.execution e ON e.task_id = w.task_id
+                  WHERE w.run_id = $1 AND w.step = 'slow'",
+                &[&run_id],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        row.map(|r| r.get::<_, i64>(0))
+            .ok_or_else(|| "not started".to_string())
+    })
+    .await;
+    let cancelled: bool = client
+        .query_one("SELECT sluice.cancel_run($1)", &[&run_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(cancelled);
+    let again: bool = client
+        .query_one("SELECT sluice.cancel_run($1)", &[&run_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!again, "a finished run cannot be cancelled twice");
+    wait_execution(&client, slow_task, Some("cancelled")).await;
+    let run = wait_steps_final(&client, run_id).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run["steps"]["after"]["status"], "cancelled", "{run}");
+    assert_eq!(run["steps"]["slow"]["status"], "cancelled", "{run}");
+}
+
+#[tokio::test]
+async fn invalid_definitions_are_rejected_with_the_reason() {
+    let client = connect(&shared_dsn()).await;
+    let task = define_unique_task(&client, "wf_any", "").await;
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (json!({"steps": [{"name": "a", "task": task, "parents": ["b"]},
+                          {"name": "b", "task": task, "parents": ["a"]}]}),
+         "22023", "cycle"),
+        (json!({"steps": [{"name": "a", "task": task, "parents": ["nope"]}]}),
+         "22023", "unknown parent \"nope\""),
+        (json!({"steps": [{"name": "a", "task": task}, {"name": "a", "task": task}]}),
+         "22023", "duplicate step name \"a\""),
+        (json!({"steps": [{"name": "a"}]}), "22023", "step \"a\" has no task"),
+        (json!({"steps": [{"name": "a", "task": "no_such_task_xyz"}]}),
+         "42704", "unknown task \"no_such_task_xyz\""),
+        (json!({"steps": [{"name": "a", "task": task, "skip_if": "$.a ==="}]}),
+         "22023", "skip_if is not a valid jsonpath"),
+        (json!({"steps": [{"name": "a", "task": task, "wait_for": "soon"}]}),
+         "22023", "wait_for is not a duration"),
+        (json!({"steps": []}), "22023", "non-empty array"),
+        (json!({"steps": [{"name": "a", "task": task}], "on_failure": "nope_xyz"}),
+         "42704", "on_failure must name a defined task"),
+    ];
+    for (spec, sqlstate, message) in cases {
+        let err = client
+            .query_one("SELECT sluice.define_workflow('wf_invalid', $1)", &[&spec])
+            .await
+            .expect_err(&format!("{spec} was accepted"));
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(db.code().code(), sqlstate, "{spec}: {}", db.message());
+        assert!(
+            db.message().contains(message),
+            "{spec}: {:?} does not say {message:?}",
+            db.message()
+        );
+    }
+}
+
+#[tokio::test]
+async fn versions_rollback_and_unknown_workflows() {
+    let client = connect(&shared_dsn()).await;
+    let task = define_unique_task(&client, "wf_v", "").await;
+    let wf = unique("versions");
+    let one = json!({"steps": [{"name": "a", "task": task}]});
+    let two = json!({"steps": [{"name": "a", "task": task}, {"name": "b", "task": task}]});
+    assert_eq!(define(&client, &wf, one.clone()).await, 1);
+    assert_eq!(define(&client, &wf, one.clone()).await, 1, "same spec, same version");
+    let first = run(&client, &wf, json!({})).await;
+    assert_eq!(define(&client, &wf, two).await, 2);
+    let second = run(&client, &wf, json!({})).await;
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM sluice.workflow_run WHERE id = ANY($1) ORDER BY id",
+            &[&vec![first, second]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+
+    // A run started in a transaction that rolls back never appears.
+    client.batch_execute("BEGIN").await.unwrap();
+    let rolled_back = run(&client, &wf, json!({})).await;
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let seen: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM sluice.workflow_run WHERE id = $1)
+                  + (SELECT count(*) FROM sluice.task_run WHERE run_id = $1)",
+            &[&rolled_back],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 0);
+
+    let err = client
+        .query_one("SELECT sluice.run_workflow('no_such_workflow_xyz', '{}')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42704");
+}
