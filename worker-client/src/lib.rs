@@ -5,6 +5,9 @@
 //!   transaction. [`TaskOptions`] also carries flow control: a [`Concurrency`] limit per key,
 //!   [rate limits](RateLimitUse) (declared ones with [`set_rate_limit`]) and
 //!   [`DesiredLabel`]s that place runs on labelled workers ([`set_worker_labels`]).
+//! * Workflows: a [`WorkflowBuilder`] defines a DAG of steps (parents named by their [`Step`]
+//!   handles), [`run_workflow`] starts runs, [`run_state`] reads them, [`cancel_run`] stops
+//!   them; a step's task takes [`StepInput`] (the run input and its parents' outputs).
 //! * A [`Worker`] registers with the scheduler, runs typed handlers for the tasks assigned to
 //!   it, and reports their endings. [`TaskContext::transaction`] makes a handler's database
 //!   writes and its task's completion a single atomic change.
@@ -48,6 +51,7 @@ mod producer;
 mod runtime;
 mod task;
 mod worker;
+mod workflow;
 
 pub use context::{TaskContext, TaskTransaction};
 pub use error::{Error, ErrorKind};
@@ -58,6 +62,10 @@ pub use producer::{
 };
 pub use task::{TaskDefinition, TaskError};
 pub use worker::{Worker, WorkerBuilder};
+pub use workflow::{
+    cancel_run, run_state, run_workflow, FailureInput, RunState, Step, StepInput, StepOptions,
+    StepRef, SuccessInput, WorkflowBuilder,
+};
 
 /// Re-exported so callers can name the client types and SQLSTATEs without a version mismatch.
 pub use tokio_postgres;

@@ -906,3 +906,84 @@ async fn shutdown_waits_for_handlers_then_cancels_the_rest() {
     assert_eq!(lost, 1);
     assert!(cancel(&client, stuck).await.expect("cleaning up"));
 }
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Upload {
+    media_id: i64,
+}
+live_task!(WfValidate, "wf_validate", sluice_client::StepInput<Upload>, i64);
+live_task!(WfDouble, "wf_double", sluice_client::StepInput<Upload>, i64);
+live_task!(WfTriple, "wf_triple", sluice_client::StepInput<Upload>, i64);
+live_task!(WfSum, "wf_sum", sluice_client::StepInput<Upload>, i64);
+
+/// A diamond through the typed builder: handlers read their parents' outputs by handle, and
+/// the run's state gives the leaf's output typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_workflow_passes_outputs_along_its_steps() {
+    use sluice_client::{run_state, StepInput, WorkflowBuilder};
+    let Some(dsn) = dsn() else { return };
+    let client = connect(&dsn).await;
+    for name in [
+        WfValidate::name(),
+        WfDouble::name(),
+        WfTriple::name(),
+        WfSum::name(),
+    ] {
+        define_task(&client, name, &TaskOptions::default())
+            .await
+            .expect("define_task");
+    }
+    let mut wf = WorkflowBuilder::<Upload>::new(format!("live_diamond_{}", std::process::id()));
+    let validate = wf.step::<WfValidate>("validate", &[]);
+    let double = wf.step::<WfDouble>("double", &[&validate]);
+    let triple = wf.step::<WfTriple>("triple", &[&validate]);
+    let sum = wf.step::<WfSum>("sum", &[&double, &triple]);
+    assert_eq!(wf.define(&client).await.expect("define_workflow"), 1);
+
+    let (v, d, t) = (validate.clone(), double.clone(), triple.clone());
+    let (stop, handle) = start_worker(
+        Worker::builder(dsn.clone())
+            .slots(4)
+            .task::<WfValidate, _, _>(|_ctx: TaskContext, s: StepInput<Upload>| async move {
+                Ok(s.input.media_id)
+            })
+            .task::<WfDouble, _, _>(move |_ctx: TaskContext, s: StepInput<Upload>| {
+                let v = v.clone();
+                async move {
+                    let x = s.parent(&v).map_err(|e| TaskError::fatal(e.to_string()))?;
+                    Ok(2 * x.unwrap_or_default())
+                }
+            })
+            .task::<WfTriple, _, _>(move |_ctx: TaskContext, s: StepInput<Upload>| {
+                let v = validate.clone();
+                async move {
+                    let x = s.parent(&v).map_err(|e| TaskError::fatal(e.to_string()))?;
+                    Ok(3 * x.unwrap_or_default())
+                }
+            })
+            .task::<WfSum, _, _>(move |_ctx: TaskContext, s: StepInput<Upload>| {
+                let (d, t) = (d.clone(), t.clone());
+                async move {
+                    let a = s.parent(&d).map_err(|e| TaskError::fatal(e.to_string()))?;
+                    let b = s.parent(&t).map_err(|e| TaskError::fatal(e.to_string()))?;
+                    Ok(a.unwrap_or_default() + b.unwrap_or_default())
+                }
+            }),
+    );
+    let run_id = wf
+        .run(&client, &Upload { media_id: 7 })
+        .await
+        .expect("run_workflow");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let state = loop {
+        let state = run_state(&client, run_id).await.expect("run_state");
+        if !["queued", "running"].contains(&state.status.as_str()) || Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop_worker(stop, handle).await;
+    assert_eq!(state.status, "succeeded", "{state:?}");
+    assert_eq!(state.output_of(&sum).expect("typed output"), Some(35));
+    assert_eq!(state.output, Some(json!({"sum": 35})));
+}
