@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 pub const USAGE: &str = "usage: sluice-bench [--scenario NAME]... [--quick] [--dsn DSN] [--out PATH]
 
-  --scenario NAME  drain | enqueue | pickup | depth | churn | idle | flow (repeatable; default: all)
+  --scenario NAME  drain | enqueue | pickup | depth | churn | idle | flow | workflow (repeatable; default: all)
   --quick          task counts ~20x smaller and 5 s idle: for development, not for results
   --dsn DSN        default: $SLUICE_TEST_DSN or host=127.0.0.1 port=28815 user=postgres dbname=sluice
   --out PATH       JSON lines, overwritten per invocation; default: target/bench/results.jsonl";
@@ -20,10 +20,11 @@ pub enum Scenario {
     Churn,
     Idle,
     Flow,
+    Workflow,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Drain,
         Scenario::Enqueue,
         Scenario::Pickup,
@@ -31,6 +32,7 @@ impl Scenario {
         Scenario::Churn,
         Scenario::Idle,
         Scenario::Flow,
+        Scenario::Workflow,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +44,7 @@ impl Scenario {
             Scenario::Churn => "churn",
             Scenario::Idle => "idle",
             Scenario::Flow => "flow",
+            Scenario::Workflow => "workflow",
         }
     }
 

@@ -8,6 +8,7 @@ mod enqueue;
 mod flow;
 mod idle;
 mod pickup;
+mod workflow;
 
 use std::time::Duration;
 
@@ -55,6 +56,7 @@ pub async fn run(scenario: Scenario, ctx: &Ctx, report: &mut Report) -> Result<(
         Scenario::Churn => churn::run(ctx, report).await,
         Scenario::Idle => idle::run(ctx, report).await,
         Scenario::Flow => flow::run(ctx, report).await,
+        Scenario::Workflow => workflow::run(ctx, report).await,
     }
 }
 
