@@ -595,6 +595,129 @@ BEGIN
 END
 $$;
 
+-- One run per input, in one statement (and the caller's transaction); ids in input order.
+CREATE OR REPLACE FUNCTION sluice.run_workflow_many(name text, inputs jsonb[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    i int;
+BEGIN
+    IF inputs IS NULL THEN
+        RAISE EXCEPTION 'inputs must not be NULL (workflow "%")', name USING ERRCODE = '22004';
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(inputs), 0) LOOP
+        IF inputs[i] IS NULL THEN
+            RAISE EXCEPTION 'inputs[%] is NULL (workflow "%"); use ''{}'' for no input', i, name
+                USING ERRCODE = '22004';
+        END IF;
+        RETURN NEXT sluice.run_workflow(name, inputs[i]);
+    END LOOP;
+END
+$$;
+
+-- Cancels every unfinished run selected by workflow (NULL: any) and creation time
+-- [created_from, created_before) (NULL: unbounded). Returns the ids cancelled.
+CREATE OR REPLACE FUNCTION sluice.cancel_runs(workflow text DEFAULT NULL,
+                                              created_from timestamptz DEFAULT NULL,
+                                              created_before timestamptz DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    id bigint;
+BEGIN
+    FOR id IN
+        SELECT r.id FROM sluice.workflow_run r
+         WHERE r.status = 'running'
+           AND (cancel_runs.workflow IS NULL OR r.workflow = cancel_runs.workflow)
+           AND (created_from IS NULL OR r.created_at >= created_from)
+           AND (created_before IS NULL OR r.created_at < created_before)
+         ORDER BY r.id
+    LOOP
+        IF sluice.cancel_run(id) THEN
+            RETURN NEXT id;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Replays a failed or cancelled run from the steps that did not succeed: steps that succeeded
+-- (or were skipped) keep their outputs and do not run again; the others start over as their
+-- parents allow, with the run's own version. Returns false if the run is not failed or
+-- cancelled.
+CREATE OR REPLACE FUNCTION sluice.replay_run(run_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    run  sluice.workflow_run;
+    spec jsonb;
+    ready text[];
+BEGIN
+    SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no workflow run with id %', coalesce(run_id::text, 'NULL')
+            USING ERRCODE = 'P0002';
+    END IF;
+    IF run.status NOT IN ('failed', 'cancelled') THEN
+        RETURN false;
+    END IF;
+    SELECT d.spec INTO spec FROM sluice.workflow_definition d
+     WHERE d.name = run.workflow AND d.version = run.version;
+    UPDATE sluice.workflow_run r
+       SET status = 'running', error = NULL, output = NULL, finished_at = NULL
+     WHERE r.id = run.id
+    RETURNING * INTO run;
+    -- Steps to run again wait for their parents that are not done.
+    UPDATE sluice.workflow_step w
+       SET status = 'pending', task_id = NULL, output = NULL, error = NULL,
+           started_at = NULL, finished_at = NULL,
+           parents_left = (SELECT count(*) FROM sluice.workflow_step p
+                            WHERE p.run_id = w.run_id
+                              AND s.spec->'parents' ? p.step
+                              AND p.status NOT IN ('succeeded', 'skipped'))
+      FROM jsonb_array_elements(spec->'steps') AS s(spec)
+     WHERE w.run_id = run.id AND w.step = s.spec->>'name'
+       AND w.status NOT IN ('succeeded', 'skipped');
+    SELECT array_agg(w.step) INTO ready FROM sluice.workflow_step w
+     WHERE w.run_id = run.id AND w.status = 'pending' AND w.parents_left = 0;
+    IF ready IS NOT NULL THEN
+        PERFORM sluice._start_steps(run, spec, ready);
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Replays every run selected by status (failed and/or cancelled), workflow (NULL: any) and
+-- creation time [created_from, created_before). Returns the ids replayed.
+CREATE OR REPLACE FUNCTION sluice.replay_runs(workflow text DEFAULT NULL,
+                                              statuses text[] DEFAULT '{failed}',
+                                              created_from timestamptz DEFAULT NULL,
+                                              created_before timestamptz DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    id  bigint;
+    bad text;
+BEGIN
+    SELECT string_agg(x, ', ') INTO bad FROM unnest(statuses) x
+     WHERE x IS NULL OR x NOT IN ('failed', 'cancelled');
+    IF bad IS NOT NULL OR statuses IS NULL THEN
+        RAISE EXCEPTION 'replay_runs: statuses must be failed and/or cancelled, got %',
+            coalesce(statuses::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    FOR id IN
+        SELECT r.id FROM sluice.workflow_run r
+         WHERE r.status::text = ANY(statuses)
+           AND (replay_runs.workflow IS NULL OR r.workflow = replay_runs.workflow)
+           AND (created_from IS NULL OR r.created_at >= created_from)
+           AND (created_before IS NULL OR r.created_at < created_before)
+         ORDER BY r.id
+    LOOP
+        IF sluice.replay_run(id) THEN
+            RETURN NEXT id;
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Runs with their steps: the run's status (queued, running, succeeded, failed, cancelled), and
 -- per step its status (a started step shows its task's: queued, running, ...), task, output,
 -- error and times. The run's output is the set of its leaf steps' outputs.

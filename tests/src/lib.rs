@@ -196,6 +196,7 @@ pub async fn create_test_tables(client: &Client) {
                  task_id bigint NOT NULL, attempt int NOT NULL, worker_pid int NOT NULL,
                  started_at timestamptz NOT NULL, finished_at timestamptz, outcome text);
              CREATE INDEX IF NOT EXISTS execution_task_idx ON sluice_test.execution (task_id);
+             CREATE TABLE IF NOT EXISTS sluice_test.flag (name text PRIMARY KEY);
              CREATE TABLE IF NOT EXISTS sluice_test.effect (
                  task_id bigint NOT NULL, attempt int NOT NULL, note text);
              CREATE INDEX IF NOT EXISTS effect_task_idx ON sluice_test.effect (task_id);

@@ -358,3 +358,103 @@ async fn versions_rollback_and_unknown_workflows() {
         .unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42704");
 }
+
+#[tokio::test]
+async fn replay_reruns_a_failed_run_from_the_failed_step_keeping_earlier_outputs() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(&client, &["wf_first", "wf_flaky", "wf_last"]).await;
+    let wf = unique("replay");
+    define(
+        &client,
+        &wf,
+        json!({"steps": [{"name": "first", "task": t[0]},
+                         {"name": "flaky", "task": t[1], "parents": ["first"]},
+                         {"name": "last", "task": t[2], "parents": ["flaky"]}]}),
+    )
+    .await;
+    let flag = unique("flag");
+    let run_id = run(&client, &wf, json!({t[1].clone(): {"fail_unless_flag": flag}})).await;
+    let failed = wait_run(&client, run_id, Duration::from_secs(30)).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let failed = wait_steps_final(&client, run_id).await;
+    assert_eq!(failed["steps"]["last"]["status"], "cancelled", "{failed}");
+    let first_task = step_task_id(&failed, "first");
+
+    client
+        .execute("INSERT INTO sluice_test.flag VALUES ($1)", &[&flag])
+        .await
+        .unwrap();
+    let replayed: bool = client
+        .query_one("SELECT sluice.replay_run($1)", &[&run_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(replayed);
+    let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    // The step that succeeded before kept its task and output and did not run again.
+    assert_eq!(step_task_id(&run, "first"), first_task);
+    assert_eq!(run["steps"]["first"]["output"], failed["steps"]["first"]["output"]);
+    assert_eq!(executions(&client, first_task).await.len(), 1);
+    assert_ne!(step_task_id(&run, "flaky"), step_task_id(&failed, "flaky"));
+    let again: bool = client
+        .query_one("SELECT sluice.replay_run($1)", &[&run_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!again, "a succeeded run is not replayed");
+}
+
+#[tokio::test]
+async fn runs_start_in_bulk_and_cancel_in_bulk_by_workflow() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(&client, &["wf_bulk"]).await;
+    let (slow_wf, other_wf) = (unique("bulk_slow"), unique("bulk_other"));
+    for wf in [&slow_wf, &other_wf] {
+        define(&client, wf, json!({"steps": [{"name": "only", "task": t[0]}]})).await;
+    }
+    let slow = json!({t[0].clone(): {"sleep_ms": 20000}});
+    let ids: Vec<i64> = client
+        .query(
+            "SELECT sluice.run_workflow_many($1, ARRAY[$2, $2, $2]::jsonb[])",
+            &[&slow_wf, &slow],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let other = run(&client, &other_wf, slow.clone()).await;
+    let mut cancelled: Vec<i64> = client
+        .query("SELECT sluice.cancel_runs(workflow => $1)", &[&slow_wf])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    cancelled.sort_unstable();
+    assert_eq!(cancelled, ids);
+    for id in &ids {
+        let run = wait_run(&client, *id, Duration::from_secs(15)).await;
+        assert_eq!(run["status"], "cancelled", "{run}");
+    }
+    let status: String = client
+        .query_one("SELECT status::text FROM sluice.runs WHERE id = $1", &[&other])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(["queued", "running"].contains(&status.as_str()), "{status}");
+    client
+        .query_one("SELECT sluice.cancel_run($1)", &[&other])
+        .await
+        .unwrap();
+    let err = client
+        .query_one("SELECT sluice.run_workflow_many($1, ARRAY['{}', NULL]::jsonb[])", &[&slow_wf])
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "22004");
+    assert!(err.as_db_error().unwrap().message().contains("inputs[2]"));
+}

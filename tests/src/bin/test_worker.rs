@@ -9,6 +9,7 @@
 //!                                        the commit (the test kills the process there)
 //!   {"sleep_on_attempt": k}             sleep only on attempt k (0: every attempt)
 //!   {"fail_attempts": n, "fatal": bool}  fail attempts 1..=n (non-retryable if fatal)
+//!   {"fail_unless_flag": "name"}         fail (fatally) unless sluice_test.flag has that name
 //! A handler that sees its cancellation signal records outcome 'cancelled'.
 //! Output: {"worker_pid": pid, "attempt": attempt}.
 
@@ -38,6 +39,9 @@ struct Input {
     fail_attempts: i32,
     #[serde(default)]
     fatal: bool,
+    /// Fail (fatally) unless sluice_test.flag has a row with this name.
+    #[serde(default)]
+    fail_unless_flag: Option<String>,
     /// A workflow step's input: {"input": <run input>, "parents": {...}, "skipped": [...]}.
     /// The run input's entry for this worker's task name (if any) drives the step as above.
     #[serde(default)]
@@ -145,6 +149,15 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
           WHERE task_id = $1 AND attempt = $2 AND worker_pid = $3",
         &finish_params,
     );
+    if let Some(flag) = &input.fail_unless_flag {
+        let found = log
+            .execute("SELECT 1 FROM sluice_test.flag WHERE name = $1", &[flag])
+            .await?;
+        if found == 0 {
+            mark_finished.await?;
+            return Err(TaskError::fatal(format!("flag {flag} is not set")));
+        }
+    }
     if ctx.attempt() <= input.fail_attempts {
         mark_finished.await?;
         let message = format!("planned failure of attempt {}", ctx.attempt());
