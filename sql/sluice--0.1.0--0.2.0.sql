@@ -1245,8 +1245,9 @@ CREATE TABLE sluice.workflow_definition (
     name       text NOT NULL CHECK (name <> ''),
     version    int NOT NULL CHECK (version > 0),
     -- normalized by sluice.define_workflow: {"steps": [{"name", "task", "parents",
-    -- "children", "skip_if", "wait_for"}, ...], "on_failure": task | null,
-    -- "on_success": task | null}
+    -- "children", "skip_if", "wait_for"}, ...], "on_failure": task, "on_success": task,
+    -- "concurrency": {"key": jsonpath, "max_runs": n, "strategy": ...}} (the last three
+    -- optional)
     spec       jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (name, version)
@@ -1256,9 +1257,12 @@ CREATE TABLE sluice.workflow_run (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     workflow    text NOT NULL,
     version     int NOT NULL,
-    -- running until every step is done (or one failed: failed; cancel_run: cancelled)
-    status      sluice.task_status NOT NULL DEFAULT 'running',
+    -- queued while its concurrency key is full, running until every step is done (or one
+    -- failed: failed; cancel_run: cancelled)
+    status      sluice.task_status NOT NULL DEFAULT 'queued',
     input       jsonb NOT NULL,
+    -- the workflow's concurrency key for this run (its spec's "concurrency"), else NULL
+    concurrency_key text,
     -- the outputs of the leaf steps, by step name
     output      jsonb,
     error       text,
@@ -1267,6 +1271,9 @@ CREATE TABLE sluice.workflow_run (
     FOREIGN KEY (workflow, version) REFERENCES sluice.workflow_definition (name, version)
 );
 CREATE INDEX workflow_run_workflow_idx ON sluice.workflow_run (workflow, created_at);
+-- Runs holding or waiting for a place of their workflow's concurrency key.
+CREATE INDEX workflow_run_concurrency_idx ON sluice.workflow_run (workflow, concurrency_key, id)
+    WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running');
 
 CREATE TABLE sluice.workflow_step (
     run_id       bigint NOT NULL REFERENCES sluice.workflow_run (id) ON DELETE CASCADE,
@@ -1319,10 +1326,14 @@ BEGIN
             coalesce(spec::text, 'NULL') USING ERRCODE = '22023';
     END IF;
     SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(spec) AS k
-     WHERE k NOT IN ('steps', 'on_failure', 'on_success');
+     WHERE k NOT IN ('steps', 'on_failure', 'on_success', 'concurrency');
     IF extra IS NOT NULL THEN
         RAISE EXCEPTION 'workflow "%": unknown spec key(s) %', wf, extra
-            USING ERRCODE = '22023', HINT = 'Known keys: steps, on_failure, on_success.';
+            USING ERRCODE = '22023',
+                  HINT = 'Known keys: steps, on_failure, on_success, concurrency.';
+    END IF;
+    IF spec ? 'concurrency' THEN
+        PERFORM sluice._check_workflow_concurrency(spec->'concurrency', wf);
     END IF;
     IF steps IS NULL OR jsonb_typeof(steps) <> 'array' OR jsonb_array_length(steps) = 0 THEN
         RAISE EXCEPTION 'workflow "%": "steps" must be a non-empty array', wf
@@ -1442,7 +1453,12 @@ BEGIN
         END IF;
     END LOOP;
     normalized := jsonb_strip_nulls(jsonb_build_object(
-        'steps', norm, 'on_failure', spec->'on_failure', 'on_success', spec->'on_success'));
+        'steps', norm, 'on_failure', spec->'on_failure', 'on_success', spec->'on_success',
+        'concurrency', CASE WHEN spec ? 'concurrency' THEN jsonb_build_object(
+            'key', spec->'concurrency'->'key',
+            'max_runs', spec->'concurrency'->'max_runs',
+            'strategy', coalesce(spec->'concurrency'->'strategy', '"group_round_robin"'))
+            END));
 
     -- A new version unless the latest is the same (concurrent definers take turns).
     PERFORM pg_advisory_xact_lock(hashtext('sluice.define_workflow'), hashtext(wf));
@@ -1492,6 +1508,41 @@ BEGIN
 END
 $$;
 
+-- Workflow-level concurrency: {"key": "<jsonpath over the run input>", "max_runs": n,
+-- "strategy": "group_round_robin" (default) | "cancel_in_progress" | "cancel_newest"}.
+CREATE OR REPLACE FUNCTION sluice._check_workflow_concurrency(c jsonb, wf text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    extra text;
+BEGIN
+    IF jsonb_typeof(c) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'workflow "%": concurrency must be an object {"key", "max_runs", "strategy"}, got %',
+            wf, c USING ERRCODE = '22023';
+    END IF;
+    SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(c) AS k
+     WHERE k NOT IN ('key', 'max_runs', 'strategy');
+    IF extra IS NOT NULL THEN
+        RAISE EXCEPTION 'workflow "%": concurrency has unknown key(s) %', wf, extra
+            USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_typeof(c->'key') IS DISTINCT FROM 'string' THEN
+        RAISE EXCEPTION 'workflow "%": concurrency.key must be a jsonpath over the run input, e.g. ''$.user_id'', got %',
+            wf, coalesce(c->'key', 'null') USING ERRCODE = '22023';
+    END IF;
+    PERFORM sluice._workflow_jsonpath(c->>'key', wf, '(concurrency)', 'key');
+    IF NOT sluice._is_whole_number(c->'max_runs', 1, 2147483647) THEN
+        RAISE EXCEPTION 'workflow "%": concurrency.max_runs must be a positive whole number, got %',
+            wf, coalesce(c->'max_runs', 'null') USING ERRCODE = '22023';
+    END IF;
+    IF c ? 'strategy' AND coalesce(c->>'strategy', '') <> ALL
+           (ARRAY['group_round_robin', 'cancel_in_progress', 'cancel_newest']) THEN
+        RAISE EXCEPTION 'workflow "%": unknown concurrency strategy %', wf, c->'strategy'
+            USING ERRCODE = '22023',
+                  HINT = 'Strategies: group_round_robin, cancel_in_progress, cancel_newest.';
+    END IF;
+END
+$$;
+
 -- Runs ----------------------------------------------------------------------------------------
 
 -- Starts a run of the latest version of a workflow; transactional like sluice.enqueue (a
@@ -1514,16 +1565,125 @@ BEGIN
             USING ERRCODE = '42704',
                   HINT = 'Define it first with sluice.define_workflow(name, spec).';
     END IF;
-    INSERT INTO sluice.workflow_run (workflow, version, input)
-    VALUES (def.name, def.version, input)
+    INSERT INTO sluice.workflow_run (workflow, version, input, status, concurrency_key)
+    VALUES (def.name, def.version, input, 'queued',
+            CASE WHEN def.spec ? 'concurrency' THEN
+                 coalesce(sluice._path_text(input, (def.spec->'concurrency'->>'key')::jsonpath), '')
+            END)
     RETURNING * INTO run;
     INSERT INTO sluice.workflow_step (run_id, step, parents_left)
     SELECT run.id, s->>'name', jsonb_array_length(s->'parents')
       FROM jsonb_array_elements(def.spec->'steps') s;
-    PERFORM sluice._start_steps(run, def.spec,
-        ARRAY(SELECT s->>'name' FROM jsonb_array_elements(def.spec->'steps') s
-               WHERE s->'parents' = '[]'));
+    IF run.concurrency_key IS NULL THEN
+        PERFORM sluice._begin_run(run, def.spec);
+    ELSE
+        -- The scheduler admits it (sluice._admit_runs): no lock is taken here that could make
+        -- the scheduler wait for this transaction.
+        PERFORM sluice._request_admission(run.id);
+    END IF;
     RETURN run.id;
+END
+$$;
+
+-- A queued run starts: its root steps become task runs.
+CREATE OR REPLACE FUNCTION sluice._begin_run(run sluice.workflow_run, spec jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE sluice.workflow_run r SET status = 'running' WHERE r.id = run.id
+    RETURNING * INTO run;
+    -- The roots of a new run; for a replayed one, the steps whose parents are all done.
+    PERFORM sluice._start_steps(run, spec,
+        ARRAY(SELECT w.step FROM sluice.workflow_step w
+               WHERE w.run_id = run.id AND w.status = 'pending' AND w.parents_left = 0));
+END
+$$;
+
+-- Asks the scheduler to admit the waiting runs of this run's concurrency key (a step outcome
+-- without a step, see sluice._advance_runs).
+CREATE OR REPLACE FUNCTION sluice._request_admission(run_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO sluice.step_outcome (run_id) VALUES (run_id);
+    PERFORM sluice._wake_scheduler();
+END
+$$;
+
+-- Admits the waiting runs of one concurrency key that fit, oldest first (the places of a key
+-- are shared by every version of the workflow; the latest version's limit applies).
+-- `newcomer`: a run just queued, which the cancel strategies judge: cancel_newest cancels it
+-- if the key is full, cancel_in_progress cancels the oldest running runs to make room for it.
+-- Only the scheduler calls this (one admitter: two transactions never both take the last
+-- place), and it skips rows a user's transaction holds (cancel_run), trying again later.
+CREATE OR REPLACE FUNCTION sluice._admit_runs(wf text, key text, newcomer bigint DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    spec     jsonb;
+    max_runs int;
+    strategy text;
+    running  int;
+    run      sluice.workflow_run;
+    victim   bigint;
+BEGIN
+    SELECT d.spec INTO spec FROM sluice.workflow_definition d
+     WHERE d.name = wf ORDER BY d.version DESC LIMIT 1;
+    max_runs := (spec->'concurrency'->>'max_runs')::int;
+    strategy := coalesce(spec->'concurrency'->>'strategy', 'group_round_robin');
+    IF max_runs IS NULL THEN
+        -- The latest version has no limit: everything waiting starts.
+        max_runs := 2147483647;
+    END IF;
+    SELECT count(*) INTO running FROM sluice.workflow_run r
+     WHERE r.workflow = wf AND r.concurrency_key = key AND r.status = 'running';
+    IF newcomer IS NOT NULL AND running >= max_runs THEN
+        IF strategy = 'cancel_newest' THEN
+            UPDATE sluice.workflow_run r
+               SET status = 'cancelled', finished_at = now(),
+                   error = format('cancelled by concurrency strategy cancel_newest: key %s of workflow "%s" already has max_runs = %s runs',
+                                  quote_literal(key), wf, max_runs)
+             WHERE r.id = newcomer AND r.status = 'queued';
+            UPDATE sluice.workflow_step w SET status = 'cancelled', finished_at = now()
+             WHERE w.run_id = newcomer;
+            RETURN;
+        ELSIF strategy = 'cancel_in_progress' THEN
+            FOR victim IN
+                SELECT r.id FROM sluice.workflow_run r
+                 WHERE r.workflow = wf AND r.concurrency_key = key AND r.status = 'running'
+                 ORDER BY r.id LIMIT running - max_runs + 1
+                   FOR UPDATE SKIP LOCKED
+            LOOP
+                UPDATE sluice.workflow_run r
+                   SET status = 'cancelled', finished_at = now(),
+                       error = format('cancelled by concurrency strategy cancel_in_progress: a newer run of key %s of workflow "%s" took its place',
+                                      quote_literal(key), wf)
+                 WHERE r.id = victim;
+                PERFORM sluice._cancel_run_steps(victim, format('run %s cancelled by concurrency strategy cancel_in_progress', victim));
+                running := running - 1;
+            END LOOP;
+        END IF;
+    END IF;
+    FOR run IN
+        SELECT r.* FROM sluice.workflow_run r
+         WHERE r.workflow = wf AND r.concurrency_key = key AND r.status = 'queued'
+         ORDER BY r.id LIMIT greatest(max_runs - running, 0)
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        PERFORM sluice._begin_run(run,
+            (SELECT d.spec FROM sluice.workflow_definition d
+              WHERE d.name = run.workflow AND d.version = run.version));
+    END LOOP;
+END
+$$;
+
+-- A run finished: if it held a place of a concurrency key, the key's next waiting run may
+-- start (the scheduler decides, see sluice._request_admission).
+CREATE OR REPLACE FUNCTION sluice._run_finished(run_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM sluice.workflow_run r
+                WHERE r.id = run_id AND r.concurrency_key IS NOT NULL) THEN
+        PERFORM sluice._request_admission(run_id);
+    END IF;
 END
 $$;
 
@@ -1643,6 +1803,7 @@ BEGIN
                       WHERE w.run_id = r.id AND s->'children' = '[]'
                         AND w.status = 'succeeded')
      WHERE r.id = _finish_run_if_done.run_id;
+    PERFORM sluice._run_finished(run.id);
     IF spec ? 'on_success' THEN
         PERFORM sluice._enqueue_step(spec->>'on_success',
             jsonb_build_object('input', run.input,
@@ -1672,6 +1833,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM sluice._cancel_run_steps(run.id, format('run %s: step "%s" %s', run.id, step, outcome));
+    PERFORM sluice._run_finished(run.id);
     IF spec ? 'on_failure' THEN
         PERFORM sluice._enqueue_step(spec->>'on_failure',
             jsonb_build_object('input', run.input, 'run_id', run.id, 'failed_step', step,
@@ -1711,8 +1873,10 @@ $$;
 CREATE TABLE sluice.step_outcome (
     id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id  bigint NOT NULL,
-    step    text NOT NULL,
-    task_id bigint NOT NULL
+    -- NULL step and task: not an outcome but a request to admit the waiting runs of this
+    -- run's concurrency key (sluice._request_admission)
+    step    text,
+    task_id bigint
 );
 
 CREATE OR REPLACE FUNCTION sluice._step_task_finished() RETURNS trigger
@@ -1748,7 +1912,16 @@ BEGIN
     LOOP
         n := n + 1;
         BEGIN
-            PERFORM sluice._apply_step_outcome(o.run_id, o.step, o.task_id);
+            IF o.step IS NULL THEN
+                PERFORM sluice._admit_runs(r.workflow, r.concurrency_key,
+                                           CASE WHEN r.status = 'queued' THEN r.id END)
+                   FROM sluice.workflow_run r
+                  WHERE r.id = o.run_id AND r.concurrency_key IS NOT NULL;
+            ELSIF NOT sluice._apply_step_outcome(o.run_id, o.step, o.task_id) THEN
+                -- Its run is locked by a user's transaction (cancel_run, replay_run): later.
+                INSERT INTO sluice.step_outcome (run_id, step, task_id)
+                VALUES (o.run_id, o.step, o.task_id);
+            END IF;
         EXCEPTION WHEN OTHERS THEN
             BEGIN
                 UPDATE sluice.workflow_run r
@@ -1759,6 +1932,7 @@ BEGIN
                 PERFORM sluice._cancel_run_steps(o.run_id,
                     format('run %s failed: it could not advance after step "%s"', o.run_id,
                            o.step));
+                PERFORM sluice._run_finished(o.run_id);
             EXCEPTION WHEN OTHERS THEN
                 RAISE WARNING 'sluice scheduler: run % could not advance or fail: %', o.run_id,
                     SQLERRM;
@@ -1769,18 +1943,22 @@ BEGIN
 END
 $$;
 
+-- Applies one step outcome; false if its run is locked by someone else (to be retried).
 CREATE OR REPLACE FUNCTION sluice._apply_step_outcome(run_id bigint, step text, task_id bigint)
-RETURNS void
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     run  sluice.workflow_run;
     spec jsonb;
     t    sluice.task_run;
 BEGIN
-    SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id FOR UPDATE;
+    SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN NOT EXISTS (SELECT 1 FROM sluice.workflow_run r WHERE r.id = run_id);
+    END IF;
     SELECT * INTO t FROM sluice.task_run r WHERE r.id = task_id;
-    IF run.id IS NULL OR t.id IS NULL THEN
-        RETURN;
+    IF t.id IS NULL THEN
+        RETURN true;
     END IF;
     UPDATE sluice.workflow_step w
        SET status = t.status::text, output = t.output, error = t.last_error,
@@ -1788,7 +1966,7 @@ BEGIN
      WHERE w.run_id = _apply_step_outcome.run_id AND w.step = _apply_step_outcome.step
        AND w.task_id = t.id AND w.status = 'started';
     IF NOT FOUND OR run.status <> 'running' THEN
-        RETURN;
+        RETURN true;
     END IF;
     SELECT d.spec INTO spec FROM sluice.workflow_definition d
      WHERE d.name = run.workflow AND d.version = run.version;
@@ -1797,6 +1975,7 @@ BEGIN
     ELSE
         PERFORM sluice._step_failed(run, spec, step, t.status::text, t.last_error);
     END IF;
+    RETURN true;
 END
 $$;
 
@@ -1812,13 +1991,16 @@ BEGIN
         RAISE EXCEPTION 'no workflow run with id %', coalesce(run_id::text, 'NULL')
             USING ERRCODE = 'P0002';
     END IF;
-    IF run.status <> 'running' THEN
+    IF run.status NOT IN ('queued', 'running') THEN
         RETURN false;
     END IF;
     UPDATE sluice.workflow_run r
        SET status = 'cancelled', finished_at = now(), error = 'cancelled by sluice.cancel_run()'
      WHERE r.id = run_id;
     PERFORM sluice._cancel_run_steps(run_id, 'run cancelled by sluice.cancel_run()');
+    IF run.status = 'running' THEN
+        PERFORM sluice._run_finished(run_id);
+    END IF;
     RETURN true;
 END
 $$;
@@ -1855,7 +2037,7 @@ DECLARE
 BEGIN
     FOR id IN
         SELECT r.id FROM sluice.workflow_run r
-         WHERE r.status = 'running'
+         WHERE r.status IN ('queued', 'running')
            AND (cancel_runs.workflow IS NULL OR r.workflow = cancel_runs.workflow)
            AND (created_from IS NULL OR r.created_at >= created_from)
            AND (created_before IS NULL OR r.created_at < created_before)
@@ -1877,7 +2059,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     run  sluice.workflow_run;
     spec jsonb;
-    ready text[];
 BEGIN
     SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -1890,7 +2071,7 @@ BEGIN
     SELECT d.spec INTO spec FROM sluice.workflow_definition d
      WHERE d.name = run.workflow AND d.version = run.version;
     UPDATE sluice.workflow_run r
-       SET status = 'running', error = NULL, output = NULL, finished_at = NULL
+       SET status = 'queued', error = NULL, output = NULL, finished_at = NULL
      WHERE r.id = run.id
     RETURNING * INTO run;
     -- Steps to run again wait for their parents that are not done.
@@ -1904,10 +2085,10 @@ BEGIN
       FROM jsonb_array_elements(spec->'steps') AS s(spec)
      WHERE w.run_id = run.id AND w.step = s.spec->>'name'
        AND w.status NOT IN ('succeeded', 'skipped');
-    SELECT array_agg(w.step) INTO ready FROM sluice.workflow_step w
-     WHERE w.run_id = run.id AND w.status = 'pending' AND w.parents_left = 0;
-    IF ready IS NOT NULL THEN
-        PERFORM sluice._start_steps(run, spec, ready);
+    IF run.concurrency_key IS NULL THEN
+        PERFORM sluice._begin_run(run, spec);
+    ELSE
+        PERFORM sluice._request_admission(run.id);  -- it waits for a place like a new run
     END IF;
     RETURN true;
 END
@@ -1967,6 +2148,7 @@ SELECT r.id,
        r.error,
        r.created_at,
        r.finished_at,
+       r.concurrency_key,
        (SELECT jsonb_object_agg(w.step, jsonb_strip_nulls(jsonb_build_object(
                    'status', CASE WHEN w.status = 'started' THEN t.status::text ELSE w.status END,
                    'task_id', w.task_id,

@@ -297,6 +297,12 @@ async fn invalid_definitions_are_rejected_with_the_reason() {
         (json!({"steps": []}), "22023", "non-empty array"),
         (json!({"steps": [{"name": "a", "task": task}], "on_failure": "nope_xyz"}),
          "42704", "on_failure must name a defined task"),
+        (json!({"steps": [{"name": "a", "task": task}],
+                "concurrency": {"key": "$.u", "max_runs": 0}}),
+         "22023", "concurrency.max_runs must be a positive whole number"),
+        (json!({"steps": [{"name": "a", "task": task}],
+                "concurrency": {"key": "$.u", "max_runs": 2, "strategy": "fifo"}}),
+         "22023", "unknown concurrency strategy"),
     ];
     for (spec, sqlstate, message) in cases {
         let err = client
@@ -457,4 +463,86 @@ async fn runs_start_in_bulk_and_cancel_in_bulk_by_workflow() {
         .unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "22004");
     assert!(err.as_db_error().unwrap().message().contains("inputs[2]"));
+}
+
+/// Workflow-level concurrency: at most max_runs runs per key at once, keys independent; with
+/// cancel_newest a run for a full key is cancelled with the reason.
+#[tokio::test]
+async fn workflow_concurrency_limits_runs_per_key() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(&client, &["wf_limited"]).await;
+    let wf = unique("per_user");
+    define(
+        &client,
+        &wf,
+        json!({"steps": [{"name": "only", "task": t[0]}],
+               "concurrency": {"key": "$.user", "max_runs": 2}}),
+    )
+    .await;
+    let work = json!({"sleep_ms": 400});
+    let mut runs = Vec::new();
+    for user in ["a", "a", "a", "a", "a", "a", "b", "b"] {
+        runs.push((user, run(&client, &wf, json!({"user": user, t[0].clone(): work})).await));
+    }
+    for (_, id) in &runs {
+        let state = wait_run(&client, *id, Duration::from_secs(30)).await;
+        assert_eq!(state["status"], "succeeded", "{state}");
+    }
+    // Overlap per key from the handlers' own log.
+    let mut spans: Vec<(&str, f64, f64)> = Vec::new();
+    for (user, id) in &runs {
+        let state = wait_run(&client, *id, Duration::from_secs(1)).await;
+        let (start, end) = execution_span(&client, step_task_id(&state, "only")).await;
+        spans.push((user, start, end));
+    }
+    for user in ["a", "b"] {
+        let mine: Vec<&(&str, f64, f64)> = spans.iter().filter(|s| s.0 == user).collect();
+        let most = mine
+            .iter()
+            .map(|(_, start, _)| mine.iter().filter(|(_, s, e)| s <= start && start < e).count())
+            .max()
+            .unwrap();
+        assert!(most <= 2, "user {user}: {most} runs at once: {spans:?}");
+        if user == "a" {
+            assert_eq!(most, 2, "a's runs never used both places: {spans:?}");
+        }
+    }
+    let most_a = spans.iter().filter(|s| s.0 == "a").count();
+    assert_eq!(most_a, 6);
+    // b did not wait behind a's queue: both of b's runs started before a's last two.
+    let mut a_starts: Vec<f64> = spans.iter().filter(|s| s.0 == "a").map(|s| s.1).collect();
+    a_starts.sort_by(f64::total_cmp);
+    for (_, start, _) in spans.iter().filter(|s| s.0 == "b") {
+        assert!(*start < a_starts[4], "b waited behind a: {spans:?}");
+    }
+
+    let newest_wf = unique("newest");
+    define(
+        &client,
+        &newest_wf,
+        json!({"steps": [{"name": "only", "task": t[0]}],
+               "concurrency": {"key": "$.user", "max_runs": 1, "strategy": "cancel_newest"}}),
+    )
+    .await;
+    let first = run(&client, &newest_wf, json!({"user": "c", t[0].clone(): {"sleep_ms": 2000}})).await;
+    // The first must hold the place before the second asks for it.
+    wait_until(Duration::from_secs(10), "the first run to be admitted", || async {
+        let s: String = client
+            .query_one("SELECT status::text FROM sluice.workflow_run WHERE id = $1", &[&first])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if s == "running" { Ok(()) } else { Err(s) }
+    })
+    .await;
+    let second = run(&client, &newest_wf, json!({"user": "c"})).await;
+    let state = wait_run(&client, second, Duration::from_secs(10)).await;
+    assert_eq!(state["status"], "cancelled", "{state}");
+    assert!(
+        state["error"].as_str().unwrap_or_default().contains("cancel_newest"),
+        "{state}"
+    );
+    let state = wait_run(&client, first, Duration::from_secs(20)).await;
+    assert_eq!(state["status"], "succeeded", "{state}");
 }

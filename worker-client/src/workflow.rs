@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
-use crate::{Error, TaskDefinition};
+use crate::{Concurrency, Error, TaskDefinition};
 
 /// What a workflow step's task receives: the run's input, the outputs of its parents (by step
 /// name) and the parents that were skipped.
@@ -134,6 +134,7 @@ pub struct WorkflowBuilder<I> {
     steps: Vec<Value>,
     on_failure: Option<&'static str>,
     on_success: Option<&'static str>,
+    concurrency: Option<Concurrency>,
     input: PhantomData<fn(I)>,
 }
 
@@ -144,6 +145,7 @@ impl<I: Serialize> WorkflowBuilder<I> {
             steps: Vec::new(),
             on_failure: None,
             on_success: None,
+            concurrency: None,
             input: PhantomData,
         }
     }
@@ -196,6 +198,13 @@ impl<I: Serialize> WorkflowBuilder<I> {
         self
     }
 
+    /// Limits whole runs: at most `max_runs` per key (a jsonpath over the run input) at once;
+    /// the strategy says what happens to the others.
+    pub fn concurrency(&mut self, concurrency: Concurrency) -> &mut Self {
+        self.concurrency = Some(concurrency);
+        self
+    }
+
     /// The spec `sluice.define_workflow` takes.
     pub fn spec(&self) -> Value {
         let mut spec = json!({ "steps": self.steps });
@@ -204,6 +213,10 @@ impl<I: Serialize> WorkflowBuilder<I> {
         }
         if let Some(task) = self.on_success {
             spec["on_success"] = json!(task);
+        }
+        if let Some(c) = &self.concurrency {
+            spec["concurrency"] = json!({"key": c.key, "max_runs": c.max_runs,
+                                         "strategy": c.strategy.as_sql()});
         }
         spec
     }
@@ -342,6 +355,7 @@ mod unit_tests {
         );
         wf.step::<A>("c", &[&a, &b]);
         wf.on_failure::<Cleanup>();
+        wf.concurrency(crate::Concurrency::new("$.media_id", 3));
         assert_eq!(
             wf.spec(),
             json!({"steps": [
@@ -349,7 +363,9 @@ mod unit_tests {
                 {"name": "b", "task": "b_task", "parents": ["a"],
                  "skip_if": "$.parents.a == 0", "wait_for": "1500000 microseconds"},
                 {"name": "c", "task": "a_task", "parents": ["a", "b"]}],
-             "on_failure": "cleanup"})
+             "on_failure": "cleanup",
+             "concurrency": {"key": "$.media_id", "max_runs": 3,
+                             "strategy": "group_round_robin"}})
         );
     }
 
