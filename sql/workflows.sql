@@ -43,6 +43,9 @@ CREATE TABLE sluice.workflow_run (
     FOREIGN KEY (workflow, version) REFERENCES sluice.workflow_definition (name, version)
 );
 CREATE INDEX workflow_run_workflow_idx ON sluice.workflow_run (workflow, created_at);
+-- Finished runs by status and age, for retention (sluice._purge_finished_runs).
+CREATE INDEX workflow_run_finished_idx ON sluice.workflow_run (status, finished_at)
+    WHERE status IN ('succeeded', 'failed', 'cancelled');
 -- Runs holding or waiting for a place of their workflow's concurrency key.
 CREATE INDEX workflow_run_concurrency_idx ON sluice.workflow_run (workflow, concurrency_key, id)
     WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running');
@@ -895,6 +898,50 @@ BEGIN
         IF sluice.replay_run(id) THEN
             RETURN NEXT id;
         END IF;
+    END LOOP;
+END
+$$;
+
+-- Retention of runs, as sluice._purge_finished does for tasks: finished runs (with their
+-- steps) past sluice.succeeded_task_retention / sluice.failed_task_retention, oldest first, at
+-- most max_rows per status, each status from `after` (succeeded, failed, cancelled) on.
+-- Their step tasks go with the task retention. Returns per status ('run:<status>') how many
+-- went and the finish time of the last one.
+CREATE OR REPLACE FUNCTION sluice._purge_finished_runs(succeeded_before timestamptz,
+                                                       failed_before timestamptz,
+                                                       after timestamptz[], max_rows int)
+RETURNS TABLE (status text, deleted int, reached timestamptz)
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    kinds  sluice.task_status[] := ARRAY['succeeded', 'failed', 'cancelled'];
+    before timestamptz;
+    ids    bigint[];
+    last   timestamptz;
+    n      int;
+BEGIN
+    FOR i IN 1 .. 3 LOOP
+        before := CASE WHEN i = 1 THEN succeeded_before ELSE failed_before END;
+        CONTINUE WHEN before IS NULL;
+        BEGIN
+            SELECT array_agg(x.id), max(x.finished_at) INTO ids, last FROM (
+                SELECT r.id, r.finished_at FROM sluice.workflow_run r
+                 WHERE r.status = kinds[i] AND r.finished_at < before
+                   AND r.finished_at >= coalesce(after[i], '-infinity')
+                   AND r.status IN ('succeeded', 'failed', 'cancelled')
+                 ORDER BY r.status, r.finished_at LIMIT max_rows
+                   FOR UPDATE SKIP LOCKED) x;
+            CONTINUE WHEN ids IS NULL;  -- never `id = ANY('{}')`: see _maintain
+            DELETE FROM sluice.workflow_run r WHERE r.id = ANY(ids);
+            GET DIAGNOSTICS n = ROW_COUNT;
+            status := 'run:' || kinds[i]::text;
+            deleted := n;
+            reached := last;
+            RETURN NEXT;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'sluice scheduler: deleting finished runs failed: % (SQLSTATE %)',
+                SQLERRM, SQLSTATE;
+        END;
     END LOOP;
 END
 $$;

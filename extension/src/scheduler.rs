@@ -262,9 +262,10 @@ struct Scheduler {
     last_purge: Instant,
     /// The last purge deleted a full batch: more are due.
     purge_again: bool,
-    /// Where the next purge starts, per status (succeeded, failed, cancelled): finish times
-    /// before were purged (back to the start with each sweep, for rows skipped as locked).
-    purge_after: [Micros; 3],
+    /// Where the next purge starts, per status (succeeded, failed, cancelled) of tasks, then
+    /// of workflow runs: finish times before were purged (back to the start with each sweep,
+    /// for rows skipped as locked).
+    purge_after: [Micros; 6],
     /// Finished tasks deleted (for the statistics).
     purged: usize,
     /// Task definitions and rate limits, reloaded with maintenance and after every committed
@@ -471,7 +472,7 @@ impl Scheduler {
             swept_out: 0,
             last_purge: Instant::now(),
             purge_again: false,
-            purge_after: [i64::MIN; 3],
+            purge_after: [i64::MIN; 6],
             purged: 0,
             definitions: Definitions::default(),
             config_generation: u64::MAX,
@@ -512,7 +513,7 @@ impl Scheduler {
         let purge_workers = self.last_sweep.elapsed() >= SWEEP_INTERVAL;
         if purge_workers {
             self.sweep_from = Some(FROM_START);
-            self.purge_after = [i64::MIN; 3];
+            self.purge_after = [i64::MIN; 6];
             self.last_sweep = Instant::now();
             self.load_running = true;
         }
@@ -1193,48 +1194,60 @@ fn advance_runs(client: &mut SpiClient<'_>) -> i32 {
         .unwrap_or(0)
 }
 
-/// Deletes finished tasks past their retention (`sluice.succeeded_task_retention`,
-/// `sluice.failed_task_retention`), a batch per status, each status from where the last call
-/// ended (`after`: succeeded, failed, cancelled; moved on here). Returns how many went and
-/// whether a batch was full (more are due).
-fn purge_finished(client: &mut SpiClient<'_>, after: &mut [Micros; 3]) -> (usize, bool) {
+/// Deletes finished tasks and workflow runs past their retention
+/// (`sluice.succeeded_task_retention`, `sluice.failed_task_retention`), a batch per status,
+/// each status from where the last call ended (`after`: succeeded, failed, cancelled tasks,
+/// then runs; moved on here). Returns how many went and whether a batch was full (more due).
+fn purge_finished(client: &mut SpiClient<'_>, after: &mut [Micros; 6]) -> (usize, bool) {
+    const KINDS: [&str; 6] = [
+        "succeeded",
+        "failed",
+        "cancelled",
+        "run:succeeded",
+        "run:failed",
+        "run:cancelled",
+    ];
     let cutoff = |seconds: i32| (seconds >= 0).then(|| format!("{seconds} seconds"));
     let succeeded = cutoff(gucs::SUCCEEDED_RETENTION_S.get());
     let failed = cutoff(gucs::FAILED_RETENTION_S.get());
     if succeeded.is_none() && failed.is_none() {
         return (0, false);
     }
-    let from: Vec<TimestampWithTimeZone> = after.iter().map(|&at| timestamptz(at)).collect();
-    let rows = client
-        .update(
-            "SELECT status, deleted, reached
-               FROM sluice._purge_finished(now() - $1::interval, now() - $2::interval, $3, $4)",
-            None,
-            &[
-                succeeded.into(),
-                failed.into(),
-                from.into(),
-                PURGE_BATCH.into(),
-            ],
-        )
-        .expect("deleting finished tasks failed");
     let (mut total, mut full) = (0, false);
-    for row in rows {
-        let (Ok(Some(status)), Ok(Some(deleted)), Ok(Some(reached))) = (
-            row.get::<String>(1),
-            row.get::<i32>(2),
-            row.get::<TimestampWithTimeZone>(3),
-        ) else {
-            continue;
-        };
-        let i = match status.as_str() {
-            "succeeded" => 0,
-            "failed" => 1,
-            _ => 2,
-        };
-        after[i] = pg_sys::TimestampTz::from(reached);
-        total += deleted.max(0) as usize;
-        full |= deleted >= PURGE_BATCH;
+    for (function, offset) in [("_purge_finished", 0), ("_purge_finished_runs", 3)] {
+        let from: Vec<TimestampWithTimeZone> = after[offset..offset + 3]
+            .iter()
+            .map(|&at| timestamptz(at))
+            .collect();
+        let rows = client
+            .update(
+                &format!(
+                    "SELECT status, deleted, reached FROM sluice.{function}(
+                         now() - $1::interval, now() - $2::interval, $3, $4)"
+                ),
+                None,
+                &[
+                    succeeded.clone().into(),
+                    failed.clone().into(),
+                    from.into(),
+                    PURGE_BATCH.into(),
+                ],
+            )
+            .expect("deleting finished tasks or runs failed");
+        for row in rows {
+            let (Ok(Some(status)), Ok(Some(deleted)), Ok(Some(reached))) = (
+                row.get::<String>(1),
+                row.get::<i32>(2),
+                row.get::<TimestampWithTimeZone>(3),
+            ) else {
+                continue;
+            };
+            if let Some(i) = KINDS.iter().position(|k| *k == status) {
+                after[i] = pg_sys::TimestampTz::from(reached);
+            }
+            total += deleted.max(0) as usize;
+            full |= deleted >= PURGE_BATCH;
+        }
     }
     (total, full)
 }

@@ -33,7 +33,17 @@ async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
                  RETURN OLD;
              END $$;
              CREATE TRIGGER log_delete AFTER DELETE ON sluice.task_run
-                 FOR EACH ROW EXECUTE FUNCTION sluice_test.log_delete();",
+                 FOR EACH ROW EXECUTE FUNCTION sluice_test.log_delete();
+             CREATE TABLE sluice_test.deleted_run (id bigint, status text,
+                                                   finished_at timestamptz, deleted_at timestamptz);
+             CREATE FUNCTION sluice_test.log_run_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO sluice_test.deleted_run
+                 VALUES (OLD.id, OLD.status, OLD.finished_at, clock_timestamp());
+                 RETURN OLD;
+             END $$;
+             CREATE TRIGGER log_run_delete AFTER DELETE ON sluice.workflow_run
+                 FOR EACH ROW EXECUTE FUNCTION sluice_test.log_run_delete();",
         )
         .await
         .unwrap();
@@ -51,6 +61,20 @@ async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
         .unwrap()
         .get(0);
     let all: Vec<i64> = [succeeding.clone(), failing.clone()].concat();
+    let workflow = unique("retention_wf");
+    client
+        .execute(
+            "SELECT sluice.define_workflow($1, jsonb_build_object('steps',
+                 jsonb_build_array(jsonb_build_object('name', 'only', 'task', $2::text))))",
+            &[&workflow, &task],
+        )
+        .await
+        .unwrap();
+    let run_id: i64 = client
+        .query_one("SELECT sluice.run_workflow($1, '{}')", &[&workflow])
+        .await
+        .unwrap()
+        .get(0);
     wait_finished(&client, &all, Duration::from_secs(30)).await;
 
     let remaining = |ids: Vec<i64>| {
@@ -118,8 +142,34 @@ async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
     assert_eq!(attempts, 0, "attempt rows of deleted tasks are left behind");
     let (status, _, _) = task_state(&client, delayed).await;
     assert_eq!(status, "queued");
+    // The workflow run (it succeeded) goes too, with its steps, and not before its retention.
+    wait_until(Duration::from_secs(20), "the finished run to be deleted", || async {
+        let left: i64 = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM sluice.workflow_run WHERE id = $1)
+                      + (SELECT count(*) FROM sluice.workflow_step WHERE run_id = $1)",
+                &[&run_id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 { Ok(()) } else { Err(format!("{left} rows left")) }
+    })
+    .await;
+    let run_deleted: Vec<(String, bool)> = client
+        .query(
+            "SELECT status, deleted_at >= finished_at + interval '1 s'
+               FROM sluice_test.deleted_run WHERE id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(run_deleted, vec![("succeeded".to_string(), true)]);
     assert!(
-        !cluster.log().contains("deleting finished tasks failed"),
+        !cluster.log().contains("deleting finished"),
         "{}",
         cluster.log_tail(30)
     );
