@@ -83,7 +83,11 @@ CREATE TABLE sluice.task_run (
     rate_limit_units  int[],
     -- A step of a workflow run (sql/workflows.sql): the run and the step's name.
     run_id            bigint,
-    step              text
+    step              text,
+    -- A child spawned by a running task (sluice.spawn): the parent and the child's key, unique
+    -- per parent, so a retried parent spawning again gets the same children.
+    parent_id         bigint,
+    child_key         text
 ) WITH (
     -- room for a row's next versions (claimed, finished) on its own page
     fillfactor = 80,
@@ -112,6 +116,9 @@ CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
 -- (sluice.succeeded_task_retention, sluice.failed_task_retention), oldest first.
 CREATE INDEX task_run_finished_idx ON sluice.task_run (status, finished_at)
     WHERE status IN ('succeeded', 'failed', 'cancelled');
+-- Children of a parent task, by key (sluice.spawn is idempotent through it).
+CREATE UNIQUE INDEX task_run_child_idx ON sluice.task_run (parent_id, child_key)
+    WHERE parent_id IS NOT NULL;
 -- An idempotency key is unique among the unfinished tasks of one task name.
 CREATE UNIQUE INDEX task_run_idempotency_idx ON sluice.task_run (task_name, idempotency_key)
     WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running');

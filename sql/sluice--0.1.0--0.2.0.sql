@@ -57,7 +57,11 @@ ALTER TABLE sluice.task_run
     ADD COLUMN rate_limit_keys text[],
     ADD COLUMN rate_limit_units int[],
     ADD COLUMN run_id bigint,
-    ADD COLUMN step text;
+    ADD COLUMN step text,
+    ADD COLUMN parent_id bigint,
+    ADD COLUMN child_key text;
+CREATE UNIQUE INDEX task_run_child_idx ON sluice.task_run (parent_id, child_key)
+    WHERE parent_id IS NOT NULL;
 CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
     WHERE rate_limit_keys IS NOT NULL AND assigned_at IS NOT NULL;
 -- define_task and register_worker gained parameters: the old signatures would stay as
@@ -2172,6 +2176,83 @@ BEGIN
         END;
     END LOOP;
 END
+$$;
+
+-- Child spawning ------------------------------------------------------------------------------
+
+-- Spawns children of a running task: one run of `task` per input, keyed by keys[i] (default:
+-- the input's position, 1-based, as text). Idempotent per (parent, key): a retried parent that
+-- spawns again gets the children it spawned before, not new ones. Returns (key, task id) in
+-- input order.
+CREATE OR REPLACE FUNCTION sluice.spawn(parent_id bigint, task text, inputs jsonb[],
+                                        keys text[] DEFAULT NULL)
+RETURNS TABLE (child_key text, task_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    parent_status sluice.task_status;
+    def           sluice.task_definition := sluice._definition(task);
+    i             int;
+    key           text;
+    new_id        bigint;
+    flow          record;
+BEGIN
+    SELECT t.status INTO parent_status FROM sluice.task_run t WHERE t.id = spawn.parent_id;
+    IF parent_status IS NULL THEN
+        RAISE EXCEPTION 'no task with id % to spawn children of', coalesce(parent_id::text, 'NULL')
+            USING ERRCODE = 'P0002';
+    ELSIF parent_status <> 'running' THEN
+        RAISE EXCEPTION 'task % is %, not running: only a running task spawns children',
+            parent_id, parent_status USING ERRCODE = '55000';
+    END IF;
+    IF inputs IS NULL THEN
+        RAISE EXCEPTION 'inputs must not be NULL (spawning "%")', task USING ERRCODE = '22004';
+    END IF;
+    IF keys IS NOT NULL AND cardinality(keys) IS DISTINCT FROM cardinality(inputs) THEN
+        RAISE EXCEPTION 'keys and inputs must have the same length (% vs %)',
+            cardinality(keys), cardinality(inputs) USING ERRCODE = '22023';
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(inputs), 0) LOOP
+        IF inputs[i] IS NULL THEN
+            RAISE EXCEPTION 'inputs[%] is NULL (spawning "%")', i, task USING ERRCODE = '22004';
+        END IF;
+        key := coalesce(keys[i], i::text);
+        IF def.concurrency_key IS NOT NULL OR def.rate_limits <> '[]' THEN
+            SELECT * INTO flow FROM sluice._flow(def, inputs[i]);
+        ELSE
+            SELECT NULL::text AS concurrency_key, NULL::text[] AS rate_limit_keys,
+                   NULL::int[] AS rate_limit_units INTO flow;
+        END IF;
+        new_id := NULL;
+        INSERT INTO sluice.task_run
+            (task_name, priority, input, run_at, schedule_deadline, concurrency_key,
+             rate_limit_keys, rate_limit_units, parent_id, child_key)
+        VALUES (task, def.priority, inputs[i], now(), now() + def.schedule_timeout,
+                flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units,
+                spawn.parent_id, key)
+        ON CONFLICT (parent_id, child_key) WHERE parent_id IS NOT NULL DO NOTHING
+        RETURNING id INTO new_id;
+        IF new_id IS NULL THEN
+            SELECT t.id INTO new_id FROM sluice.task_run t
+             WHERE t.parent_id = spawn.parent_id AND t.child_key = key;
+        END IF;
+        child_key := key;
+        task_id := new_id;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM sluice._wake_scheduler(now());
+END
+$$;
+
+-- The children of a task, by key: status, output and error.
+CREATE OR REPLACE FUNCTION sluice.children(parent_id bigint)
+RETURNS TABLE (child_key text, task_id bigint, task_name text, status text, output jsonb,
+               error text)
+LANGUAGE sql STABLE AS $$
+    SELECT t.child_key, t.id, t.task_name, t.status::text, t.output, t.last_error
+      FROM sluice.task_run t
+     WHERE t.parent_id = children.parent_id AND t.parent_id IS NOT NULL
+     ORDER BY t.id
 $$;
 
 -- Runs with their steps: the run's status (queued, running, succeeded, failed, cancelled), and

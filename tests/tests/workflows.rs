@@ -546,3 +546,88 @@ async fn workflow_concurrency_limits_runs_per_key() {
     let state = wait_run(&client, first, Duration::from_secs(20)).await;
     assert_eq!(state["status"], "succeeded", "{state}");
 }
+
+/// A parent spawns 1,000 children in batches and is killed mid-spawn; its next attempt spawns
+/// again and gets the same children (no duplicates), waits for all, and succeeds.
+#[tokio::test]
+async fn spawned_children_are_idempotent_across_a_killed_parent() {
+    const CHILDREN: i64 = 1000;
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let parent_task = define_unique_task(&client, "wf_parent", "").await;
+    let child_task = define_unique_task(&client, "wf_child", "").await;
+    let _children_worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &child_task, 50);
+    let mut parent_worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &parent_task, 1);
+    let parent = enqueue_sql(
+        &client,
+        &parent_task,
+        json!({"spawn": {"task": child_task, "count": CHILDREN, "batch": 50, "pause_ms": 30}}),
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "some children to be spawned", || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM sluice.children($1)", &[&parent])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if n >= 300 { Ok(()) } else { Err(format!("{n} spawned")) }
+    })
+    .await;
+    parent_worker.kill();
+    let _parent_worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &parent_task, 1);
+    wait_finished(&client, &[parent], Duration::from_secs(120)).await;
+    let (status, attempt, error) = task_state(&client, parent).await;
+    assert_eq!(status, "succeeded", "{error:?}");
+    assert!(attempt >= 2, "the parent was not killed mid-spawn (attempt {attempt})");
+    let output: Value = client
+        .query_one("SELECT output FROM sluice.tasks WHERE id = $1", &[&parent])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(output["children"], json!(CHILDREN), "{output}");
+    assert_eq!(output["children_succeeded"], json!(CHILDREN), "{output}");
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT child_key),
+                    count(*) FILTER (WHERE status = 'succeeded')
+               FROM sluice.children($1)",
+            &[&parent],
+        )
+        .await
+        .unwrap();
+    let (n, keys, ok): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((n, keys, ok), (CHILDREN, CHILDREN, CHILDREN));
+    let twice: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT e.task_id FROM sluice_test.execution e
+                                     JOIN sluice.children($1) c ON c.task_id = e.task_id
+                                    GROUP BY e.task_id HAVING count(*) > 1) d",
+            &[&parent],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(twice, 0, "children executed more than once");
+}
+
+#[tokio::test]
+async fn only_a_running_task_spawns_children() {
+    let client = connect(&shared_dsn()).await;
+    let task = define_unique_task(&client, "wf_unserved_parent", "").await;
+    let queued = enqueue_sql(&client, &task, json!({})).await;
+    for (parent, code, message) in [
+        (queued, "55000", "is queued, not running"),
+        (-1, "P0002", "no task with id -1"),
+    ] {
+        let err = client
+            .query(
+                "SELECT * FROM sluice.spawn($1, $2, ARRAY['{}']::jsonb[])",
+                &[&parent, &task],
+            )
+            .await
+            .unwrap_err();
+        let db = err.as_db_error().unwrap();
+        assert_eq!(db.code().code(), code, "{}", db.message());
+        assert!(db.message().contains(message), "{}", db.message());
+    }
+}

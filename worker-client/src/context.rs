@@ -1,4 +1,5 @@
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -22,6 +23,18 @@ struct AttemptShared {
     cancel: watch::Receiver<bool>,
     pool: Arc<ConnectionPool>,
     completed_in_transaction: Arc<AtomicBool>,
+    /// Children spawned by this attempt so far: the next child's index (its default key).
+    spawned: AtomicUsize,
+}
+
+/// A finished child (see [`TaskContext::wait_children`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildOutcome<O> {
+    pub task_id: i64,
+    /// succeeded, failed or cancelled
+    pub status: String,
+    /// The child's output if it succeeded, else its error.
+    pub result: Result<O, String>,
 }
 
 impl TaskContext {
@@ -39,7 +52,131 @@ impl TaskContext {
                 cancel,
                 pool,
                 completed_in_transaction,
+                spawned: AtomicUsize::new(0),
             }),
+        }
+    }
+
+    /// Spawns one child run of `T` per input (`sluice.spawn`). Each child is keyed by its
+    /// position among all the children this attempt has spawned, so a retried attempt that
+    /// spawns the same way gets the same children instead of duplicates. Returns their task
+    /// ids. This is not a durable task: a handler waiting for its children holds its slot.
+    pub async fn spawn<T: crate::TaskDefinition>(&self, inputs: &[T::Input]) -> Result<Vec<i64>, Error> {
+        let inputs = inputs
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::json(format!("serializing a child input of \"{}\"", T::name()), e))?;
+        self.spawn_json(T::name(), &inputs).await
+    }
+
+    /// [`spawn`](TaskContext::spawn) with JSON inputs and a task named at run time.
+    pub async fn spawn_json(&self, task: &str, inputs: &[serde_json::Value]) -> Result<Vec<i64>, Error> {
+        let first = self.shared.spawned.fetch_add(inputs.len(), Ordering::SeqCst);
+        let keys: Vec<String> = (first..first + inputs.len()).map(|i| i.to_string()).collect();
+        self.spawn_keyed_json(task, &keys, inputs).await
+    }
+
+    /// Spawns children with explicit keys (unique per parent); idempotent per key.
+    pub async fn spawn_keyed_json(
+        &self,
+        task: &str,
+        keys: &[String],
+        inputs: &[serde_json::Value],
+    ) -> Result<Vec<i64>, Error> {
+        let connection = self.shared.pool.checkout().await?;
+        let parent = self.task_id();
+        let rows = connection
+            .client()
+            .query_typed(
+                "SELECT task_id FROM sluice.spawn($1, $2, $3, $4)",
+                &[
+                    (&parent, Type::INT8),
+                    (&task, Type::TEXT),
+                    (&inputs, Type::JSONB_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                ],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("spawning children of task {parent} failed"), e))?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(|e| Error::postgres("reading a child id", e)))
+            .collect()
+    }
+
+    /// Waits until every given child has finished (polling, 50 ms growing to 1 s) and returns
+    /// their outcomes in the same order, outputs read as `O` (the child task's `Output`).
+    /// Returns early with an error if this attempt is told to stop.
+    pub async fn wait_children<O: serde::de::DeserializeOwned>(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<ChildOutcome<O>>, Error> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let rows = {
+                let connection = self.shared.pool.checkout().await?;
+                connection
+                    .client()
+                    .query_typed(
+                        "SELECT id, status::text, output, last_error FROM sluice.task_run
+                          WHERE id = ANY($1)",
+                        &[(&ids, Type::INT8_ARRAY)],
+                    )
+                    .await
+                    .map_err(|e| Error::postgres("reading children failed", e))?
+            };
+            let mut found = std::collections::HashMap::new();
+            for row in &rows {
+                let id: i64 = row.try_get(0).map_err(|e| Error::postgres("reading a child", e))?;
+                let status: String =
+                    row.try_get(1).map_err(|e| Error::postgres("reading a child", e))?;
+                let output: Option<serde_json::Value> =
+                    row.try_get(2).map_err(|e| Error::postgres("reading a child", e))?;
+                let error: Option<String> =
+                    row.try_get(3).map_err(|e| Error::postgres("reading a child", e))?;
+                found.insert(id, (status, output, error));
+            }
+            let open = ids.iter().any(|id| {
+                found
+                    .get(id)
+                    .is_some_and(|(s, _, _)| s == "queued" || s == "running")
+            });
+            if !open {
+                return ids
+                    .iter()
+                    .map(|id| {
+                        let Some((status, output, error)) = found.remove(id) else {
+                            return Ok(ChildOutcome {
+                                task_id: *id,
+                                status: "deleted".into(),
+                                result: Err(format!("child task {id} no longer exists")),
+                            });
+                        };
+                        let result = if status == "succeeded" {
+                            serde_json::from_value(output.unwrap_or(serde_json::Value::Null))
+                                .map_err(|e| format!("child {id}'s output: {e}"))
+                        } else {
+                            Err(error.unwrap_or_else(|| status.clone()))
+                        };
+                        Ok(ChildOutcome {
+                            task_id: *id,
+                            status,
+                            result,
+                        })
+                    })
+                    .collect();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancelled() => {
+                    return Err(Error::attempt_stopped(
+                        self.task_id(),
+                        self.attempt(),
+                        "waiting for its children",
+                    ));
+                }
+            }
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 

@@ -90,6 +90,17 @@ impl Error {
         }
     }
 
+    /// The attempt was told to stop (cancelled, timed out, lost) while it waited.
+    pub(crate) fn attempt_stopped(task_id: i64, attempt: i32, while_doing: &str) -> Self {
+        Error {
+            kind: ErrorKind::Fenced,
+            context: format!(
+                "attempt {attempt} of task {task_id} was told to stop while {while_doing}"
+            ),
+            source: None,
+        }
+    }
+
     pub(crate) fn connection(message: impl Into<String>) -> Self {
         Error {
             kind: ErrorKind::Connection,

@@ -53,7 +53,7 @@ mod task;
 mod worker;
 mod workflow;
 
-pub use context::{TaskContext, TaskTransaction};
+pub use context::{ChildOutcome, TaskContext, TaskTransaction};
 pub use error::{Error, ErrorKind};
 pub use producer::{
     cancel, define_task, enqueue, enqueue_json, enqueue_many, set_rate_limit, set_worker_labels,

@@ -10,6 +10,7 @@
 //!   {"sleep_on_attempt": k}             sleep only on attempt k (0: every attempt)
 //!   {"fail_attempts": n, "fatal": bool}  fail attempts 1..=n (non-retryable if fatal)
 //!   {"fail_unless_flag": "name"}         fail (fatally) unless sluice_test.flag has that name
+//!   {"spawn": {"task", "count", "batch", "pause_ms"}}  spawn children, wait, count successes
 //! A handler that sees its cancellation signal records outcome 'cancelled'.
 //! Output: {"worker_pid": pid, "attempt": attempt}.
 
@@ -42,6 +43,10 @@ struct Input {
     /// Fail (fatally) unless sluice_test.flag has a row with this name.
     #[serde(default)]
     fail_unless_flag: Option<String>,
+    /// Spawn `count` children of `task` (inputs {"n": i}), `batch` per call with `pause_ms`
+    /// between calls, wait for them, and output how many succeeded.
+    #[serde(default)]
+    spawn: Option<SpawnPlan>,
     /// A workflow step's input: {"input": <run input>, "parents": {...}, "skipped": [...]}.
     /// The run input's entry for this worker's task name (if any) drives the step as above.
     #[serde(default)]
@@ -50,6 +55,15 @@ struct Input {
     parents: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     skipped: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct SpawnPlan {
+    task: String,
+    count: usize,
+    batch: usize,
+    #[serde(default)]
+    pause_ms: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -61,6 +75,11 @@ struct Output {
     parents: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     skipped: Option<Vec<String>>,
+    /// For a spawning task: how many children succeeded, and how many there were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    children_succeeded: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    children: Option<usize>,
 }
 
 impl TaskDefinition for TestTask {
@@ -136,11 +155,36 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
             }
         }
     }
+    let mut children = None;
+    if let Some(plan) = &input.spawn {
+        let mut ids = Vec::new();
+        for start in (0..plan.count).step_by(plan.batch.max(1)) {
+            let end = (start + plan.batch.max(1)).min(plan.count);
+            let inputs: Vec<serde_json::Value> =
+                (start..end).map(|n| serde_json::json!({ "n": n })).collect();
+            ids.extend(
+                ctx.spawn_json(&plan.task, &inputs)
+                    .await
+                    .map_err(|e| TaskError::retryable(e.to_string()))?,
+            );
+            tokio::time::sleep(Duration::from_millis(plan.pause_ms)).await;
+        }
+        let outcomes = ctx
+            .wait_children::<serde_json::Value>(&ids)
+            .await
+            .map_err(|e| TaskError::retryable(e.to_string()))?;
+        children = Some((
+            outcomes.iter().filter(|o| o.result.is_ok()).count(),
+            outcomes.len(),
+        ));
+    }
     let output = Output {
         worker_pid: pid as u32,
         attempt: ctx.attempt(),
         parents: step_parents,
         skipped: step_skipped,
+        children_succeeded: children.map(|c| c.0),
+        children: children.map(|c| c.1),
     };
     let (task_id, attempt) = (ctx.task_id(), ctx.attempt());
     let finish_params: [&(dyn ToSql + Sync); 3] = [&task_id, &attempt, &pid];
