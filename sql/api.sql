@@ -1009,16 +1009,21 @@ $$;
 -- remove them, and starting from the oldest every time would walk them all, every call. Rows
 -- someone holds are left for the next pass. Returns, per status, how many went and the
 -- finish time of the last one.
+--
+-- No row locks before the delete (FOR UPDATE would write every row twice): the delete locks
+-- each row itself, and a row someone else holds makes it give up after lock_timeout (the
+-- scheduler must not wait on a user's transaction); the batch is tried again later.
 CREATE OR REPLACE FUNCTION sluice._purge_finished(succeeded_before timestamptz,
                                                   failed_before timestamptz,
                                                   after timestamptz[], max_rows int)
 RETURNS TABLE (status text, deleted int, reached timestamptz)
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off SET lock_timeout = '50ms' AS $$
 #variable_conflict use_column
 DECLARE
     kinds  sluice.task_status[] := ARRAY['succeeded', 'failed', 'cancelled'];
     before timestamptz;
     ids    bigint[];
+    with_attempts bigint[];
     last   timestamptz;
     n      int;
 BEGIN
@@ -1026,17 +1031,23 @@ BEGIN
         before := CASE WHEN i = 1 THEN succeeded_before ELSE failed_before END;
         CONTINUE WHEN before IS NULL;
         BEGIN
-            SELECT array_agg(x.id), max(x.finished_at) INTO ids, last FROM (
-                SELECT t.id, t.finished_at FROM sluice.task_run t
+            -- Attempt rows exist only for attempts that ended without success.
+            SELECT array_agg(x.id), max(x.finished_at),
+                   array_agg(x.id) FILTER (WHERE x.failures + x.lost_attempts > 0
+                                              OR x.status <> 'succeeded')
+              INTO ids, last, with_attempts FROM (
+                SELECT t.id, t.finished_at, t.failures, t.lost_attempts, t.status
+                  FROM sluice.task_run t
                  WHERE t.status = kinds[i] AND t.finished_at < before
                    AND t.finished_at >= coalesce(after[i], '-infinity')
                    -- the index's predicate, spelled out: a generic plan cannot know kinds[i]
                    AND t.status IN ('succeeded', 'failed', 'cancelled')
-                 ORDER BY t.status, t.finished_at LIMIT max_rows
-                   FOR UPDATE SKIP LOCKED) x;
+                 ORDER BY t.status, t.finished_at LIMIT max_rows) x;
             CONTINUE WHEN ids IS NULL;  -- never `id = ANY('{}')`: see _maintain
-            DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(ids);
-            DELETE FROM sluice.task_run t WHERE t.id = ANY(ids);
+            IF with_attempts IS NOT NULL THEN
+                DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(with_attempts);
+            END IF;
+            DELETE FROM sluice.task_run t WHERE t.id = ANY(ids) AND t.status = kinds[i];
             GET DIAGNOSTICS n = ROW_COUNT;
             status := kinds[i]::text;
             deleted := n;

@@ -161,6 +161,7 @@ CREATE UNLOGGED TABLE sluice.worker_signal (
 
 -- Public views ------------------------------------------------------------------------------
 
+-- A task, with its workflow run and step, or its parent and key, if it has them.
 CREATE VIEW sluice.tasks AS
 SELECT t.id,
        t.task_name,
@@ -178,7 +179,11 @@ SELECT t.id,
        t.assigned_at AS started_at,
        t.finished_at,
        t.failures,
-       t.lost_attempts
+       t.lost_attempts,
+       t.run_id,
+       t.step,
+       t.parent_id,
+       t.child_key
 FROM sluice.task_run t
 LEFT JOIN sluice.worker w ON w.id = t.worker_id;
 

@@ -64,6 +64,31 @@ CREATE UNIQUE INDEX task_run_child_idx ON sluice.task_run (parent_id, child_key)
     WHERE parent_id IS NOT NULL;
 CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
     WHERE rate_limit_keys IS NOT NULL AND assigned_at IS NOT NULL;
+-- sluice.tasks gains the workflow and parent columns (at the end: replaced in place).
+CREATE OR REPLACE VIEW sluice.tasks AS
+SELECT t.id,
+       t.task_name,
+       t.status,
+       t.attempt,
+       t.priority,
+       t.input,
+       t.output,
+       t.last_error,
+       t.worker_id,
+       w.name AS worker_name,
+       t.idempotency_key,
+       t.enqueued_at,
+       t.run_at,
+       t.assigned_at AS started_at,
+       t.finished_at,
+       t.failures,
+       t.lost_attempts,
+       t.run_id,
+       t.step,
+       t.parent_id,
+       t.child_key
+FROM sluice.task_run t
+LEFT JOIN sluice.worker w ON w.id = t.worker_id;
 -- define_task and register_worker gained parameters: the old signatures would stay as
 -- overloads.
 DROP FUNCTION sluice.define_task(text, int, float8, interval, interval, interval, int);
@@ -1155,16 +1180,21 @@ $$;
 -- remove them, and starting from the oldest every time would walk them all, every call. Rows
 -- someone holds are left for the next pass. Returns, per status, how many went and the
 -- finish time of the last one.
+--
+-- No row locks before the delete (FOR UPDATE would write every row twice): the delete locks
+-- each row itself, and a row someone else holds makes it give up after lock_timeout (the
+-- scheduler must not wait on a user's transaction); the batch is tried again later.
 CREATE OR REPLACE FUNCTION sluice._purge_finished(succeeded_before timestamptz,
                                                   failed_before timestamptz,
                                                   after timestamptz[], max_rows int)
 RETURNS TABLE (status text, deleted int, reached timestamptz)
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off SET lock_timeout = '50ms' AS $$
 #variable_conflict use_column
 DECLARE
     kinds  sluice.task_status[] := ARRAY['succeeded', 'failed', 'cancelled'];
     before timestamptz;
     ids    bigint[];
+    with_attempts bigint[];
     last   timestamptz;
     n      int;
 BEGIN
@@ -1172,17 +1202,23 @@ BEGIN
         before := CASE WHEN i = 1 THEN succeeded_before ELSE failed_before END;
         CONTINUE WHEN before IS NULL;
         BEGIN
-            SELECT array_agg(x.id), max(x.finished_at) INTO ids, last FROM (
-                SELECT t.id, t.finished_at FROM sluice.task_run t
+            -- Attempt rows exist only for attempts that ended without success.
+            SELECT array_agg(x.id), max(x.finished_at),
+                   array_agg(x.id) FILTER (WHERE x.failures + x.lost_attempts > 0
+                                              OR x.status <> 'succeeded')
+              INTO ids, last, with_attempts FROM (
+                SELECT t.id, t.finished_at, t.failures, t.lost_attempts, t.status
+                  FROM sluice.task_run t
                  WHERE t.status = kinds[i] AND t.finished_at < before
                    AND t.finished_at >= coalesce(after[i], '-infinity')
                    -- the index's predicate, spelled out: a generic plan cannot know kinds[i]
                    AND t.status IN ('succeeded', 'failed', 'cancelled')
-                 ORDER BY t.status, t.finished_at LIMIT max_rows
-                   FOR UPDATE SKIP LOCKED) x;
+                 ORDER BY t.status, t.finished_at LIMIT max_rows) x;
             CONTINUE WHEN ids IS NULL;  -- never `id = ANY('{}')`: see _maintain
-            DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(ids);
-            DELETE FROM sluice.task_run t WHERE t.id = ANY(ids);
+            IF with_attempts IS NOT NULL THEN
+                DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(with_attempts);
+            END IF;
+            DELETE FROM sluice.task_run t WHERE t.id = ANY(ids) AND t.status = kinds[i];
             GET DIAGNOSTICS n = ROW_COUNT;
             status := kinds[i]::text;
             deleted := n;
@@ -1272,8 +1308,14 @@ CREATE TABLE sluice.workflow_run (
     error       text,
     created_at  timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz,
+    -- A child run spawned by a running task (sluice.spawn_workflow): the parent task and the
+    -- child's key, unique per parent.
+    parent_id   bigint,
+    child_key   text,
     FOREIGN KEY (workflow, version) REFERENCES sluice.workflow_definition (name, version)
 );
+CREATE UNIQUE INDEX workflow_run_child_idx ON sluice.workflow_run (parent_id, child_key)
+    WHERE parent_id IS NOT NULL;
 CREATE INDEX workflow_run_workflow_idx ON sluice.workflow_run (workflow, created_at);
 -- Finished runs by status and age, for retention (sluice._purge_finished_runs).
 CREATE INDEX workflow_run_finished_idx ON sluice.workflow_run (status, finished_at)
@@ -2244,6 +2286,52 @@ BEGIN
 END
 $$;
 
+-- Spawns child workflow runs of a running task, one per input, keyed like sluice.spawn (keys
+-- are shared with its child tasks' namespace only by convention: the client numbers both from
+-- one counter). Idempotent per (parent, key). Returns (key, run id) in input order.
+CREATE OR REPLACE FUNCTION sluice.spawn_workflow(parent_id bigint, workflow text, inputs jsonb[],
+                                                 keys text[] DEFAULT NULL)
+RETURNS TABLE (child_key text, run_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    parent_status sluice.task_status;
+    i             int;
+    key           text;
+    found_id      bigint;
+BEGIN
+    SELECT t.status INTO parent_status FROM sluice.task_run t
+     WHERE t.id = spawn_workflow.parent_id;
+    IF parent_status IS NULL THEN
+        RAISE EXCEPTION 'no task with id % to spawn runs of', coalesce(parent_id::text, 'NULL')
+            USING ERRCODE = 'P0002';
+    ELSIF parent_status <> 'running' THEN
+        RAISE EXCEPTION 'task % is %, not running: only a running task spawns runs',
+            parent_id, parent_status USING ERRCODE = '55000';
+    END IF;
+    IF keys IS NOT NULL AND cardinality(keys) IS DISTINCT FROM cardinality(inputs) THEN
+        RAISE EXCEPTION 'keys and inputs must have the same length (% vs %)',
+            cardinality(keys), cardinality(inputs) USING ERRCODE = '22023';
+    END IF;
+    -- One spawner per parent at a time, so a key is looked up and taken atomically.
+    PERFORM pg_advisory_xact_lock(hashtext('sluice.spawn_workflow'), hashtext(parent_id::text));
+    FOR i IN 1 .. coalesce(cardinality(inputs), 0) LOOP
+        key := coalesce(keys[i], i::text);
+        SELECT r.id INTO found_id FROM sluice.workflow_run r
+         WHERE r.parent_id = spawn_workflow.parent_id AND r.child_key = key;
+        IF found_id IS NULL THEN
+            found_id := sluice.run_workflow(workflow, inputs[i]);
+            UPDATE sluice.workflow_run r
+               SET parent_id = spawn_workflow.parent_id, child_key = key
+             WHERE r.id = found_id;
+        END IF;
+        child_key := key;
+        run_id := found_id;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 -- The children of a task, by key: status, output and error.
 CREATE OR REPLACE FUNCTION sluice.children(parent_id bigint)
 RETURNS TABLE (child_key text, task_id bigint, task_name text, status text, output jsonb,
@@ -2277,6 +2365,8 @@ SELECT r.id,
        r.created_at,
        r.finished_at,
        r.concurrency_key,
+       r.parent_id,
+       r.child_key,
        (SELECT jsonb_object_agg(w.step, jsonb_strip_nulls(jsonb_build_object(
                    'status', CASE WHEN w.status = 'started' THEN t.status::text ELSE w.status END,
                    'task_id', w.task_id,

@@ -40,8 +40,14 @@ CREATE TABLE sluice.workflow_run (
     error       text,
     created_at  timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz,
+    -- A child run spawned by a running task (sluice.spawn_workflow): the parent task and the
+    -- child's key, unique per parent.
+    parent_id   bigint,
+    child_key   text,
     FOREIGN KEY (workflow, version) REFERENCES sluice.workflow_definition (name, version)
 );
+CREATE UNIQUE INDEX workflow_run_child_idx ON sluice.workflow_run (parent_id, child_key)
+    WHERE parent_id IS NOT NULL;
 CREATE INDEX workflow_run_workflow_idx ON sluice.workflow_run (workflow, created_at);
 -- Finished runs by status and age, for retention (sluice._purge_finished_runs).
 CREATE INDEX workflow_run_finished_idx ON sluice.workflow_run (status, finished_at)
@@ -1012,6 +1018,52 @@ BEGIN
 END
 $$;
 
+-- Spawns child workflow runs of a running task, one per input, keyed like sluice.spawn (keys
+-- are shared with its child tasks' namespace only by convention: the client numbers both from
+-- one counter). Idempotent per (parent, key). Returns (key, run id) in input order.
+CREATE OR REPLACE FUNCTION sluice.spawn_workflow(parent_id bigint, workflow text, inputs jsonb[],
+                                                 keys text[] DEFAULT NULL)
+RETURNS TABLE (child_key text, run_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    parent_status sluice.task_status;
+    i             int;
+    key           text;
+    found_id      bigint;
+BEGIN
+    SELECT t.status INTO parent_status FROM sluice.task_run t
+     WHERE t.id = spawn_workflow.parent_id;
+    IF parent_status IS NULL THEN
+        RAISE EXCEPTION 'no task with id % to spawn runs of', coalesce(parent_id::text, 'NULL')
+            USING ERRCODE = 'P0002';
+    ELSIF parent_status <> 'running' THEN
+        RAISE EXCEPTION 'task % is %, not running: only a running task spawns runs',
+            parent_id, parent_status USING ERRCODE = '55000';
+    END IF;
+    IF keys IS NOT NULL AND cardinality(keys) IS DISTINCT FROM cardinality(inputs) THEN
+        RAISE EXCEPTION 'keys and inputs must have the same length (% vs %)',
+            cardinality(keys), cardinality(inputs) USING ERRCODE = '22023';
+    END IF;
+    -- One spawner per parent at a time, so a key is looked up and taken atomically.
+    PERFORM pg_advisory_xact_lock(hashtext('sluice.spawn_workflow'), hashtext(parent_id::text));
+    FOR i IN 1 .. coalesce(cardinality(inputs), 0) LOOP
+        key := coalesce(keys[i], i::text);
+        SELECT r.id INTO found_id FROM sluice.workflow_run r
+         WHERE r.parent_id = spawn_workflow.parent_id AND r.child_key = key;
+        IF found_id IS NULL THEN
+            found_id := sluice.run_workflow(workflow, inputs[i]);
+            UPDATE sluice.workflow_run r
+               SET parent_id = spawn_workflow.parent_id, child_key = key
+             WHERE r.id = found_id;
+        END IF;
+        child_key := key;
+        run_id := found_id;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 -- The children of a task, by key: status, output and error.
 CREATE OR REPLACE FUNCTION sluice.children(parent_id bigint)
 RETURNS TABLE (child_key text, task_id bigint, task_name text, status text, output jsonb,
@@ -1045,6 +1097,8 @@ SELECT r.id,
        r.created_at,
        r.finished_at,
        r.concurrency_key,
+       r.parent_id,
+       r.child_key,
        (SELECT jsonb_object_agg(w.step, jsonb_strip_nulls(jsonb_build_object(
                    'status', CASE WHEN w.status = 'started' THEN t.status::text ELSE w.status END,
                    'task_id', w.task_id,

@@ -631,3 +631,51 @@ async fn only_a_running_task_spawns_children() {
         assert!(db.message().contains(message), "{}", db.message());
     }
 }
+
+/// A running task spawns child workflow runs and waits for them.
+#[tokio::test]
+async fn a_task_spawns_child_workflow_runs_and_waits_for_them() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(&client, &["wf_spawner", "wf_child_step"]).await;
+    let wf = unique("child_runs");
+    define(
+        &client,
+        &wf,
+        json!({"steps": [{"name": "one", "task": t[1]},
+                         {"name": "two", "task": t[1], "parents": ["one"]}]}),
+    )
+    .await;
+    let parent = enqueue_sql(
+        &client,
+        &t[0],
+        json!({"spawn_runs": {"workflow": wf, "inputs": [{"k": 1}, {"k": 2}, {"k": 3}]}}),
+    )
+    .await;
+    wait_finished(&client, &[parent], Duration::from_secs(30)).await;
+    let output: Value = client
+        .query_one("SELECT output FROM sluice.tasks WHERE id = $1", &[&parent])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(output["children"], json!(3), "{output}");
+    assert_eq!(output["children_succeeded"], json!(3), "{output}");
+    let runs: Vec<(String, Value)> = client
+        .query(
+            "SELECT child_key, input FROM sluice.runs WHERE parent_id = $1 ORDER BY child_key",
+            &[&parent],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            ("0".to_string(), json!({"k": 1})),
+            ("1".to_string(), json!({"k": 2})),
+            ("2".to_string(), json!({"k": 3}))
+        ]
+    );
+}

@@ -104,6 +104,68 @@ impl TaskContext {
             .collect()
     }
 
+    /// Spawns child runs of workflow `workflow`, one per input (`sluice.spawn_workflow`),
+    /// keyed by position like [`spawn_json`](TaskContext::spawn_json) (one counter for both),
+    /// so a retried attempt gets the same runs. Returns their run ids.
+    pub async fn spawn_workflow_json(
+        &self,
+        workflow: &str,
+        inputs: &[serde_json::Value],
+    ) -> Result<Vec<i64>, Error> {
+        let first = self.shared.spawned.fetch_add(inputs.len(), Ordering::SeqCst);
+        let keys: Vec<String> = (first..first + inputs.len()).map(|i| i.to_string()).collect();
+        let connection = self.shared.pool.checkout().await?;
+        let parent = self.task_id();
+        let rows = connection
+            .client()
+            .query_typed(
+                "SELECT run_id FROM sluice.spawn_workflow($1, $2, $3, $4)",
+                &[
+                    (&parent, Type::INT8),
+                    (&workflow, Type::TEXT),
+                    (&inputs, Type::JSONB_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                ],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("spawning runs of task {parent} failed"), e))?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(|e| Error::postgres("reading a run id", e)))
+            .collect()
+    }
+
+    /// Waits until every given workflow run has finished and returns their states, in order.
+    /// Returns early with an error if this attempt is told to stop.
+    pub async fn wait_runs(&self, run_ids: &[i64]) -> Result<Vec<crate::RunState>, Error> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let mut states = Vec::with_capacity(run_ids.len());
+            {
+                let connection = self.shared.pool.checkout().await?;
+                for id in run_ids {
+                    states.push(crate::run_state(connection.client(), *id).await?);
+                }
+            }
+            if states
+                .iter()
+                .all(|s| !["queued", "running"].contains(&s.status.as_str()))
+            {
+                return Ok(states);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancelled() => {
+                    return Err(Error::attempt_stopped(
+                        self.task_id(),
+                        self.attempt(),
+                        "waiting for its child runs",
+                    ));
+                }
+            }
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+    }
+
     /// Waits until every given child has finished (polling, 50 ms growing to 1 s) and returns
     /// their outcomes in the same order, outputs read as `O` (the child task's `Output`).
     /// Returns early with an error if this attempt is told to stop.

@@ -11,6 +11,7 @@
 //!   {"fail_attempts": n, "fatal": bool}  fail attempts 1..=n (non-retryable if fatal)
 //!   {"fail_unless_flag": "name"}         fail (fatally) unless sluice_test.flag has that name
 //!   {"spawn": {"task", "count", "batch", "pause_ms"}}  spawn children, wait, count successes
+//!   {"spawn_runs": {"workflow", "inputs"}}  spawn child workflow runs, wait, count successes
 //! A handler that sees its cancellation signal records outcome 'cancelled'.
 //! Output: {"worker_pid": pid, "attempt": attempt}.
 
@@ -47,6 +48,9 @@ struct Input {
     /// between calls, wait for them, and output how many succeeded.
     #[serde(default)]
     spawn: Option<SpawnPlan>,
+    /// Spawn one run of `workflow` per input, wait, and output how many succeeded.
+    #[serde(default)]
+    spawn_runs: Option<SpawnRuns>,
     /// A workflow step's input: {"input": <run input>, "parents": {...}, "skipped": [...]}.
     /// The run input's entry for this worker's task name (if any) drives the step as above.
     #[serde(default)]
@@ -55,6 +59,12 @@ struct Input {
     parents: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     skipped: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct SpawnRuns {
+    workflow: String,
+    inputs: Vec<serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -156,6 +166,20 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
         }
     }
     let mut children = None;
+    if let Some(plan) = &input.spawn_runs {
+        let ids = ctx
+            .spawn_workflow_json(&plan.workflow, &plan.inputs)
+            .await
+            .map_err(|e| TaskError::retryable(e.to_string()))?;
+        let states = ctx
+            .wait_runs(&ids)
+            .await
+            .map_err(|e| TaskError::retryable(e.to_string()))?;
+        children = Some((
+            states.iter().filter(|s| s.status == "succeeded").count(),
+            states.len(),
+        ));
+    }
     if let Some(plan) = &input.spawn {
         let mut ids = Vec::new();
         for start in (0..plan.count).step_by(plan.batch.max(1)) {
