@@ -1945,50 +1945,73 @@ CREATE TRIGGER task_run_step_finished
     EXECUTE FUNCTION sluice._step_task_finished();
 
 -- Applies up to max_outcomes recorded step outcomes, oldest first (the scheduler, every tick).
--- An outcome that cannot be applied (say a child's task definition was deleted) fails its run
--- with the reason instead of stopping the others. Returns how many were taken.
+-- The batch runs in one subtransaction: one per outcome would give the tick's transaction
+-- hundreds of subtransaction ids, more than a backend caches (64), which makes every other
+-- session's snapshots consult pg_subtrans while it is open. If the batch fails, its outcomes
+-- are applied again one by one, each in its own subtransaction, and one that cannot be applied
+-- (say a child's task definition was deleted) fails its run with the reason instead of
+-- stopping the others. Returns how many were taken.
 CREATE OR REPLACE FUNCTION sluice._advance_runs(max_outcomes int) RETURNS int
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
-    o sluice.step_outcome;
-    n int := 0;
+    outcomes sluice.step_outcome[];
+    o        sluice.step_outcome;
 BEGIN
-    FOR o IN
+    WITH taken AS (
         DELETE FROM sluice.step_outcome x
          WHERE x.id = ANY(ARRAY(SELECT y.id FROM sluice.step_outcome y
                                  ORDER BY y.id LIMIT max_outcomes))
         RETURNING x.*
-    LOOP
-        n := n + 1;
-        BEGIN
-            IF o.step IS NULL THEN
-                PERFORM sluice._admit_runs(r.workflow, r.concurrency_key,
-                                           CASE WHEN r.status = 'queued' THEN r.id END)
-                   FROM sluice.workflow_run r
-                  WHERE r.id = o.run_id AND r.concurrency_key IS NOT NULL;
-            ELSIF NOT sluice._apply_step_outcome(o.run_id, o.step, o.task_id) THEN
-                -- Its run is locked by a user's transaction (cancel_run, replay_run): later.
-                INSERT INTO sluice.step_outcome (run_id, step, task_id)
-                VALUES (o.run_id, o.step, o.task_id);
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
+    )
+    SELECT array_agg(ROW(t.id, t.run_id, t.step, t.task_id)::sluice.step_outcome ORDER BY t.id)
+      INTO outcomes FROM taken t;
+    IF outcomes IS NULL THEN
+        RETURN 0;
+    END IF;
+    BEGIN
+        FOREACH o IN ARRAY outcomes LOOP
+            PERFORM sluice._apply_outcome(o);
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        FOREACH o IN ARRAY outcomes LOOP
             BEGIN
-                UPDATE sluice.workflow_run r
-                   SET status = 'failed', finished_at = now(),
-                       error = format('advancing the run after step "%s" failed: %s', o.step,
-                                      SQLERRM)
-                 WHERE r.id = o.run_id AND r.status = 'running';
-                PERFORM sluice._cancel_run_steps(o.run_id,
-                    format('run %s failed: it could not advance after step "%s"', o.run_id,
-                           o.step));
-                PERFORM sluice._run_finished(o.run_id);
+                PERFORM sluice._apply_outcome(o);
             EXCEPTION WHEN OTHERS THEN
-                RAISE WARNING 'sluice scheduler: run % could not advance or fail: %', o.run_id,
-                    SQLERRM;
+                BEGIN
+                    UPDATE sluice.workflow_run r
+                       SET status = 'failed', finished_at = now(),
+                           error = format('advancing the run after step "%s" failed: %s',
+                                          o.step, SQLERRM)
+                     WHERE r.id = o.run_id AND r.status = 'running';
+                    PERFORM sluice._cancel_run_steps(o.run_id,
+                        format('run %s failed: it could not advance after step "%s"',
+                               o.run_id, o.step));
+                    PERFORM sluice._run_finished(o.run_id);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'sluice scheduler: run % could not advance or fail: %',
+                        o.run_id, SQLERRM;
+                END;
             END;
-        END;
-    END LOOP;
-    RETURN n;
+        END LOOP;
+    END;
+    RETURN cardinality(outcomes);
+END
+$$;
+
+-- One recorded outcome: an admission request (no step) or a step's task that finished. An
+-- outcome whose run a user's transaction holds (cancel_run, replay_run) is put back for later.
+CREATE OR REPLACE FUNCTION sluice._apply_outcome(o sluice.step_outcome) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF o.step IS NULL THEN
+        PERFORM sluice._admit_runs(r.workflow, r.concurrency_key,
+                                   CASE WHEN r.status = 'queued' THEN r.id END)
+           FROM sluice.workflow_run r
+          WHERE r.id = o.run_id AND r.concurrency_key IS NOT NULL;
+    ELSIF NOT sluice._apply_step_outcome(o.run_id, o.step, o.task_id) THEN
+        INSERT INTO sluice.step_outcome (run_id, step, task_id)
+        VALUES (o.run_id, o.step, o.task_id);
+    END IF;
 END
 $$;
 

@@ -679,3 +679,41 @@ async fn a_task_spawns_child_workflow_runs_and_waits_for_them() {
         ]
     );
 }
+
+/// A run that cannot advance (its next step's task definition was deleted meanwhile) fails
+/// with the reason; the other runs in the same batch of outcomes advance normally.
+#[tokio::test]
+async fn a_run_that_cannot_advance_fails_with_the_reason_and_others_go_on() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(&client, &["wf_before", "wf_doomed", "wf_fine"]).await;
+    let (doomed_wf, fine_wf) = (unique("doomed"), unique("fine"));
+    define(
+        &client,
+        &doomed_wf,
+        json!({"steps": [{"name": "a", "task": t[0]}, {"name": "b", "task": t[1], "parents": ["a"]}]}),
+    )
+    .await;
+    define(
+        &client,
+        &fine_wf,
+        json!({"steps": [{"name": "a", "task": t[0]}, {"name": "b", "task": t[2], "parents": ["a"]}]}),
+    )
+    .await;
+    let slow = json!({t[0].clone(): {"sleep_ms": 800}});
+    let doomed = run(&client, &doomed_wf, slow.clone()).await;
+    let fine = run(&client, &fine_wf, slow).await;
+    client
+        .execute("DELETE FROM sluice.task_definition WHERE name = $1", &[&t[1]])
+        .await
+        .unwrap();
+    let state = wait_run(&client, doomed, Duration::from_secs(30)).await;
+    assert_eq!(state["status"], "failed", "{state}");
+    let error = state["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("after step \"a\"") && error.contains(&t[1]),
+        "{state}"
+    );
+    let state = wait_run(&client, fine, Duration::from_secs(30)).await;
+    assert_eq!(state["status"], "succeeded", "{state}");
+}
