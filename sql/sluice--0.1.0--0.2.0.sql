@@ -1065,6 +1065,43 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 
+-- The lost running attempts among the given tasks (their worker stopped or gone), locked.
+CREATE OR REPLACE FUNCTION sluice._lost_rows(task_ids bigint[]) RETURNS SETOF sluice.task_run
+LANGUAGE sql AS $$
+    SELECT r.* FROM sluice.task_run r
+     WHERE r.id = ANY(task_ids) AND r.status::text = 'running'
+       AND NOT EXISTS (SELECT 1 FROM sluice.worker x
+                        WHERE x.id = r.worker_id AND x.stopped_at IS NULL)
+       FOR UPDATE OF r SKIP LOCKED
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._end_lost(t sluice.task_run) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._end_attempt(t, 'lost',
+        coalesce((SELECT format('worker %s (%s) lost: %s', x.id, x.name, x.stop_reason)
+                    FROM sluice.worker x WHERE x.id = t.worker_id),
+                 format('worker %s is gone', t.worker_id)), true);
+END
+$$;
+
+-- The running attempts among the given tasks whose execution timeout has passed, locked.
+CREATE OR REPLACE FUNCTION sluice._timed_out_rows(task_ids bigint[]) RETURNS SETOF sluice.task_run
+LANGUAGE sql AS $$
+    SELECT r.* FROM sluice.task_run r
+     WHERE r.id = ANY(task_ids) AND r.status::text = 'running' AND r.timeout_at <= now()
+       FOR UPDATE SKIP LOCKED
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._end_timed_out(t sluice.task_run) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._end_attempt(t, 'timed_out',
+        format('execution timeout: attempt %s ran longer than %s', t.attempt,
+               t.timeout_at - t.assigned_at), true);
+END
+$$;
+
 -- lost_task_ids: running tasks (per the scheduler) whose worker is not live; timed_out_task_ids:
 -- running tasks whose timeout_at has passed (per the scheduler); both are re-checked here.
 -- purge_workers: also forget workers stopped more than a day ago. (Schedule timeouts come
@@ -1081,43 +1118,45 @@ BEGIN
     -- `id = ANY('{}')` false, hence implying the predicate of any partial index, and may walk
     -- a whole one (every queued task) instead of the primary key: 150 ms per call at 1,000,000
     -- queued, every 100 ms.
+    -- Each phase runs its rows in one subtransaction, and only if that fails row by row (one
+    -- subtransaction each, a bad row quarantined): a subtransaction per row would give the
+    -- tick hundreds of subtransaction ids when a worker with hundreds of tasks dies, more than
+    -- a backend caches (64), which slows every other session's snapshots meanwhile.
     -- 1. Running tasks whose worker is stopped or gone: the attempt is lost, the task requeued.
     IF cardinality(lost_task_ids) > 0 THEN
-        FOR t IN
-            SELECT r.* FROM sluice.task_run r
-             WHERE r.id = ANY(lost_task_ids) AND r.status::text = 'running'
-               AND NOT EXISTS (SELECT 1 FROM sluice.worker x
-                                WHERE x.id = r.worker_id AND x.stopped_at IS NULL)
-            FOR UPDATE OF r SKIP LOCKED
-        LOOP
-            BEGIN
-                PERFORM sluice._end_attempt(t, 'lost',
-                    coalesce((SELECT format('worker %s (%s) lost: %s', x.id, x.name, x.stop_reason)
-                                FROM sluice.worker x WHERE x.id = t.worker_id),
-                             format('worker %s is gone', t.worker_id)), true);
-            EXCEPTION WHEN OTHERS THEN
-                PERFORM sluice._quarantine(t.id, SQLERRM);
-            END;
-        END LOOP;
+        BEGIN
+            FOR t IN SELECT * FROM sluice._lost_rows(lost_task_ids) LOOP
+                PERFORM sluice._end_lost(t);
+            END LOOP;
+        EXCEPTION WHEN OTHERS THEN
+            FOR t IN SELECT * FROM sluice._lost_rows(lost_task_ids) LOOP
+                BEGIN
+                    PERFORM sluice._end_lost(t);
+                EXCEPTION WHEN OTHERS THEN
+                    PERFORM sluice._quarantine(t.id, SQLERRM);
+                END;
+            END LOOP;
+        END;
     END IF;
 
-    -- 2. Execution timeouts: a failure (retried while retries remain); the worker is told to stop.
+    -- 2. Execution timeouts: a failure (retried while retries remain); the worker is told to
+    -- stop (a worker listed twice after a retried batch is told once: the caller dedups).
     IF cardinality(timed_out_task_ids) > 0 THEN
-        FOR t IN
-            SELECT r.* FROM sluice.task_run r
-             WHERE r.id = ANY(timed_out_task_ids) AND r.status::text = 'running'
-               AND r.timeout_at <= now()
-            FOR UPDATE SKIP LOCKED
-        LOOP
-            BEGIN
-                PERFORM sluice._end_attempt(t, 'timed_out',
-                    format('execution timeout: attempt %s ran longer than %s', t.attempt,
-                           t.timeout_at - t.assigned_at), true);
+        BEGIN
+            FOR t IN SELECT * FROM sluice._timed_out_rows(timed_out_task_ids) LOOP
+                PERFORM sluice._end_timed_out(t);
                 RETURN NEXT t.worker_id;
-            EXCEPTION WHEN OTHERS THEN
-                PERFORM sluice._quarantine(t.id, SQLERRM);
-            END;
-        END LOOP;
+            END LOOP;
+        EXCEPTION WHEN OTHERS THEN
+            FOR t IN SELECT * FROM sluice._timed_out_rows(timed_out_task_ids) LOOP
+                BEGIN
+                    PERFORM sluice._end_timed_out(t);
+                    RETURN NEXT t.worker_id;
+                EXCEPTION WHEN OTHERS THEN
+                    PERFORM sluice._quarantine(t.id, SQLERRM);
+                END;
+            END LOOP;
+        END;
     END IF;
 
     -- 3. Forget workers stopped long ago (their tasks were requeued in phase 1).
