@@ -8,7 +8,7 @@
 //! - arrivals are read in `(run_at, id)` order after a cursor (the commit watermark from
 //!   `crate::wake` moves it back for transactions that committed late);
 //! - running attempts are the ones this scheduler assigned (loaded at start and with each
-//!   reread), which give the free slots per worker, the next timeout and the lost tasks. An
+//!   periodic sweep), which give the free slots per worker, the next timeout and the lost tasks. An
 //!   assignment is *posted* (in shared memory, `crate::wake`) until the worker's fetch claims
 //!   the row; endings are reported through shared memory, and a once-a-second check by
 //!   primary key repairs what reports missed.

@@ -93,7 +93,7 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         Spi::run("SET jit = off").expect("setting jit failed");
         // The arrival reads walk the arrivals index in (run_at, id) order from the cursor.
         // With statistics that say the table holds one row, the planner preferred the
-        // schedule-deadline index (same predicate) plus a sort: every read scanned and sorted
+        // schedule-deadline index (same predicate; since dropped) plus a sort: every read scanned and sorted
         // every queued task, 70 ms per tick at 100,000 queued. Without sorts on offer, the
         // ordered index is the only cheap plan.
         Spi::run("SET enable_sort = off").expect("setting enable_sort failed");
@@ -245,7 +245,7 @@ struct Scheduler {
     queue: QueueState,
     /// Prepared once the extension is installed at the library's version (see `Statements`).
     statements: Option<Statements>,
-    /// Running attempts must be (re)loaded from the table: at start and with each reread.
+    /// Running attempts must be (re)loaded from the table: at start and with each sweep.
     load_running: bool,
     /// A second load shortly after start: a fetch that took assignments from the board before
     /// this scheduler cleared it may commit its claims after the first load.
@@ -543,7 +543,7 @@ impl Scheduler {
         }
         let workers = load_workers(client, statements);
         // Every change through the API (define_task, set_rate_limit, a deleted definition)
-        // bumps the generation at commit; the periodic reread also catches direct table edits.
+        // bumps the generation at commit; the periodic sweep also catches direct table edits.
         let generation = wake::config_generation();
         if purge_workers || generation != self.config_generation {
             self.config_generation = generation;
@@ -902,7 +902,7 @@ fn rebuild_rate_windows(
     }
 }
 
-/// The claimed running attempts as the table has them (at start, and with each reread to
+/// The claimed running attempts as the table has them (at start, and with each sweep to
 /// repair any drift between memory and the table).
 fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
     queue.forget_claimed();

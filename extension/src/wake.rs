@@ -400,7 +400,7 @@ unsafe extern "C-unwind" fn on_xact_event(
             }
         }
         // A prepared transaction commits later in another session; the scheduler's timer and
-        // its periodic full reread pick its work up.
+        // its periodic sweep pick its work up.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             // A prepared fetch keeps its claims (they commit with it); an aborted one never
             // claimed anything.
