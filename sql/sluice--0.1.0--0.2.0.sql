@@ -1827,12 +1827,7 @@ DECLARE
     flow   record;
     new_id bigint;
 BEGIN
-    IF def.concurrency_key IS NOT NULL OR def.rate_limits <> '[]' THEN
-        SELECT * INTO flow FROM sluice._flow(def, input);
-    ELSE
-        SELECT NULL::text AS concurrency_key, NULL::text[] AS rate_limit_keys,
-               NULL::int[] AS rate_limit_units INTO flow;
-    END IF;
+    SELECT * INTO flow FROM sluice._flow(def, input);  -- all NULL without flow control
     INSERT INTO sluice.task_run
         (task_name, priority, input, run_at, schedule_deadline, concurrency_key,
          rate_limit_keys, rate_limit_units, run_id, step)
@@ -2284,6 +2279,26 @@ $$;
 
 -- Child spawning ------------------------------------------------------------------------------
 
+-- Raises P0002 unless the task exists and 55000 unless it is running: only a running task
+-- spawns (`what`: children or runs).
+CREATE OR REPLACE FUNCTION sluice._require_running_parent(parent_id bigint, what text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    parent_status sluice.task_status;
+BEGIN
+    SELECT t.status INTO parent_status FROM sluice.task_run t
+     WHERE t.id = _require_running_parent.parent_id;
+    IF parent_status IS NULL THEN
+        RAISE EXCEPTION 'no task with id % to spawn % of', coalesce(parent_id::text, 'NULL'), what
+            USING ERRCODE = 'P0002';
+    ELSIF parent_status <> 'running' THEN
+        RAISE EXCEPTION 'task % is %, not running: only a running task spawns %',
+            parent_id, parent_status, what USING ERRCODE = '55000';
+    END IF;
+END
+$$;
+
 -- Spawns children of a running task: one run of `task` per input, keyed by keys[i] (default:
 -- the input's position, 1-based, as text). Idempotent per (parent, key): a retried parent that
 -- spawns again gets the children it spawned before, not new ones. Returns (key, task id) in
@@ -2294,21 +2309,13 @@ RETURNS TABLE (child_key text, task_id bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    parent_status sluice.task_status;
     def           sluice.task_definition := sluice._definition(task);
     i             int;
     key           text;
     new_id        bigint;
     flow          record;
 BEGIN
-    SELECT t.status INTO parent_status FROM sluice.task_run t WHERE t.id = spawn.parent_id;
-    IF parent_status IS NULL THEN
-        RAISE EXCEPTION 'no task with id % to spawn children of', coalesce(parent_id::text, 'NULL')
-            USING ERRCODE = 'P0002';
-    ELSIF parent_status <> 'running' THEN
-        RAISE EXCEPTION 'task % is %, not running: only a running task spawns children',
-            parent_id, parent_status USING ERRCODE = '55000';
-    END IF;
+    PERFORM sluice._require_running_parent(parent_id, 'children');
     IF inputs IS NULL THEN
         RAISE EXCEPTION 'inputs must not be NULL (spawning "%")', task USING ERRCODE = '22004';
     END IF;
@@ -2321,12 +2328,7 @@ BEGIN
             RAISE EXCEPTION 'inputs[%] is NULL (spawning "%")', i, task USING ERRCODE = '22004';
         END IF;
         key := coalesce(keys[i], i::text);
-        IF def.concurrency_key IS NOT NULL OR def.rate_limits <> '[]' THEN
-            SELECT * INTO flow FROM sluice._flow(def, inputs[i]);
-        ELSE
-            SELECT NULL::text AS concurrency_key, NULL::text[] AS rate_limit_keys,
-                   NULL::int[] AS rate_limit_units INTO flow;
-        END IF;
+        SELECT * INTO flow FROM sluice._flow(def, inputs[i]);
         new_id := NULL;
         INSERT INTO sluice.task_run
             (task_name, priority, input, run_at, schedule_deadline, concurrency_key,
@@ -2357,20 +2359,11 @@ RETURNS TABLE (child_key text, run_id bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    parent_status sluice.task_status;
     i             int;
     key           text;
     found_id      bigint;
 BEGIN
-    SELECT t.status INTO parent_status FROM sluice.task_run t
-     WHERE t.id = spawn_workflow.parent_id;
-    IF parent_status IS NULL THEN
-        RAISE EXCEPTION 'no task with id % to spawn runs of', coalesce(parent_id::text, 'NULL')
-            USING ERRCODE = 'P0002';
-    ELSIF parent_status <> 'running' THEN
-        RAISE EXCEPTION 'task % is %, not running: only a running task spawns runs',
-            parent_id, parent_status USING ERRCODE = '55000';
-    END IF;
+    PERFORM sluice._require_running_parent(parent_id, 'runs');
     IF keys IS NOT NULL AND cardinality(keys) IS DISTINCT FROM cardinality(inputs) THEN
         RAISE EXCEPTION 'keys and inputs must have the same length (% vs %)',
             cardinality(keys), cardinality(inputs) USING ERRCODE = '22023';

@@ -717,3 +717,82 @@ async fn a_run_that_cannot_advance_fails_with_the_reason_and_others_go_on() {
     let state = wait_run(&client, fine, Duration::from_secs(30)).await;
     assert_eq!(state["status"], "succeeded", "{state}");
 }
+
+/// on_success gets every output; cancel_in_progress cancels the running run of a full key for
+/// a new one (its handler is signalled); replay_runs brings the cancelled run back.
+#[tokio::test]
+async fn on_success_cancel_in_progress_and_bulk_replay() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let (t, _workers) = step_tasks(&client, &["wf_work", "wf_done"]).await;
+    let wf = unique("newest_wins");
+    define(
+        &client,
+        &wf,
+        json!({"steps": [{"name": "work", "task": t[0]}],
+               "on_success": t[1],
+               "concurrency": {"key": "$.user", "max_runs": 1, "strategy": "cancel_in_progress"}}),
+    )
+    .await;
+    let first = run(&client, &wf, json!({"user": "u", t[0].clone(): {"sleep_ms": 3000}})).await;
+    let first_task: i64 = wait_until(Duration::from_secs(15), "the first run's step to start", || async {
+        client
+            .query_opt(
+                "SELECT w.task_id FROM sluice.workflow_step w
+                   JOIN sluice_test.execution e ON e.task_id = w.task_id
+                  WHERE w.run_id = $1",
+                &[&first],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|r| r.get::<_, i64>(0))
+            .ok_or_else(|| "not started".to_string())
+    })
+    .await;
+    let second = run(&client, &wf, json!({"user": "u"})).await;
+    let state = wait_run(&client, first, Duration::from_secs(15)).await;
+    assert_eq!(state["status"], "cancelled", "{state}");
+    assert!(state["error"].as_str().unwrap_or_default().contains("cancel_in_progress"), "{state}");
+    wait_execution(&client, first_task, Some("cancelled")).await;
+    let state = wait_run(&client, second, Duration::from_secs(15)).await;
+    assert_eq!(state["status"], "succeeded", "{state}");
+
+    // on_success ran for the second run with its step's output.
+    let inputs: Vec<Value> = wait_until(Duration::from_secs(15), "on_success to succeed", || async {
+        let rows = client
+            .query(
+                "SELECT input FROM sluice.tasks WHERE task_name = $1 AND status = 'succeeded'",
+                &[&t[1]],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if rows.is_empty() {
+            Err("not yet".to_string())
+        } else {
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        }
+    })
+    .await;
+    assert_eq!(inputs.len(), 1, "{inputs:?}");
+    assert_eq!(inputs[0]["input"]["user"], "u");
+    assert_eq!(inputs[0]["outputs"]["work"], state["steps"]["work"]["output"]);
+
+    let replayed: Vec<i64> = client
+        .query(
+            "SELECT sluice.replay_runs(workflow => $1, statuses => '{cancelled}')",
+            &[&wf],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(replayed, vec![first]);
+    let state = wait_run(&client, first, Duration::from_secs(30)).await;
+    assert_eq!(state["status"], "succeeded", "{state}");
+    let err = client
+        .query("SELECT sluice.replay_runs(statuses => '{running}')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "22023");
+}

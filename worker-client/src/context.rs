@@ -139,30 +139,42 @@ impl TaskContext {
     pub async fn wait_runs(&self, run_ids: &[i64]) -> Result<Vec<crate::RunState>, Error> {
         let mut delay = Duration::from_millis(50);
         loop {
-            let mut states = Vec::with_capacity(run_ids.len());
-            {
+            let rows = {
                 let connection = self.shared.pool.checkout().await?;
-                for id in run_ids {
-                    states.push(crate::run_state(connection.client(), *id).await?);
-                }
+                connection
+                    .client()
+                    .query_typed(
+                        "SELECT to_jsonb(r) FROM sluice.runs r WHERE r.id = ANY($1)",
+                        &[(&run_ids, Type::INT8_ARRAY)],
+                    )
+                    .await
+                    .map_err(|e| Error::postgres("reading child runs failed", e))?
+            };
+            let mut found = std::collections::HashMap::new();
+            for row in &rows {
+                let value: serde_json::Value =
+                    row.try_get(0).map_err(|e| Error::postgres("reading a child run", e))?;
+                let state: crate::RunState = serde_json::from_value(value)
+                    .map_err(|e| Error::json("decoding a child run", e))?;
+                found.insert(state.id, state);
             }
-            if states
-                .iter()
-                .all(|s| !["queued", "running"].contains(&s.status.as_str()))
-            {
-                return Ok(states);
+            // A run that is gone (deleted) ends the wait too, as an error below.
+            let done = run_ids.iter().all(|id| {
+                found
+                    .get(id)
+                    .is_none_or(|s| !["queued", "running"].contains(&s.status.as_str()))
+            });
+            if done {
+                return run_ids
+                    .iter()
+                    .map(|id| {
+                        found.remove(id).ok_or_else(|| {
+                            Error::config(format!("child run {id} no longer exists"))
+                        })
+                    })
+                    .collect();
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.cancelled() => {
-                    return Err(Error::attempt_stopped(
-                        self.task_id(),
-                        self.attempt(),
-                        "waiting for its child runs",
-                    ));
-                }
-            }
-            delay = (delay * 2).min(Duration::from_secs(1));
+            self.pause(&mut delay, "waiting for its child runs").await?;
         }
     }
 
@@ -228,18 +240,21 @@ impl TaskContext {
                     })
                     .collect();
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.cancelled() => {
-                    return Err(Error::attempt_stopped(
-                        self.task_id(),
-                        self.attempt(),
-                        "waiting for its children",
-                    ));
-                }
-            }
-            delay = (delay * 2).min(Duration::from_secs(1));
+            self.pause(&mut delay, "waiting for its children").await?;
         }
+    }
+
+    /// Sleeps `delay` (then doubles it, up to 1 s) while polling; an error if the attempt is
+    /// told to stop meanwhile.
+    async fn pause(&self, delay: &mut Duration, doing: &str) -> Result<(), Error> {
+        tokio::select! {
+            _ = tokio::time::sleep(*delay) => {}
+            _ = self.cancelled() => {
+                return Err(Error::attempt_stopped(self.task_id(), self.attempt(), doing));
+            }
+        }
+        *delay = (*delay * 2).min(Duration::from_secs(1));
+        Ok(())
     }
 
     pub fn task_id(&self) -> i64 {
