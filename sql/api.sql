@@ -1086,6 +1086,10 @@ BEGIN
             IF with_attempts IS NOT NULL THEN
                 DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(with_attempts);
             END IF;
+            -- Durable tasks' records (sql/durable.sql); most installs have none at all.
+            IF EXISTS (SELECT 1 FROM sluice.durable_step) THEN
+                DELETE FROM sluice.durable_step d WHERE d.task_id = ANY(ids);
+            END IF;
             DELETE FROM sluice.task_run t WHERE t.id = ANY(ids) AND t.status = kinds[i];
             GET DIAGNOSTICS n = ROW_COUNT;
             status := kinds[i]::text;

@@ -3,8 +3,9 @@
 -- claims them; the queue-head and timeout indexes go, and arrivals are read by (run_at, id).
 --
 -- Everything after the first marker line below is a copy of sql/api.sql (its functions are
--- all CREATE OR REPLACE), then, after the second, of sql/workflows.sql (new in 0.2.0: its
--- tables are created here); tests/tests/upgrade.rs checks that both copies are exact.
+-- all CREATE OR REPLACE), then, each after its own marker line, of sql/workflows.sql,
+-- sql/cron.sql, sql/events.sql and sql/durable.sql (new in 0.2.0: their tables are created
+-- here); tests/tests/upgrade.rs checks that every copy is exact.
 
 ALTER TABLE sluice.task_run SET (autovacuum_vacuum_scale_factor = 0.02,
                                  autovacuum_vacuum_cost_delay = 0);
@@ -35,6 +36,8 @@ STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'posted_assignments_sql_wrapper';
 
 CREATE FUNCTION sluice._config_changed() RETURNS void
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'config_changed_sql_wrapper';
+CREATE FUNCTION sluice._cron_next(cron text, after timestamp) RETURNS timestamp
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'cron_next_sql_wrapper';
 
 -- Flow control: concurrency keys and rate limits.
 ALTER TABLE sluice.task_definition
@@ -1257,6 +1260,10 @@ BEGIN
             IF with_attempts IS NOT NULL THEN
                 DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(with_attempts);
             END IF;
+            -- Durable tasks' records (sql/durable.sql); most installs have none at all.
+            IF EXISTS (SELECT 1 FROM sluice.durable_step) THEN
+                DELETE FROM sluice.durable_step d WHERE d.task_id = ANY(ids);
+            END IF;
             DELETE FROM sluice.task_run t WHERE t.id = ANY(ids) AND t.status = kinds[i];
             GET DIAGNOSTICS n = ROW_COUNT;
             status := kinds[i]::text;
@@ -1351,6 +1358,9 @@ CREATE TABLE sluice.workflow_run (
     -- child's key, unique per parent.
     parent_id   bigint,
     child_key   text,
+    -- A scheduled run (sluice.run_workflow's run_at): queued and not started before this; NULL
+    -- once started (sluice._fire_timers) or for a run started at once.
+    run_at      timestamptz,
     FOREIGN KEY (workflow, version) REFERENCES sluice.workflow_definition (name, version)
 );
 CREATE UNIQUE INDEX workflow_run_child_idx ON sluice.workflow_run (parent_id, child_key)
@@ -1359,6 +1369,8 @@ CREATE INDEX workflow_run_workflow_idx ON sluice.workflow_run (workflow, created
 -- Finished runs by status and age, for retention (sluice._purge_finished_runs).
 CREATE INDEX workflow_run_finished_idx ON sluice.workflow_run (status, finished_at)
     WHERE status IN ('succeeded', 'failed', 'cancelled');
+-- Scheduled runs by start time (sluice._fire_timers starts them).
+CREATE INDEX workflow_run_scheduled_idx ON sluice.workflow_run (run_at) WHERE run_at IS NOT NULL;
 -- Runs holding or waiting for a place of their workflow's concurrency key.
 CREATE INDEX workflow_run_concurrency_idx ON sluice.workflow_run (workflow, concurrency_key, id)
     WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running');
@@ -1414,7 +1426,7 @@ BEGIN
             coalesce(spec::text, 'NULL') USING ERRCODE = '22023';
     END IF;
     SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(spec) AS k
-     WHERE k NOT IN ('steps', 'on_failure', 'on_success', 'concurrency');
+     WHERE k NOT IN ('steps', 'on_failure', 'on_success', 'concurrency', 'crons', 'on_events');
     IF extra IS NOT NULL THEN
         RAISE EXCEPTION 'workflow "%": unknown spec key(s) %', wf, extra
             USING ERRCODE = '22023',
@@ -1552,12 +1564,16 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('sluice.define_workflow'), hashtext(wf));
     SELECT * INTO latest FROM sluice.workflow_definition w
      WHERE w.name = wf ORDER BY w.version DESC LIMIT 1;
-    IF latest.spec = normalized THEN
-        RETURN latest.version;
+    IF latest.spec IS DISTINCT FROM normalized THEN
+        INSERT INTO sluice.workflow_definition (name, version, spec)
+        VALUES (wf, coalesce(latest.version, 0) + 1, normalized);
+        latest.version := coalesce(latest.version, 0) + 1;
     END IF;
-    INSERT INTO sluice.workflow_definition (name, version, spec)
-    VALUES (wf, coalesce(latest.version, 0) + 1, normalized);
-    RETURN coalesce(latest.version, 0) + 1;
+    -- Crons and event subscriptions declared here replace those this workflow declared before
+    -- (sql/triggers.sql); they are not part of the versioned spec.
+    PERFORM sluice._declare_triggers('workflow', wf, coalesce(spec->'crons', '[]'),
+                                     coalesce(spec->'on_events', '[]'));
+    RETURN latest.version;
 END
 $$;
 
@@ -1635,8 +1651,12 @@ $$;
 
 -- Starts a run of the latest version of a workflow; transactional like sluice.enqueue (a
 -- rollback leaves nothing). Returns the run id.
-CREATE OR REPLACE FUNCTION sluice.run_workflow(name text, input jsonb DEFAULT '{}') RETURNS bigint
+-- run_at: a scheduled run, started then (by the scheduler, sluice._fire_timers); NULL or a
+-- time not in the future starts it now.
+CREATE OR REPLACE FUNCTION sluice.run_workflow(name text, input jsonb DEFAULT '{}',
+                                               run_at timestamptz DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     def    sluice.workflow_definition;
     run    sluice.workflow_run;
@@ -1653,16 +1673,19 @@ BEGIN
             USING ERRCODE = '42704',
                   HINT = 'Define it first with sluice.define_workflow(name, spec).';
     END IF;
-    INSERT INTO sluice.workflow_run (workflow, version, input, status, concurrency_key)
+    INSERT INTO sluice.workflow_run (workflow, version, input, status, concurrency_key, run_at)
     VALUES (def.name, def.version, input, 'queued',
             CASE WHEN def.spec ? 'concurrency' THEN
                  coalesce(sluice._path_text(input, (def.spec->'concurrency'->>'key')::jsonpath), '')
-            END)
+            END,
+            CASE WHEN run_workflow.run_at > now() THEN run_workflow.run_at END)
     RETURNING * INTO run;
     INSERT INTO sluice.workflow_step (run_id, step, parents_left)
     SELECT run.id, s->>'name', jsonb_array_length(s->'parents')
       FROM jsonb_array_elements(def.spec->'steps') s;
-    IF run.concurrency_key IS NULL THEN
+    IF run.run_at IS NOT NULL THEN
+        PERFORM sluice._timers_changed();
+    ELSIF run.concurrency_key IS NULL THEN
         PERFORM sluice._begin_run(run, def.spec);
     ELSE
         -- The scheduler admits it (sluice._admit_runs): no lock is taken here that could make
@@ -1753,6 +1776,7 @@ BEGIN
     FOR run IN
         SELECT r.* FROM sluice.workflow_run r
          WHERE r.workflow = wf AND r.concurrency_key = key AND r.status = 'queued'
+           AND r.run_at IS NULL  -- a scheduled run asks for admission when it is due
          ORDER BY r.id LIMIT greatest(max_runs - running, 0)
            FOR UPDATE SKIP LOCKED
     LOOP
@@ -2101,7 +2125,8 @@ BEGIN
         RETURN false;
     END IF;
     UPDATE sluice.workflow_run r
-       SET status = 'cancelled', finished_at = now(), error = 'cancelled by sluice.cancel_run()'
+       SET status = 'cancelled', finished_at = now(), error = 'cancelled by sluice.cancel_run()',
+           run_at = NULL
      WHERE r.id = run_id;
     PERFORM sluice._cancel_run_steps(run_id, 'run cancelled by sluice.cancel_run()');
     IF run.status = 'running' THEN
@@ -2431,5 +2456,908 @@ SELECT r.id,
                    'finished_at', w.finished_at)))
           FROM sluice.workflow_step w
           LEFT JOIN sluice.task_run t ON t.id = w.task_id
-         WHERE w.run_id = r.id) AS steps
+         WHERE w.run_id = r.id) AS steps,
+       -- a scheduled run's start time (sluice.run_workflow's run_at), until it starts
+       r.run_at
 FROM sluice.workflow_run r;
+-- ---- copy of sql/cron.sql ----
+-- Time: cron schedules, scheduled runs and the timer the scheduler fires them from.
+--
+-- A cron schedule starts a task or a workflow on every tick of a cron expression, in a time
+-- zone (UTC unless given). The scheduler calls sluice._fire_timers when the earliest
+-- schedule is due; each tick it fires is recorded in sluice.cron_fire, whose primary key
+-- (schedule, tick) makes a second run of one tick impossible, and the schedule's next tick is
+-- advanced in the same transaction: a crash or restart either did both or neither.
+--
+-- Ticks are wall-clock times in the schedule's zone, computed by sluice._cron_next (Rust, the
+-- `cron` crate) and converted with Postgres' zone database: across a daylight-saving change
+-- each wall-clock tick fires once (a tick in the skipped hour fires when the clock jumps, a
+-- tick in the repeated hour fires once), so none is repeated or dropped.
+
+CREATE TABLE sluice.cron_schedule (
+    name          text PRIMARY KEY CHECK (name <> ''),
+    cron          text NOT NULL,
+    time_zone     text NOT NULL DEFAULT 'UTC',
+    target_kind   text NOT NULL CHECK (target_kind IN ('task', 'workflow')),
+    target        text NOT NULL,
+    input         jsonb NOT NULL DEFAULT '{}',
+    -- ticks missed while Sluice was not running (more than a minute late): 'skip' them, or
+    -- 'run_once' for all of them together
+    missed        text NOT NULL DEFAULT 'skip' CHECK (missed IN ('skip', 'run_once')),
+    -- 'task:<name>' or 'workflow:<name>' for a cron declared in a definition, which
+    -- redefining it replaces (sluice._declare_triggers); NULL for sluice.schedule_cron's own
+    declared_by   text,
+    -- the next tick, wall-clock in time_zone, and when it fires: that instant, or the previous
+    -- tick's if later (a tick in a skipped hour maps to an earlier instant)
+    next_tick     timestamp NOT NULL,
+    next_at       timestamptz NOT NULL,
+    last_tick     timestamp,
+    last_fired_at timestamptz,
+    last_task_id  bigint,
+    last_run_id   bigint,
+    last_error    text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX cron_schedule_next_idx ON sluice.cron_schedule (next_at);
+
+-- One row per fired tick (kept for sluice.succeeded_task_retention).
+CREATE TABLE sluice.cron_fire (
+    schedule  text NOT NULL,
+    tick      timestamp NOT NULL,
+    tick_at   timestamptz NOT NULL,
+    fired_at  timestamptz NOT NULL DEFAULT now(),
+    -- earlier ticks this run stands for (missed = 'run_once' after a pause)
+    missed    int NOT NULL DEFAULT 0,
+    task_id   bigint,
+    run_id    bigint,
+    error     text,
+    PRIMARY KEY (schedule, tick)
+);
+CREATE INDEX cron_fire_fired_idx ON sluice.cron_fire (fired_at);
+
+CREATE VIEW sluice.crons AS
+SELECT c.name,
+       c.cron,
+       c.time_zone,
+       c.target_kind,
+       c.target,
+       c.input,
+       c.missed,
+       c.declared_by,
+       c.next_at AS next_fire_at,
+       c.last_fired_at,
+       c.last_tick AT TIME ZONE c.time_zone AS last_tick_at,
+       c.last_task_id,
+       c.last_run_id,
+       c.last_error,
+       (SELECT count(*) FROM sluice.cron_fire f WHERE f.schedule = c.name) AS fires_kept,
+       c.created_at
+  FROM sluice.cron_schedule c;
+
+-- Tasks and workflow runs scheduled for later (enqueue's or run_workflow's run_at), not yet
+-- due: reschedule them with sluice.reschedule / sluice.reschedule_run, delete them with
+-- sluice.delete_scheduled / sluice.delete_scheduled_run. Retries waiting out their backoff
+-- and suspended durable tasks are not listed (they have attempts).
+CREATE VIEW sluice.scheduled AS
+SELECT 'task'::text AS kind, t.id, t.task_name AS name, t.input, t.run_at, t.enqueued_at AS created_at
+  FROM sluice.task_run t
+ WHERE t.status = 'queued' AND t.run_at > now() AND t.attempt = 0 AND t.run_id IS NULL
+UNION ALL
+SELECT 'workflow', r.id, r.workflow, r.input, r.run_at, r.created_at
+  FROM sluice.workflow_run r
+ WHERE r.run_at IS NOT NULL AND r.status = 'queued';
+
+-- Schedules -----------------------------------------------------------------------------------
+
+-- What a target names: 'task:<name>' or 'workflow:<name>', or a bare name that is exactly one
+-- of a defined workflow or a defined task.
+CREATE OR REPLACE FUNCTION sluice._resolve_target(target text, OUT kind text, OUT name text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    is_task     boolean;
+    is_workflow boolean;
+BEGIN
+    IF target IS NULL OR target = '' THEN
+        RAISE EXCEPTION 'target must name a task or a workflow, got %',
+            coalesce(quote_literal(target), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF target LIKE 'task:%' THEN
+        kind := 'task';
+        name := substr(target, 6);
+    ELSIF target LIKE 'workflow:%' THEN
+        kind := 'workflow';
+        name := substr(target, 10);
+    ELSE
+        name := target;
+    END IF;
+    is_task := EXISTS (SELECT 1 FROM sluice.task_definition d WHERE d.name = _resolve_target.name);
+    is_workflow := EXISTS (SELECT 1 FROM sluice.workflow_definition w
+                            WHERE w.name = _resolve_target.name);
+    IF kind IS NULL THEN
+        IF is_task AND is_workflow THEN
+            RAISE EXCEPTION '"%" is both a task and a workflow', target
+                USING ERRCODE = '42725',
+                      HINT = format('Say task:%s or workflow:%s.', target, target);
+        END IF;
+        kind := CASE WHEN is_workflow THEN 'workflow' WHEN is_task THEN 'task' END;
+    END IF;
+    IF kind IS NULL OR (kind = 'task' AND NOT is_task) OR (kind = 'workflow' AND NOT is_workflow) THEN
+        RAISE EXCEPTION 'unknown %', CASE kind WHEN 'task' THEN format('task "%s"', name)
+                                               WHEN 'workflow' THEN format('workflow "%s"', name)
+                                               ELSE format('task or workflow "%s"', name) END
+            USING ERRCODE = '42704',
+                  HINT = 'Define it first (sluice.define_task or sluice.define_workflow).';
+    END IF;
+END
+$$;
+
+-- Starts one run of a target: a task run or a workflow run. Returns (task_id, run_id), one NULL.
+CREATE OR REPLACE FUNCTION sluice._start_target(kind text, name text, input jsonb,
+                                                OUT task_id bigint, OUT run_id bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF kind = 'task' THEN
+        task_id := sluice.enqueue(name, input);
+    ELSE
+        run_id := sluice.run_workflow(name, input);
+    END IF;
+END
+$$;
+
+-- The tick after `after_tick` (wall-clock in the zone) and when it fires: never before
+-- `not_before` (the previous tick's instant), so ticks fire in order.
+CREATE OR REPLACE FUNCTION sluice._cron_next_at(cron text, time_zone text, after_tick timestamp,
+                                                not_before timestamptz,
+                                                OUT tick timestamp, OUT at timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    tick := sluice._cron_next(cron, after_tick);
+    IF tick IS NULL THEN
+        tick := 'infinity';
+        at := 'infinity';
+        RETURN;
+    END IF;
+    at := greatest(tick AT TIME ZONE time_zone, not_before);
+END
+$$;
+
+-- Creates or replaces the schedule `name`: `target` (a task or workflow, see
+-- sluice._resolve_target) runs with `input` on every tick of `cron` in `time_zone`. Returns
+-- the first fire time. Replacing a schedule with the same expression and zone keeps its next
+-- tick (it is not fired again); a different one starts from now.
+CREATE OR REPLACE FUNCTION sluice.schedule_cron(name text, cron text, target text,
+                                                input jsonb DEFAULT '{}',
+                                                time_zone text DEFAULT 'UTC',
+                                                missed text DEFAULT 'skip')
+RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN sluice._schedule_cron(name, cron, target, input, time_zone, missed, NULL);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._schedule_cron(name text, cron text, target text, input jsonb,
+                                                 time_zone text, missed text, declared_by text)
+RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    t        record;
+    local_now timestamp;
+    first    record;
+    existing sluice.cron_schedule;
+BEGIN
+    PERFORM sluice._require_preloaded();
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'schedule name must be a non-empty string, got %',
+            coalesce(quote_literal(name), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF cron IS NULL THEN
+        RAISE EXCEPTION 'cron expression must not be NULL (schedule "%")', name USING ERRCODE = '22004';
+    END IF;
+    IF input IS NULL THEN
+        RAISE EXCEPTION 'input must not be NULL (schedule "%"); use ''{}'' for no input', name
+            USING ERRCODE = '22004';
+    END IF;
+    IF missed IS NULL OR missed NOT IN ('skip', 'run_once') THEN
+        RAISE EXCEPTION 'missed must be ''skip'' or ''run_once'', got % (schedule "%")',
+            coalesce(quote_literal(missed), 'NULL'), name USING ERRCODE = '22023';
+    END IF;
+    IF time_zone IS NULL THEN
+        RAISE EXCEPTION 'time_zone must not be NULL (schedule "%")', name USING ERRCODE = '22004';
+    END IF;
+    -- Postgres raises 22023 "time zone ... not recognized" for an unknown zone.
+    local_now := now() AT TIME ZONE time_zone;
+    SELECT * INTO t FROM sluice._resolve_target(target);
+    -- Validates the expression (22023 naming it) and finds the first tick.
+    SELECT * INTO first FROM sluice._cron_next_at(cron, time_zone, local_now, now());
+    IF first.tick = 'infinity' THEN
+        RAISE EXCEPTION 'cron expression "%" never fires after now (schedule "%")', cron, name
+            USING ERRCODE = '22023';
+    END IF;
+
+    SELECT * INTO existing FROM sluice.cron_schedule c WHERE c.name = _schedule_cron.name FOR UPDATE;
+    IF FOUND AND existing.cron = cron AND existing.time_zone = time_zone THEN
+        first.tick := existing.next_tick;
+        first.at := existing.next_at;
+    END IF;
+    INSERT INTO sluice.cron_schedule AS c
+        (name, cron, time_zone, target_kind, target, input, missed, declared_by, next_tick, next_at)
+    VALUES (name, cron, time_zone, t.kind, t.name, input, missed, declared_by, first.tick, first.at)
+    ON CONFLICT ON CONSTRAINT cron_schedule_pkey DO UPDATE
+       SET cron = EXCLUDED.cron, time_zone = EXCLUDED.time_zone,
+           target_kind = EXCLUDED.target_kind, target = EXCLUDED.target, input = EXCLUDED.input,
+           missed = EXCLUDED.missed, declared_by = EXCLUDED.declared_by,
+           next_tick = EXCLUDED.next_tick, next_at = EXCLUDED.next_at, updated_at = now();
+    PERFORM sluice._timers_changed();
+    RETURN first.at;
+END
+$$;
+
+-- Removes a schedule; its fired runs are not touched. Returns false if there was none.
+CREATE OR REPLACE FUNCTION sluice.unschedule_cron(name text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM sluice.cron_schedule c WHERE c.name = unschedule_cron.name;
+    RETURN FOUND;
+END
+$$;
+
+-- The scheduler's wake-up for changed timers (a new schedule, a scheduled workflow run): the
+-- same signal as a changed definition, coalesced per tick.
+CREATE OR REPLACE FUNCTION sluice._timers_changed() RETURNS void
+LANGUAGE sql AS $$
+    SELECT sluice._config_changed()
+$$;
+
+-- Scheduled runs ------------------------------------------------------------------------------
+
+-- Moves a task that is still scheduled for later (see sluice.scheduled) to `run_at`. Returns
+-- false if it is not (any more): it started, finished, or its time came.
+CREATE OR REPLACE FUNCTION sluice.reschedule(task_id bigint, run_at timestamptz) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    t   sluice.task_run;
+    def sluice.task_definition;
+BEGIN
+    IF run_at IS NULL THEN
+        RAISE EXCEPTION 'run_at must not be NULL (task %)', task_id USING ERRCODE = '22004';
+    END IF;
+    -- The clock, not the transaction's start: the scheduler may read a task as runnable as soon
+    -- as its run_at passes.
+    SELECT * INTO t FROM sluice.task_run r
+     WHERE r.id = task_id AND r.status = 'queued' AND r.attempt = 0 AND r.run_at > clock_timestamp()
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO def FROM sluice.task_definition d WHERE d.name = t.task_name;
+    UPDATE sluice.task_run r
+       SET run_at = reschedule.run_at,
+           schedule_deadline = reschedule.run_at + coalesce(def.schedule_timeout, interval '5 minutes')
+     WHERE r.id = task_id;
+    PERFORM sluice._wake_scheduler(reschedule.run_at);
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice.reschedule_run(run_id bigint, run_at timestamptz) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF run_at IS NULL THEN
+        RAISE EXCEPTION 'run_at must not be NULL (run %)', run_id USING ERRCODE = '22004';
+    END IF;
+    UPDATE sluice.workflow_run r SET run_at = reschedule_run.run_at
+     WHERE r.id = run_id AND r.status = 'queued' AND r.run_at IS NOT NULL;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM sluice._timers_changed();
+    RETURN true;
+END
+$$;
+
+-- Deletes a task scheduled for later, as if it had never been enqueued. Returns false if it is
+-- not scheduled for later (any more); sluice.cancel ends a task at any time, keeping its row.
+CREATE OR REPLACE FUNCTION sluice.delete_scheduled(task_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM sluice.task_run r
+     WHERE r.id = task_id AND r.status = 'queued' AND r.attempt = 0 AND r.run_id IS NULL
+       AND r.run_at > clock_timestamp();
+    RETURN FOUND;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice.delete_scheduled_run(run_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM sluice.workflow_run r
+     WHERE r.id = run_id AND r.status = 'queued' AND r.run_at IS NOT NULL;
+    RETURN FOUND;
+END
+$$;
+
+-- The timer ----------------------------------------------------------------------------------
+
+-- Fires what is due, called by the scheduler: cron ticks (up to max_fires schedules) and
+-- scheduled workflow runs (up to max_fires). Returns when the next one is due (NULL: none).
+--
+-- Of the ticks due for a schedule, the latest fires if it is less than a minute late; the
+-- earlier ones were missed (Sluice was not running, or the schedule was paused by a long
+-- transaction): missed = 'skip' drops them, 'run_once' fires the latest whatever its lateness,
+-- the run standing for all of them (sluice.cron_fire.missed counts the others).
+--
+-- Commits synchronously when it fired anything (the scheduler's own transactions do not wait
+-- for the disk): a tick must not be lost in a crash after its run was seen.
+CREATE OR REPLACE FUNCTION sluice._fire_timers(max_fires int) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+DECLARE
+    s        sluice.cron_schedule;
+    nxt      record;
+    due_tick timestamp;
+    due_at   timestamptz;
+    n_due    int;
+    fire     boolean;
+    started  record;
+    run      sluice.workflow_run;
+    fired    int := 0;
+BEGIN
+    FOR s IN
+        SELECT * FROM sluice.cron_schedule c WHERE c.next_at <= now()
+         ORDER BY c.next_at LIMIT max_fires FOR UPDATE SKIP LOCKED
+    LOOP
+        SELECT s.next_tick AS tick, s.next_at AS at INTO nxt;
+        BEGIN
+            -- Walk the due ticks to the latest (bounded: after a long pause, jump to now).
+            n_due := 0;
+            LOOP
+                due_tick := nxt.tick;
+                due_at := nxt.at;
+                n_due := n_due + 1;
+                SELECT * INTO nxt FROM sluice._cron_next_at(s.cron, s.time_zone, due_tick, due_at);
+                EXIT WHEN nxt.at > now() OR n_due >= 1000;
+            END LOOP;
+            IF nxt.at <= now() THEN
+                SELECT * INTO nxt FROM sluice._cron_next_at(s.cron, s.time_zone,
+                                                             now() AT TIME ZONE s.time_zone, now());
+                n_due := n_due + 1;  -- at least one more tick was passed over
+            END IF;
+            fire := s.missed = 'run_once' OR now() - due_at <= interval '1 minute';
+            SELECT NULL::bigint AS task_id, NULL::bigint AS run_id INTO started;
+            IF fire THEN
+                INSERT INTO sluice.cron_fire (schedule, tick, tick_at, missed)
+                VALUES (s.name, due_tick, due_at, n_due - 1)
+                ON CONFLICT DO NOTHING;
+                IF FOUND THEN
+                    SELECT * INTO started FROM sluice._start_target(s.target_kind, s.target, s.input);
+                    UPDATE sluice.cron_fire f SET task_id = started.task_id, run_id = started.run_id
+                     WHERE f.schedule = s.name AND f.tick = due_tick;
+                    fired := fired + 1;
+                END IF;
+            END IF;
+            UPDATE sluice.cron_schedule c
+               SET next_tick = nxt.tick, next_at = nxt.at,
+                   last_tick = CASE WHEN fire THEN due_tick ELSE c.last_tick END,
+                   last_fired_at = CASE WHEN fire THEN now() ELSE c.last_fired_at END,
+                   last_task_id = CASE WHEN fire THEN started.task_id ELSE c.last_task_id END,
+                   last_run_id = CASE WHEN fire THEN started.run_id ELSE c.last_run_id END,
+                   last_error = NULL
+             WHERE c.name = s.name;
+        EXCEPTION WHEN OTHERS THEN
+            -- One bad schedule (its target deleted, its input rejected) neither stops the
+            -- others nor fires in a loop: the tick is passed over and the error kept.
+            UPDATE sluice.cron_schedule c
+               SET next_tick = nxt.tick,
+                   next_at = CASE WHEN nxt.at > now() THEN nxt.at ELSE now() + interval '1 minute' END,
+                   last_error = format('%s (SQLSTATE %s) at %s', SQLERRM, SQLSTATE, now())
+             WHERE c.name = s.name;
+            RAISE WARNING 'sluice scheduler: cron schedule "%" failed to fire: % (SQLSTATE %)',
+                s.name, SQLERRM, SQLSTATE;
+        END;
+    END LOOP;
+
+    FOR run IN
+        SELECT * FROM sluice.workflow_run r
+         WHERE r.run_at <= now() AND r.run_at IS NOT NULL
+         ORDER BY r.run_at LIMIT max_fires FOR UPDATE SKIP LOCKED
+    LOOP
+        UPDATE sluice.workflow_run r SET run_at = NULL WHERE r.id = run.id RETURNING * INTO run;
+        CONTINUE WHEN run.status <> 'queued';
+        BEGIN
+            IF run.concurrency_key IS NULL THEN
+                PERFORM sluice._begin_run(run,
+                    (SELECT d.spec FROM sluice.workflow_definition d
+                      WHERE d.name = run.workflow AND d.version = run.version));
+            ELSE
+                PERFORM sluice._request_admission(run.id);
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            -- e.g. a step's task definition deleted since: the run fails, naming why
+            UPDATE sluice.workflow_run r
+               SET status = 'failed', finished_at = now(),
+                   error = format('scheduled run could not start: %s (SQLSTATE %s)', SQLERRM, SQLSTATE)
+             WHERE r.id = run.id;
+        END;
+        fired := fired + 1;
+    END LOOP;
+
+    IF fired > 0 THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    RETURN least((SELECT min(c.next_at) FROM sluice.cron_schedule c),
+                 (SELECT min(r.run_at) FROM sluice.workflow_run r WHERE r.run_at IS NOT NULL));
+END
+$$;
+
+-- Retention of fired ticks: as long as succeeded tasks are kept.
+CREATE OR REPLACE FUNCTION sluice._purge_cron_fires(before timestamptz, max_rows int) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    n int;
+BEGIN
+    DELETE FROM sluice.cron_fire f
+     WHERE (f.schedule, f.tick) IN (SELECT x.schedule, x.tick FROM sluice.cron_fire x
+                                     WHERE x.fired_at < before ORDER BY x.fired_at LIMIT max_rows);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+-- ---- copy of sql/events.sql ----
+-- Events: pushed by applications (sluice.push_event), transactional like enqueue. A push
+-- starts one run per matching subscription (a task or a workflow subscribed to the key, with
+-- `*` wildcards and an optional jsonpath filter on the payload) and wakes the durable tasks
+-- waiting for it (sql/durable.sql), all in the pushing transaction: a push that rolls back
+-- started nothing. Nothing is NOTIFYed here; the scheduler is woken at commit.
+
+CREATE TABLE sluice.event (
+    id        bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    key       text NOT NULL CHECK (key <> ''),
+    payload   jsonb NOT NULL,
+    pushed_at timestamptz NOT NULL DEFAULT now(),
+    -- what the push started and woke
+    task_ids  bigint[] NOT NULL DEFAULT '{}',
+    run_ids   bigint[] NOT NULL DEFAULT '{}',
+    woke_task_ids bigint[] NOT NULL DEFAULT '{}'
+);
+-- Retention (sluice.event_retention) deletes the oldest first.
+CREATE INDEX event_pushed_idx ON sluice.event (pushed_at);
+
+CREATE TABLE sluice.event_subscription (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- an event key, `*` matching any characters (`media:*`)
+    pattern     text NOT NULL CHECK (pattern <> ''),
+    -- the pattern as a LIKE pattern (the other LIKE wildcards escaped)
+    key_like    text NOT NULL,
+    target_kind text NOT NULL CHECK (target_kind IN ('task', 'workflow')),
+    target      text NOT NULL,
+    -- a jsonpath on the payload (see sluice._payload_matches); NULL matches every payload
+    filter      text,
+    -- as in sluice.cron_schedule: set for subscriptions declared in a definition
+    declared_by text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT event_subscription_unique UNIQUE NULLS NOT DISTINCT (pattern, target_kind, target, filter)
+);
+
+CREATE VIEW sluice.subscriptions AS
+SELECT s.id, s.pattern, s.target_kind, s.target, s.filter, s.declared_by, s.created_at
+  FROM sluice.event_subscription s;
+
+CREATE VIEW sluice.events AS
+SELECT e.id, e.key, e.payload, e.pushed_at, e.task_ids, e.run_ids, e.woke_task_ids
+  FROM sluice.event e;
+
+-- Whether a payload matches a filter: a predicate (`$.size > 100`) must be true; any other
+-- path (`$ ? (@.kind == "video")`, `$.user`) must find something. Errors inside the path (a
+-- string compared with a number) count as no match.
+CREATE OR REPLACE FUNCTION sluice._payload_matches(payload jsonb, filter jsonpath) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN jsonb_typeof(r) = 'boolean' THEN r = 'true'::jsonb ELSE r IS NOT NULL END
+      FROM (SELECT jsonb_path_query_first(payload, filter, '{}', true) AS r) x
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._check_filter(filter text, what text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF filter IS NOT NULL THEN
+        PERFORM filter::jsonpath;
+    END IF;
+EXCEPTION WHEN OTHERS THEN
+    RAISE EXCEPTION 'invalid jsonpath filter % (%): %', quote_literal(filter), what, SQLERRM
+        USING ERRCODE = '22023';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._check_event_key(key text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF key IS NULL OR key = '' THEN
+        RAISE EXCEPTION 'event key must be a non-empty string, got %',
+            coalesce(quote_literal(key), 'NULL') USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Subscriptions -------------------------------------------------------------------------------
+
+-- Subscribes `target` (a task or workflow, see sluice._resolve_target) to events whose key
+-- matches `pattern`, and whose payload matches `filter` if given: each such push starts one
+-- run with the payload as its input. Subscribing again the same way returns the same id.
+CREATE OR REPLACE FUNCTION sluice.subscribe(pattern text, target text, filter text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN sluice._subscribe(pattern, target, filter, NULL);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice._subscribe(pattern text, target text, filter text,
+                                             declared_by text)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    t      record;
+    sub_id bigint;
+BEGIN
+    PERFORM sluice._check_event_key(pattern);
+    PERFORM sluice._check_filter(filter, format('subscription of %s to %s', target, pattern));
+    SELECT * INTO t FROM sluice._resolve_target(target);
+    INSERT INTO sluice.event_subscription AS s
+        (pattern, key_like, target_kind, target, filter, declared_by)
+    VALUES (pattern,
+            replace(replace(replace(replace(pattern, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'),
+            t.kind, t.name, filter, declared_by)
+    ON CONFLICT ON CONSTRAINT event_subscription_unique DO UPDATE SET declared_by = EXCLUDED.declared_by
+    RETURNING s.id INTO sub_id;
+    RETURN sub_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sluice.unsubscribe(subscription_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM sluice.event_subscription s WHERE s.id = subscription_id;
+    RETURN FOUND;
+END
+$$;
+
+-- Replaces the crons and event subscriptions a task or workflow definition declares
+-- (declared_by = '<kind>:<name>'):
+--   crons:     [{"cron": "0 3 * * *", "input": {...}, "time_zone": "UTC", "missed": "skip",
+--                "name": "<schedule name>"}, ...]   (input, time_zone, missed, name optional;
+--                the name defaults to '<kind>:<name>:<cron>')
+--   on_events: [{"key": "media:*", "filter": "$.size > 0"}, ...]   (filter optional)
+CREATE OR REPLACE FUNCTION sluice._declare_triggers(kind text, name text, crons jsonb,
+                                                    on_events jsonb)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    owner text := kind || ':' || name;
+    c     jsonb;
+    e     jsonb;
+    names text[] := '{}';
+    ids   bigint[] := '{}';
+    sched text;
+BEGIN
+    IF jsonb_typeof(crons) <> 'array' OR jsonb_typeof(on_events) <> 'array' THEN
+        RAISE EXCEPTION '% "%": crons and on_events must be JSON arrays, got % and %', kind, name,
+            crons, on_events USING ERRCODE = '22023';
+    END IF;
+    FOR c IN SELECT x FROM jsonb_array_elements(crons) x LOOP
+        IF jsonb_typeof(c) <> 'object' OR jsonb_typeof(c->'cron') IS DISTINCT FROM 'string' THEN
+            RAISE EXCEPTION '% "%": each cron must be an object with a "cron" string, got %',
+                kind, name, c USING ERRCODE = '22023';
+        END IF;
+        sched := coalesce(c->>'name', owner || ':' || (c->>'cron'));
+        PERFORM sluice._schedule_cron(sched, c->>'cron', owner, coalesce(c->'input', '{}'),
+                                      coalesce(c->>'time_zone', 'UTC'),
+                                      coalesce(c->>'missed', 'skip'), owner);
+        names := names || sched;
+    END LOOP;
+    DELETE FROM sluice.cron_schedule s WHERE s.declared_by = owner AND s.name <> ALL(names);
+    FOR e IN SELECT x FROM jsonb_array_elements(on_events) x LOOP
+        IF jsonb_typeof(e) <> 'object' OR jsonb_typeof(e->'key') IS DISTINCT FROM 'string' THEN
+            RAISE EXCEPTION '% "%": each on_events entry must be an object with a "key" string, got %',
+                kind, name, e USING ERRCODE = '22023';
+        END IF;
+        ids := ids || sluice._subscribe(e->>'key', owner, e->>'filter', owner);
+    END LOOP;
+    DELETE FROM sluice.event_subscription s WHERE s.declared_by = owner AND s.id <> ALL(ids);
+END
+$$;
+
+-- Declares the crons and event subscriptions of a task (see sluice._declare_triggers), replacing
+-- those it declared before.
+CREATE OR REPLACE FUNCTION sluice.set_task_triggers(task text, crons jsonb DEFAULT '[]',
+                                                    on_events jsonb DEFAULT '[]')
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._definition(task);
+    PERFORM sluice._declare_triggers('task', task, coalesce(crons, '[]'), coalesce(on_events, '[]'));
+END
+$$;
+
+-- Pushing -------------------------------------------------------------------------------------
+
+-- Pushes one event: starts a run of every matching subscription (payload as input) and wakes
+-- the durable tasks waiting for it. Returns the event's id (see sluice.events).
+CREATE OR REPLACE FUNCTION sluice.push_event(key text, payload jsonb DEFAULT '{}') RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    event_id bigint := nextval(pg_get_serial_sequence('sluice.event', 'id'));
+    sub      sluice.event_subscription;
+    started  record;
+    tasks    bigint[] := '{}';
+    runs     bigint[] := '{}';
+    woke     bigint[];
+BEGIN
+    PERFORM sluice._require_preloaded();
+    PERFORM sluice._check_event_key(key);
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be NULL (event "%"); use ''{}'' for none', key
+            USING ERRCODE = '22004';
+    END IF;
+    FOR sub IN
+        SELECT * FROM sluice.event_subscription s WHERE push_event.key LIKE s.key_like ORDER BY s.id
+    LOOP
+        CONTINUE WHEN sub.filter IS NOT NULL
+                      AND NOT sluice._payload_matches(payload, sub.filter::jsonpath);
+        SELECT * INTO started FROM sluice._start_target(sub.target_kind, sub.target, payload);
+        IF started.task_id IS NOT NULL THEN
+            tasks := tasks || started.task_id;
+        ELSE
+            runs := runs || started.run_id;
+        END IF;
+    END LOOP;
+    woke := sluice._wake_waiters(event_id, key, payload);
+    INSERT INTO sluice.event (id, key, payload, task_ids, run_ids, woke_task_ids)
+    VALUES (event_id, key, payload, tasks, runs, woke);
+    RETURN event_id;
+END
+$$;
+
+-- Pushes events in order, one per (key, payload) pair; returns their ids in the same order.
+CREATE OR REPLACE FUNCTION sluice.push_events(keys text[], payloads jsonb[]) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF cardinality(keys) IS DISTINCT FROM cardinality(payloads) THEN
+        RAISE EXCEPTION 'keys and payloads must have the same length (%, %)',
+            cardinality(keys), cardinality(payloads) USING ERRCODE = '22023';
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(keys), 0) LOOP
+        RETURN NEXT sluice.push_event(keys[i], payloads[i]);
+    END LOOP;
+END
+$$;
+
+-- Retention (sluice.event_retention).
+CREATE OR REPLACE FUNCTION sluice._purge_events(before timestamptz, max_rows int) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    n int;
+BEGIN
+    DELETE FROM sluice.event e
+     WHERE e.id IN (SELECT x.id FROM sluice.event x WHERE x.pushed_at < before
+                     ORDER BY x.pushed_at LIMIT max_rows);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+-- ---- copy of sql/durable.sql ----
+-- Durable tasks: a task records the steps it takes (memoised values, sleeps, event waits) in
+-- sluice.durable_step, numbered in the order the handler takes them. A later attempt (after a
+-- crash, a lost worker, a retry, or a suspension) runs the handler again, which replays: a
+-- step already recorded returns its recorded result instead of running again. A replay that
+-- asks for a different step than the record has at that number fails the task (the code
+-- changed under a task in flight, or the handler is not deterministic).
+--
+-- Sleeping and waiting suspend the task: the attempt ends without consuming a retry, the task
+-- goes back to the queue with run_at = when it should wake (a sleep's end, a wait's timeout,
+-- 'infinity' for a wait without one) and its worker slot is free. An event that matches a
+-- waiting step (sluice.push_event) records the payload on the step and makes the task runnable
+-- at once.
+--
+-- Every write is fenced by the attempt: only the current attempt of a running task, held by
+-- the calling worker, may record, so a stale attempt (timed out, lost) cannot change the record.
+
+CREATE TABLE sluice.durable_step (
+    task_id     bigint NOT NULL,
+    seq         int NOT NULL CHECK (seq >= 0),
+    kind        text NOT NULL CHECK (kind IN ('memo', 'sleep', 'wait_event')),
+    -- memo: its name; sleep: 'sleep'; wait_event: the event key
+    name        text NOT NULL,
+    -- waiting (a sleep or wait not over yet), done, or timed_out (a wait without its event)
+    state       text NOT NULL CHECK (state IN ('waiting', 'done', 'timed_out')),
+    -- memo: the value; wait_event: the event's payload
+    value       jsonb,
+    -- sleep: its end; wait_event: its timeout (NULL: none)
+    wake_at     timestamptz,
+    -- wait_event: the jsonpath filter on the payload, and the event that ended the wait
+    filter      text,
+    event_id    bigint,
+    attempt     int NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    PRIMARY KEY (task_id, seq)
+);
+-- Waits by event key, for sluice.push_event.
+CREATE INDEX durable_step_waiting_idx ON sluice.durable_step (name)
+    WHERE kind = 'wait_event' AND state = 'waiting';
+
+CREATE VIEW sluice.durable_steps AS
+SELECT d.task_id, d.seq, d.kind, d.name, d.state, d.value, d.wake_at, d.filter, d.event_id,
+       d.attempt, d.recorded_at, d.resolved_at
+  FROM sluice.durable_step d;
+
+-- The current attempt of a running task held by this worker, locked; NULL if it is not.
+CREATE OR REPLACE FUNCTION sluice._current_attempt(worker_id bigint, task_id bigint, attempt int)
+RETURNS sluice.task_run
+LANGUAGE sql AS $$
+    SELECT t.* FROM sluice.task_run t
+     WHERE t.id = task_id AND t.attempt = _current_attempt.attempt
+       AND t.worker_id = _current_attempt.worker_id AND t.status::text = 'running'
+       FOR UPDATE
+$$;
+
+-- Ends the attempt without an outcome: the task waits in the queue until `until` (or an event)
+-- and then runs again, replaying its record. Consumes no retry.
+CREATE OR REPLACE FUNCTION sluice._suspend(t sluice.task_run, until timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    timeout interval := coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
+                                   WHERE d.name = t.task_name), interval '5 minutes');
+BEGIN
+    UPDATE sluice.task_run r
+       SET status = 'queued', worker_id = NULL, assigned_at = NULL, picked_at = NULL,
+           timeout_at = NULL, run_at = until, schedule_deadline = until + timeout
+     WHERE r.id = t.id;
+    PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt]);
+    PERFORM sluice._wake_scheduler(CASE WHEN isfinite(until) THEN until END);
+END
+$$;
+
+-- The task's record, in order (what a new attempt replays).
+CREATE OR REPLACE FUNCTION sluice.durable_record(task_id bigint)
+RETURNS TABLE (seq int, kind text, name text, state text, value jsonb, wake_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT d.seq, d.kind, d.name, d.state, d.value, d.wake_at FROM sluice.durable_step d
+     WHERE d.task_id = durable_record.task_id ORDER BY d.seq
+$$;
+
+-- Records a memoised value. Returns false if the attempt is not current (nothing recorded).
+-- A value already recorded at `seq` is kept (the first one wins).
+CREATE OR REPLACE FUNCTION sluice.durable_memo(worker_id bigint, task_id bigint, attempt int,
+                                               seq int, name text, value jsonb)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    t sluice.task_run := sluice._current_attempt(worker_id, task_id, attempt);
+BEGIN
+    IF t.id IS NULL THEN
+        RETURN false;
+    END IF;
+    INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, value, attempt, resolved_at)
+    VALUES (task_id, seq, 'memo', name, 'done', coalesce(value, 'null'), attempt, now())
+    ON CONFLICT DO NOTHING;
+    RETURN true;
+END
+$$;
+
+-- A sleep at `seq` until `wake_at` (a new sleep), or the recorded one. Returns 'continue' if
+-- it is over, 'suspended' if the attempt was suspended until it is, 'stale' if the attempt is
+-- not current. A new sleep's `wake_at` is computed by the caller from the database's clock:
+-- pass `duration` instead to have it computed here.
+CREATE OR REPLACE FUNCTION sluice.durable_sleep(worker_id bigint, task_id bigint, attempt int,
+                                                seq int, wake_at timestamptz,
+                                                duration interval DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    t    sluice.task_run := sluice._current_attempt(worker_id, task_id, attempt);
+    step sluice.durable_step;
+BEGIN
+    IF t.id IS NULL THEN
+        RETURN 'stale';
+    END IF;
+    INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, wake_at, attempt)
+    VALUES (task_id, seq, 'sleep', 'sleep', 'waiting',
+            coalesce(wake_at, clock_timestamp() + duration, clock_timestamp()), attempt)
+    ON CONFLICT DO NOTHING;
+    SELECT * INTO step FROM sluice.durable_step d WHERE d.task_id = t.id AND d.seq = durable_sleep.seq;
+    IF step.kind <> 'sleep' THEN
+        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for a sleep',
+            task_id, seq, step.kind, step.name USING ERRCODE = '22023';
+    END IF;
+    IF step.wake_at <= clock_timestamp() THEN
+        UPDATE sluice.durable_step d SET state = 'done', resolved_at = coalesce(d.resolved_at, now())
+         WHERE d.task_id = t.id AND d.seq = step.seq AND d.state <> 'done';
+        RETURN 'continue';
+    END IF;
+    PERFORM sluice._suspend(t, step.wake_at);
+    RETURN 'suspended';
+END
+$$;
+
+-- A wait at `seq` for an event `key` whose payload matches `filter` (NULL: any), for at most
+-- `timeout` (NULL: no limit), or the recorded one. Returns (state, payload): state 'done' with
+-- the event's payload, 'timed_out', 'suspended' (the attempt was suspended until the event or
+-- the timeout), or 'stale' (the attempt is not current). Only events pushed after the wait was
+-- first recorded count.
+CREATE OR REPLACE FUNCTION sluice.durable_wait_event(worker_id bigint, task_id bigint, attempt int,
+                                                     seq int, key text, filter text,
+                                                     timeout interval,
+                                                     OUT state text, OUT payload jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    t    sluice.task_run := sluice._current_attempt(worker_id, task_id, attempt);
+    step sluice.durable_step;
+BEGIN
+    IF t.id IS NULL THEN
+        state := 'stale';
+        RETURN;
+    END IF;
+    PERFORM sluice._check_event_key(key);
+    PERFORM sluice._check_filter(filter, format('wait of task %s', task_id));
+    IF timeout < interval '0' THEN
+        RAISE EXCEPTION 'timeout must not be negative, got % (task %)', timeout, task_id
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, wake_at, filter, attempt)
+    VALUES (task_id, seq, 'wait_event', key, 'waiting', clock_timestamp() + timeout, filter, attempt)
+    ON CONFLICT DO NOTHING;
+    SELECT * INTO step FROM sluice.durable_step d
+     WHERE d.task_id = t.id AND d.seq = durable_wait_event.seq;
+    IF step.kind <> 'wait_event' OR step.name <> key THEN
+        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for wait_for_event(%)',
+            task_id, seq, step.kind, step.name, key USING ERRCODE = '22023';
+    END IF;
+    IF step.state = 'waiting' AND step.wake_at <= clock_timestamp() THEN
+        UPDATE sluice.durable_step d SET state = 'timed_out', resolved_at = now()
+         WHERE d.task_id = t.id AND d.seq = step.seq AND d.state = 'waiting'
+        RETURNING * INTO step;
+    END IF;
+    IF step.state <> 'waiting' THEN
+        state := step.state;
+        payload := step.value;
+        RETURN;
+    END IF;
+    PERFORM sluice._suspend(t, coalesce(step.wake_at, 'infinity'));
+    state := 'suspended';
+END
+$$;
+
+-- For sluice.push_event: ends the waits for this event, and makes their tasks runnable now.
+-- Returns the tasks woken.
+CREATE OR REPLACE FUNCTION sluice._wake_waiters(event_id bigint, key text, payload jsonb)
+RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    woke bigint[];
+BEGIN
+    WITH ended AS (
+        UPDATE sluice.durable_step d
+           SET state = 'done', value = payload, event_id = _wake_waiters.event_id,
+               resolved_at = now()
+         WHERE d.kind = 'wait_event' AND d.state = 'waiting' AND d.name = key
+           AND (d.filter IS NULL OR sluice._payload_matches(payload, d.filter::jsonpath))
+        RETURNING d.task_id
+    )
+    SELECT array_agg(DISTINCT e.task_id) INTO woke FROM ended e;
+    IF woke IS NULL THEN
+        RETURN '{}';
+    END IF;
+    -- A task still running (it recorded the wait and has not suspended yet, or is replaying)
+    -- finds the event on its step.
+    UPDATE sluice.task_run t
+       SET run_at = now(),
+           schedule_deadline = now() + coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
+                                                  WHERE d.name = t.task_name), interval '5 minutes')
+     WHERE t.id = ANY(woke) AND t.status = 'queued' AND t.run_at > now();
+    PERFORM sluice._wake_scheduler(now());
+    RETURN woke;
+END
+$$;

@@ -44,6 +44,9 @@ CREATE TABLE sluice.workflow_run (
     -- child's key, unique per parent.
     parent_id   bigint,
     child_key   text,
+    -- A scheduled run (sluice.run_workflow's run_at): queued and not started before this; NULL
+    -- once started (sluice._fire_timers) or for a run started at once.
+    run_at      timestamptz,
     FOREIGN KEY (workflow, version) REFERENCES sluice.workflow_definition (name, version)
 );
 CREATE UNIQUE INDEX workflow_run_child_idx ON sluice.workflow_run (parent_id, child_key)
@@ -52,6 +55,8 @@ CREATE INDEX workflow_run_workflow_idx ON sluice.workflow_run (workflow, created
 -- Finished runs by status and age, for retention (sluice._purge_finished_runs).
 CREATE INDEX workflow_run_finished_idx ON sluice.workflow_run (status, finished_at)
     WHERE status IN ('succeeded', 'failed', 'cancelled');
+-- Scheduled runs by start time (sluice._fire_timers starts them).
+CREATE INDEX workflow_run_scheduled_idx ON sluice.workflow_run (run_at) WHERE run_at IS NOT NULL;
 -- Runs holding or waiting for a place of their workflow's concurrency key.
 CREATE INDEX workflow_run_concurrency_idx ON sluice.workflow_run (workflow, concurrency_key, id)
     WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running');
@@ -107,7 +112,7 @@ BEGIN
             coalesce(spec::text, 'NULL') USING ERRCODE = '22023';
     END IF;
     SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(spec) AS k
-     WHERE k NOT IN ('steps', 'on_failure', 'on_success', 'concurrency');
+     WHERE k NOT IN ('steps', 'on_failure', 'on_success', 'concurrency', 'crons', 'on_events');
     IF extra IS NOT NULL THEN
         RAISE EXCEPTION 'workflow "%": unknown spec key(s) %', wf, extra
             USING ERRCODE = '22023',
@@ -245,12 +250,16 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('sluice.define_workflow'), hashtext(wf));
     SELECT * INTO latest FROM sluice.workflow_definition w
      WHERE w.name = wf ORDER BY w.version DESC LIMIT 1;
-    IF latest.spec = normalized THEN
-        RETURN latest.version;
+    IF latest.spec IS DISTINCT FROM normalized THEN
+        INSERT INTO sluice.workflow_definition (name, version, spec)
+        VALUES (wf, coalesce(latest.version, 0) + 1, normalized);
+        latest.version := coalesce(latest.version, 0) + 1;
     END IF;
-    INSERT INTO sluice.workflow_definition (name, version, spec)
-    VALUES (wf, coalesce(latest.version, 0) + 1, normalized);
-    RETURN coalesce(latest.version, 0) + 1;
+    -- Crons and event subscriptions declared here replace those this workflow declared before
+    -- (sql/triggers.sql); they are not part of the versioned spec.
+    PERFORM sluice._declare_triggers('workflow', wf, coalesce(spec->'crons', '[]'),
+                                     coalesce(spec->'on_events', '[]'));
+    RETURN latest.version;
 END
 $$;
 
@@ -328,8 +337,12 @@ $$;
 
 -- Starts a run of the latest version of a workflow; transactional like sluice.enqueue (a
 -- rollback leaves nothing). Returns the run id.
-CREATE OR REPLACE FUNCTION sluice.run_workflow(name text, input jsonb DEFAULT '{}') RETURNS bigint
+-- run_at: a scheduled run, started then (by the scheduler, sluice._fire_timers); NULL or a
+-- time not in the future starts it now.
+CREATE OR REPLACE FUNCTION sluice.run_workflow(name text, input jsonb DEFAULT '{}',
+                                               run_at timestamptz DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     def    sluice.workflow_definition;
     run    sluice.workflow_run;
@@ -346,16 +359,19 @@ BEGIN
             USING ERRCODE = '42704',
                   HINT = 'Define it first with sluice.define_workflow(name, spec).';
     END IF;
-    INSERT INTO sluice.workflow_run (workflow, version, input, status, concurrency_key)
+    INSERT INTO sluice.workflow_run (workflow, version, input, status, concurrency_key, run_at)
     VALUES (def.name, def.version, input, 'queued',
             CASE WHEN def.spec ? 'concurrency' THEN
                  coalesce(sluice._path_text(input, (def.spec->'concurrency'->>'key')::jsonpath), '')
-            END)
+            END,
+            CASE WHEN run_workflow.run_at > now() THEN run_workflow.run_at END)
     RETURNING * INTO run;
     INSERT INTO sluice.workflow_step (run_id, step, parents_left)
     SELECT run.id, s->>'name', jsonb_array_length(s->'parents')
       FROM jsonb_array_elements(def.spec->'steps') s;
-    IF run.concurrency_key IS NULL THEN
+    IF run.run_at IS NOT NULL THEN
+        PERFORM sluice._timers_changed();
+    ELSIF run.concurrency_key IS NULL THEN
         PERFORM sluice._begin_run(run, def.spec);
     ELSE
         -- The scheduler admits it (sluice._admit_runs): no lock is taken here that could make
@@ -446,6 +462,7 @@ BEGIN
     FOR run IN
         SELECT r.* FROM sluice.workflow_run r
          WHERE r.workflow = wf AND r.concurrency_key = key AND r.status = 'queued'
+           AND r.run_at IS NULL  -- a scheduled run asks for admission when it is due
          ORDER BY r.id LIMIT greatest(max_runs - running, 0)
            FOR UPDATE SKIP LOCKED
     LOOP
@@ -794,7 +811,8 @@ BEGIN
         RETURN false;
     END IF;
     UPDATE sluice.workflow_run r
-       SET status = 'cancelled', finished_at = now(), error = 'cancelled by sluice.cancel_run()'
+       SET status = 'cancelled', finished_at = now(), error = 'cancelled by sluice.cancel_run()',
+           run_at = NULL
      WHERE r.id = run_id;
     PERFORM sluice._cancel_run_steps(run_id, 'run cancelled by sluice.cancel_run()');
     IF run.status = 'running' THEN
@@ -1124,5 +1142,7 @@ SELECT r.id,
                    'finished_at', w.finished_at)))
           FROM sluice.workflow_step w
           LEFT JOIN sluice.task_run t ON t.id = w.task_id
-         WHERE w.run_id = r.id) AS steps
+         WHERE w.run_id = r.id) AS steps,
+       -- a scheduled run's start time (sluice.run_workflow's run_at), until it starts
+       r.run_at
 FROM sluice.workflow_run r;

@@ -15,6 +15,7 @@ pub static MAX_LOST_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 /// Finished tasks are deleted this long (seconds) after they finish; -1 keeps them.
 pub static SUCCEEDED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static FAILED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 /// Log the scheduler's tick statistics every 10 seconds (for diagnosing slow assignment).
 pub static LOG_SCHEDULER_STATS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
@@ -77,6 +78,16 @@ pub fn define(preloading: bool) {
         c"How long failed and cancelled tasks are kept after they finish; -1 keeps them forever.",
         c"The scheduler deletes older ones (with their attempts) in batches, oldest first.",
         &FAILED_RETENTION_S,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"sluice.event_retention",
+        c"How long pushed events are kept (sluice.events); -1 keeps them forever.",
+        c"The scheduler deletes older ones in batches, oldest first.",
+        &EVENT_RETENTION_S,
         -1,
         i32::MAX,
         GucContext::Sighup,

@@ -5,8 +5,10 @@
 //! enqueuing transaction wake it at commit without NOTIFY, and the assignment planner.
 
 use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
 
 pub mod assign;
+pub mod cron_expr;
 pub mod flow;
 mod gucs;
 pub mod queue;
@@ -18,7 +20,19 @@ mod wake;
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/api.sql", name = "api", finalize);
 // Workflows need only the tables at creation (their functions are plpgsql, resolved when run).
-extension_sql_file!("../sql/workflows.sql", name = "workflows", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/workflows.sql",
+    name = "workflows",
+    requires = ["schema"]
+);
+// Time, events and durable tasks: tables and views over the workflow tables too.
+extension_sql_file!("../sql/cron.sql", name = "cron", requires = ["workflows"]);
+extension_sql_file!("../sql/events.sql", name = "events", requires = ["cron"]);
+extension_sql_file!(
+    "../sql/durable.sql",
+    name = "durable",
+    requires = ["events"]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -31,6 +45,37 @@ pub extern "C-unwind" fn _PG_init() {
         scheduler::register();
     }
     wake::register_commit_callback();
+}
+
+/// The first tick of a cron expression strictly after `after`, both wall-clock times (the SQL
+/// layer converts them with the schedule's time zone); NULL if there is none. An invalid
+/// expression raises SQLSTATE 22023 naming it.
+#[pg_extern(name = "_cron_next", immutable, parallel_safe)]
+fn cron_next_sql(cron: &str, after: Timestamp) -> Option<Timestamp> {
+    let expr = match cron_expr::CronExpr::parse(cron) {
+        Ok(expr) => expr,
+        Err(why) => {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid cron expression \"{cron}\": {why}"),
+                "Use 5 fields (minute hour day-of-month month day-of-week, Sunday = 0), 6 with \
+             seconds first, or a shorthand such as @daily."
+            );
+            #[allow(unreachable_code)]
+            return None;
+        }
+    };
+    // Timestamps are microseconds since 2000-01-01; infinities have no next tick.
+    let micros = pg_sys::Timestamp::from(after);
+    if micros == i64::MIN || micros == i64::MAX {
+        return None;
+    }
+    let epoch = chrono::NaiveDate::from_ymd_opt(2000, 1, 1)?.and_hms_opt(0, 0, 0)?;
+    let wall = epoch + chrono::Duration::microseconds(micros);
+    let next = expr.next_after(wall)?;
+    let next_micros = (next - epoch).num_microseconds()?;
+    Timestamp::try_from(next_micros).ok()
 }
 
 /// Raises SQLSTATE 55000 unless the scheduler can serve this session's database.

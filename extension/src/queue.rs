@@ -1223,9 +1223,16 @@ mod unit_tests {
             .find(|c| c.task_id == 4)
             .unwrap();
         q.post(&posted, 9, 0, 1_000).unwrap();
-        let rows = |ids: &[i64]| ids.iter().map(|&id| arrival(id, "a", 1)).collect::<Vec<_>>();
+        let rows = |ids: &[i64]| {
+            ids.iter()
+                .map(|&id| arrival(id, "a", 1))
+                .collect::<Vec<_>>()
+        };
         // First slice: (start, (4, 4)] read as 1, 2, 4: task 3 leaves.
-        assert_eq!(q.sweep(rows(&[1, 2, 4]), FROM_START, (4, 4), 10), (1, (4, 4)));
+        assert_eq!(
+            q.sweep(rows(&[1, 2, 4]), FROM_START, (4, 4), 10),
+            (1, (4, 4))
+        );
         assert_eq!(q.ready_len(), 4);
         assert_eq!(q.running_on(9), 1, "the posted task stays posted");
         // Second slice up to the cursor: 5 leaves, the missed 7 (placed at 4.5) joins.

@@ -57,6 +57,10 @@ const ARRIVALS_PER_TICK: usize = 20_000;
 /// answers a wake-up at once, so pickup latency does not pay it.
 const TICK_SPACING: Duration = Duration::from_millis(1);
 const BUSY_TICK_SPACING: Duration = Duration::from_millis(2);
+/// Cron schedules fired and scheduled workflow runs started per timer call, at most (each kind).
+const TIMERS_PER_CALL: i32 = 100;
+/// History (events, fired cron ticks) deleted per call of the purge, at most.
+const HISTORY_PURGE_BATCH: i32 = 5_000;
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub fn register() {
@@ -268,6 +272,10 @@ struct Scheduler {
     purge_after: [Micros; 6],
     /// Finished tasks deleted (for the statistics).
     purged: usize,
+    /// When `sluice._fire_timers` is next due (cron ticks, scheduled workflow runs): None if
+    /// it must be called this tick (at start, after a committed change, with each sweep);
+    /// i64::MAX if nothing is scheduled.
+    timers_due: Option<Micros>,
     /// Task definitions and rate limits, reloaded with maintenance and after every committed
     /// change (`wake::config_generation`).
     definitions: Definitions,
@@ -474,6 +482,7 @@ impl Scheduler {
             purge_again: false,
             purge_after: [i64::MIN; 6],
             purged: 0,
+            timers_due: None,
             definitions: Definitions::default(),
             config_generation: u64::MAX,
             limits: RateLimits::default(),
@@ -548,6 +557,8 @@ impl Scheduler {
         if purge_workers || generation != self.config_generation {
             self.config_generation = generation;
             self.reload_definitions(client);
+            // schedule_cron and scheduled runs signal through the same generation
+            self.timers_due = None;
         }
         let statements = self.statements.as_ref().expect("prepared above");
         if !self.limits_rebuilt {
@@ -586,6 +597,7 @@ impl Scheduler {
             self.last_maintenance = Some(Instant::now());
             if self.purge_again || self.last_purge.elapsed() >= PURGE_INTERVAL {
                 let (purged, more) = purge_finished(client, &mut self.purge_after);
+                purge_history(client);
                 self.purge_again = more;
                 self.purged += purged;
                 self.last_purge = Instant::now();
@@ -600,18 +612,17 @@ impl Scheduler {
             self.check_all_running = false;
             self.last_running_check = Instant::now();
         }
+        if self.timers_due.is_none_or(|due| due <= now) {
+            // Before the arrivals read: a task a cron tick enqueues waits for the next tick
+            // (its row is not committed yet), which the wake-up at commit brings at once.
+            self.timers_due = Some(fire_timers(client));
+        }
         soon |= read_arrivals(client, statements, &self.definitions, &mut self.queue, now);
         // After the read: the steps this starts are committed with the tick and read by the
         // next one (a task assigned before its row commits could not be claimed).
         soon |= advance_runs(client) >= ADVANCE_PER_TICK;
         if let Some(from) = self.sweep_from {
-            let (next, gone) = sweep(
-                client,
-                statements,
-                &self.definitions,
-                &mut self.queue,
-                from,
-            );
+            let (next, gone) = sweep(client, statements, &self.definitions, &mut self.queue, from);
             self.sweep_from = next;
             self.swept_out += gone;
         }
@@ -690,6 +701,7 @@ impl Scheduler {
             let due = [
                 self.queue.next_timeout(),
                 self.queue.next_deadline(),
+                self.timers_due,
                 next_delayed(client, statements),
                 rate_blocked_until,
             ]
@@ -1250,6 +1262,42 @@ fn purge_finished(client: &mut SpiClient<'_>, after: &mut [Micros; 6]) -> (usize
         }
     }
     (total, full)
+}
+
+/// Fires due cron ticks and starts due scheduled workflow runs; returns when it is next due.
+/// A schedule or run that cannot start is passed over inside (its error kept on its row).
+fn fire_timers(client: &mut SpiClient<'_>) -> Micros {
+    let next = client
+        .update(
+            "SELECT sluice._fire_timers($1)",
+            None,
+            &[TIMERS_PER_CALL.into()],
+        )
+        .expect("sluice._fire_timers failed");
+    let next: Option<TimestampWithTimeZone> = next.first().get(1).ok().flatten();
+    next.map_or(i64::MAX, pg_sys::TimestampTz::from)
+}
+
+/// Deletes events and fired cron ticks past their retention (sluice.event_retention,
+/// sluice.succeeded_task_retention), a batch each.
+fn purge_history(client: &mut SpiClient<'_>) {
+    let cutoff = |seconds: i32| (seconds >= 0).then(|| format!("{seconds} seconds"));
+    for (function, keep) in [
+        ("_purge_events", cutoff(gucs::EVENT_RETENTION_S.get())),
+        (
+            "_purge_cron_fires",
+            cutoff(gucs::SUCCEEDED_RETENTION_S.get()),
+        ),
+    ] {
+        let Some(keep) = keep else { continue };
+        client
+            .update(
+                &format!("SELECT sluice.{function}(now() - $1::interval, $2)"),
+                None,
+                &[keep.into(), HISTORY_PURGE_BATCH.into()],
+            )
+            .expect("deleting old events or cron ticks failed");
+    }
 }
 
 /// Cancels waiting tasks whose schedule deadline passed (`QueueState::expired`), and brings

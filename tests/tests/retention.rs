@@ -90,19 +90,27 @@ async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
                 .get::<_, i64>(0)
         }
     };
-    wait_until(Duration::from_secs(20), "succeeded tasks to be deleted", || async {
-        match remaining(succeeding.clone()).await {
-            0 => Ok(()),
-            n => Err(format!("{n} of {} left", succeeding.len())),
-        }
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "succeeded tasks to be deleted",
+        || async {
+            match remaining(succeeding.clone()).await {
+                0 => Ok(()),
+                n => Err(format!("{n} of {} left", succeeding.len())),
+            }
+        },
+    )
     .await;
-    wait_until(Duration::from_secs(20), "failed tasks to be deleted", || async {
-        match remaining(failing.clone()).await {
-            0 => Ok(()),
-            n => Err(format!("{n} of {} left", failing.len())),
-        }
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "failed tasks to be deleted",
+        || async {
+            match remaining(failing.clone()).await {
+                0 => Ok(()),
+                n => Err(format!("{n} of {} left", failing.len())),
+            }
+        },
+    )
     .await;
 
     // Every deletion was of a finished task, after its status's retention.
@@ -120,7 +128,10 @@ async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(early.is_empty(), "deleted too early or unfinished: {early:?}");
+    assert!(
+        early.is_empty(),
+        "deleted too early or unfinished: {early:?}"
+    );
     let deleted: i64 = client
         .query_one(
             "SELECT count(DISTINCT id) FROM sluice_test.deleted WHERE id = ANY($1)",
@@ -143,18 +154,26 @@ async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
     let (status, _, _) = task_state(&client, delayed).await;
     assert_eq!(status, "queued");
     // The workflow run (it succeeded) goes too, with its steps, and not before its retention.
-    wait_until(Duration::from_secs(20), "the finished run to be deleted", || async {
-        let left: i64 = client
-            .query_one(
-                "SELECT (SELECT count(*) FROM sluice.workflow_run WHERE id = $1)
+    wait_until(
+        Duration::from_secs(20),
+        "the finished run to be deleted",
+        || async {
+            let left: i64 = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM sluice.workflow_run WHERE id = $1)
                       + (SELECT count(*) FROM sluice.workflow_step WHERE run_id = $1)",
-                &[&run_id],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if left == 0 { Ok(()) } else { Err(format!("{left} rows left")) }
-    })
+                    &[&run_id],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                Ok(())
+            } else {
+                Err(format!("{left} rows left"))
+            }
+        },
+    )
     .await;
     let run_deleted: Vec<(String, bool)> = client
         .query(

@@ -12,8 +12,9 @@ use std::process::Command;
 use tokio_postgres::Client;
 
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
-const MARKER: &str = "-- ---- copy of sql/api.sql ----\n";
-const WORKFLOWS_MARKER: &str = "-- ---- copy of sql/workflows.sql ----\n";
+/// The SQL sources the upgrade script carries verbatim, in order, each after a marker line
+/// `-- ---- copy of sql/<name>.sql ----` (regenerate with scripts/regen-upgrade.py).
+const COPIED_SOURCES: [&str; 5] = ["api", "workflows", "cron", "events", "durable"];
 
 fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,21 +23,30 @@ fn repo_file(path: &str) -> PathBuf {
 }
 
 #[test]
-fn the_upgrade_script_carries_the_current_api_verbatim() {
+fn the_upgrade_script_carries_the_current_sources_verbatim() {
     let upgrade = std::fs::read_to_string(repo_file("sql/sluice--0.1.0--0.2.0.sql")).unwrap();
-    let api = std::fs::read_to_string(repo_file("sql/api.sql")).unwrap();
-    let workflows = std::fs::read_to_string(repo_file("sql/workflows.sql")).unwrap();
-    let (_, copies) = upgrade
-        .split_once(MARKER)
+    let marker = |name: &str| format!("-- ---- copy of sql/{name}.sql ----\n");
+    let (_, mut rest) = upgrade
+        .split_once(&marker(COPIED_SOURCES[0]))
         .expect("the upgrade script has the api.sql marker line");
-    let (api_copy, workflows_copy) = copies
-        .split_once(WORKFLOWS_MARKER)
-        .expect("the upgrade script has the workflows.sql marker line after the api.sql copy");
-    assert!(
-        api_copy == api && workflows_copy == workflows,
-        "sql/sluice--0.1.0--0.2.0.sql must end with exact copies of sql/api.sql and \
-         sql/workflows.sql, each after its marker line; regenerate it"
-    );
+    for (i, name) in COPIED_SOURCES.iter().enumerate() {
+        let source = std::fs::read_to_string(repo_file(&format!("sql/{name}.sql"))).unwrap();
+        let copy = match COPIED_SOURCES.get(i + 1) {
+            Some(next) => {
+                let (copy, after) = rest.split_once(&marker(next)).unwrap_or_else(|| {
+                    panic!("the upgrade script has the {next}.sql marker line after {name}.sql")
+                });
+                rest = after;
+                copy
+            }
+            None => rest,
+        };
+        assert!(
+            copy == source,
+            "sql/sluice--0.1.0--0.2.0.sql must carry an exact copy of sql/{name}.sql after its \
+             marker line; run scripts/regen-upgrade.py"
+        );
+    }
 }
 
 /// Everything the extension owns, in a form that does not depend on creation order.

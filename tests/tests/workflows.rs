@@ -59,27 +59,34 @@ async fn wait_run(client: &Client, run_id: i64, timeout: Duration) -> Value {
 /// Waits until every step of the run has a final status (after the run itself finished, the
 /// cancellations of its other steps are applied by the scheduler).
 async fn wait_steps_final(client: &Client, run_id: i64) -> Value {
-    wait_until(Duration::from_secs(15), "every step to be final", || async {
-        let row: Value = client
-            .query_one("SELECT to_jsonb(r) FROM sluice.runs r WHERE r.id = $1", &[&run_id])
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0);
-        let open = row["steps"]
-            .as_object()
-            .map(|steps| {
-                steps.values().any(|s| {
-                    ["pending", "started", "queued", "running"]
-                        .contains(&s["status"].as_str().unwrap_or(""))
+    wait_until(
+        Duration::from_secs(15),
+        "every step to be final",
+        || async {
+            let row: Value = client
+                .query_one(
+                    "SELECT to_jsonb(r) FROM sluice.runs r WHERE r.id = $1",
+                    &[&run_id],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            let open = row["steps"]
+                .as_object()
+                .map(|steps| {
+                    steps.values().any(|s| {
+                        ["pending", "started", "queued", "running"]
+                            .contains(&s["status"].as_str().unwrap_or(""))
+                    })
                 })
-            })
-            .unwrap_or(true);
-        if open {
-            Err(row.to_string())
-        } else {
-            Ok(row)
-        }
-    })
+                .unwrap_or(true);
+            if open {
+                Err(row.to_string())
+            } else {
+                Ok(row)
+            }
+        },
+    )
     .await
 }
 
@@ -122,22 +129,33 @@ async fn the_media_pipeline_runs_its_middle_steps_in_parallel_and_fans_in() {
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(
         &client,
-        &["wf_validate", "wf_thumbs", "wf_caption", "wf_persist", "wf_notify"],
+        &[
+            "wf_validate",
+            "wf_thumbs",
+            "wf_caption",
+            "wf_persist",
+            "wf_notify",
+        ],
     )
     .await;
     let wf = unique("media");
     assert_eq!(define(&client, &wf, pipeline_spec(&t, None)).await, 1);
-    let input = json!({"media_id": 7, t[1].clone(): {"sleep_ms": 600}, t[2].clone(): {"sleep_ms": 600}});
+    let input =
+        json!({"media_id": 7, t[1].clone(): {"sleep_ms": 600}, t[2].clone(): {"sleep_ms": 600}});
     let run_id = run(&client, &wf, input.clone()).await;
     let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["input"], input);
 
-    let (thumbs_start, thumbs_end) = execution_span(&client, step_task_id(&run, "thumbnails")).await;
+    let (thumbs_start, thumbs_end) =
+        execution_span(&client, step_task_id(&run, "thumbnails")).await;
     let (caption_start, caption_end) = execution_span(&client, step_task_id(&run, "caption")).await;
     let (persist_start, _) = execution_span(&client, step_task_id(&run, "persist")).await;
     let overlap = thumbs_end.min(caption_end) - thumbs_start.max(caption_start);
-    assert!(overlap > 0.3, "the middle steps overlapped {overlap:.3} s only: {run}");
+    assert!(
+        overlap > 0.3,
+        "the middle steps overlapped {overlap:.3} s only: {run}"
+    );
     assert!(
         persist_start >= thumbs_end.max(caption_end),
         "persist started before both middle steps finished: {run}"
@@ -159,12 +177,20 @@ async fn a_failing_step_fails_the_run_cancels_its_descendants_and_runs_on_failur
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(
         &client,
-        &["wf_validate", "wf_thumbs", "wf_caption", "wf_persist", "wf_notify", "wf_cleanup"],
+        &[
+            "wf_validate",
+            "wf_thumbs",
+            "wf_caption",
+            "wf_persist",
+            "wf_notify",
+            "wf_cleanup",
+        ],
     )
     .await;
     let wf = unique("media_fail");
     define(&client, &wf, pipeline_spec(&t, Some(&t[5]))).await;
-    let input = json!({t[2].clone(): {"fail_attempts": 9, "fatal": true}, t[1].clone(): {"sleep_ms": 100}});
+    let input =
+        json!({t[2].clone(): {"fail_attempts": 9, "fatal": true}, t[1].clone(): {"sleep_ms": 100}});
     let run_id = run(&client, &wf, input).await;
     let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "failed", "{run}");
@@ -194,7 +220,10 @@ async fn a_failing_step_fails_the_run_cancels_its_descendants_and_runs_on_failur
     .await;
     assert_eq!(handled["run_id"], json!(run_id));
     assert_eq!(handled["failed_step"], "caption");
-    assert!(handled["error"].as_str().unwrap_or_default().contains("planned failure"));
+    assert!(handled["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("planned failure"));
 }
 
 #[tokio::test]
@@ -218,7 +247,11 @@ async fn skip_if_skips_a_step_its_children_see_it_and_wait_for_delays_one() {
     let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["steps"]["b"]["status"], "skipped", "{run}");
-    assert_eq!(run["steps"]["c"]["output"]["skipped"], json!(["b"]), "{run}");
+    assert_eq!(
+        run["steps"]["c"]["output"]["skipped"],
+        json!(["b"]),
+        "{run}"
+    );
     let (_, a_end) = execution_span(&client, step_task_id(&run, "a")).await;
     let (c_start, _) = execution_span(&client, step_task_id(&run, "c")).await;
     assert!(
@@ -242,19 +275,23 @@ async fn cancel_run_signals_running_steps_and_cancels_the_rest() {
     )
     .await;
     let run_id = run(&client, &wf, json!({t[0].clone(): {"sleep_ms": 20000}})).await;
-    let slow_task: i64 = wait_until(Duration::from_secs(15), "the slow step to start", || async {
-        let row = client
-            .query_opt(
-                "SELECT w.task_id FROM sluice.workflow_step w
+    let slow_task: i64 = wait_until(
+        Duration::from_secs(15),
+        "the slow step to start",
+        || async {
+            let row = client
+                .query_opt(
+                    "SELECT w.task_id FROM sluice.workflow_step w
                    JOIN sluice_test.execution e ON e.task_id = w.task_id
                   WHERE w.run_id = $1 AND w.step = 'slow'",
-                &[&run_id],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        row.map(|r| r.get::<_, i64>(0))
-            .ok_or_else(|| "not started".to_string())
-    })
+                    &[&run_id],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            row.map(|r| r.get::<_, i64>(0))
+                .ok_or_else(|| "not started".to_string())
+        },
+    )
     .await;
     let cancelled: bool = client
         .query_one("SELECT sluice.cancel_run($1)", &[&run_id])
@@ -280,29 +317,60 @@ async fn invalid_definitions_are_rejected_with_the_reason() {
     let client = connect(&shared_dsn()).await;
     let task = define_unique_task(&client, "wf_any", "").await;
     let cases: Vec<(Value, &str, &str)> = vec![
-        (json!({"steps": [{"name": "a", "task": task, "parents": ["b"]},
+        (
+            json!({"steps": [{"name": "a", "task": task, "parents": ["b"]},
                           {"name": "b", "task": task, "parents": ["a"]}]}),
-         "22023", "cycle"),
-        (json!({"steps": [{"name": "a", "task": task, "parents": ["nope"]}]}),
-         "22023", "unknown parent \"nope\""),
-        (json!({"steps": [{"name": "a", "task": task}, {"name": "a", "task": task}]}),
-         "22023", "duplicate step name \"a\""),
-        (json!({"steps": [{"name": "a"}]}), "22023", "step \"a\" has no task"),
-        (json!({"steps": [{"name": "a", "task": "no_such_task_xyz"}]}),
-         "42704", "unknown task \"no_such_task_xyz\""),
-        (json!({"steps": [{"name": "a", "task": task, "skip_if": "$.a ==="}]}),
-         "22023", "skip_if is not a valid jsonpath"),
-        (json!({"steps": [{"name": "a", "task": task, "wait_for": "soon"}]}),
-         "22023", "wait_for is not a duration"),
+            "22023",
+            "cycle",
+        ),
+        (
+            json!({"steps": [{"name": "a", "task": task, "parents": ["nope"]}]}),
+            "22023",
+            "unknown parent \"nope\"",
+        ),
+        (
+            json!({"steps": [{"name": "a", "task": task}, {"name": "a", "task": task}]}),
+            "22023",
+            "duplicate step name \"a\"",
+        ),
+        (
+            json!({"steps": [{"name": "a"}]}),
+            "22023",
+            "step \"a\" has no task",
+        ),
+        (
+            json!({"steps": [{"name": "a", "task": "no_such_task_xyz"}]}),
+            "42704",
+            "unknown task \"no_such_task_xyz\"",
+        ),
+        (
+            json!({"steps": [{"name": "a", "task": task, "skip_if": "$.a ==="}]}),
+            "22023",
+            "skip_if is not a valid jsonpath",
+        ),
+        (
+            json!({"steps": [{"name": "a", "task": task, "wait_for": "soon"}]}),
+            "22023",
+            "wait_for is not a duration",
+        ),
         (json!({"steps": []}), "22023", "non-empty array"),
-        (json!({"steps": [{"name": "a", "task": task}], "on_failure": "nope_xyz"}),
-         "42704", "on_failure must name a defined task"),
-        (json!({"steps": [{"name": "a", "task": task}],
+        (
+            json!({"steps": [{"name": "a", "task": task}], "on_failure": "nope_xyz"}),
+            "42704",
+            "on_failure must name a defined task",
+        ),
+        (
+            json!({"steps": [{"name": "a", "task": task}],
                 "concurrency": {"key": "$.u", "max_runs": 0}}),
-         "22023", "concurrency.max_runs must be a positive whole number"),
-        (json!({"steps": [{"name": "a", "task": task}],
+            "22023",
+            "concurrency.max_runs must be a positive whole number",
+        ),
+        (
+            json!({"steps": [{"name": "a", "task": task}],
                 "concurrency": {"key": "$.u", "max_runs": 2, "strategy": "fifo"}}),
-         "22023", "unknown concurrency strategy"),
+            "22023",
+            "unknown concurrency strategy",
+        ),
     ];
     for (spec, sqlstate, message) in cases {
         let err = client
@@ -327,7 +395,11 @@ async fn versions_rollback_and_unknown_workflows() {
     let one = json!({"steps": [{"name": "a", "task": task}]});
     let two = json!({"steps": [{"name": "a", "task": task}, {"name": "b", "task": task}]});
     assert_eq!(define(&client, &wf, one.clone()).await, 1);
-    assert_eq!(define(&client, &wf, one.clone()).await, 1, "same spec, same version");
+    assert_eq!(
+        define(&client, &wf, one.clone()).await,
+        1,
+        "same spec, same version"
+    );
     let first = run(&client, &wf, json!({})).await;
     assert_eq!(define(&client, &wf, two).await, 2);
     let second = run(&client, &wf, json!({})).await;
@@ -359,7 +431,10 @@ async fn versions_rollback_and_unknown_workflows() {
     assert_eq!(seen, 0);
 
     let err = client
-        .query_one("SELECT sluice.run_workflow('no_such_workflow_xyz', '{}')", &[])
+        .query_one(
+            "SELECT sluice.run_workflow('no_such_workflow_xyz', '{}')",
+            &[],
+        )
         .await
         .unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42704");
@@ -380,7 +455,12 @@ async fn replay_reruns_a_failed_run_from_the_failed_step_keeping_earlier_outputs
     )
     .await;
     let flag = unique("flag");
-    let run_id = run(&client, &wf, json!({t[1].clone(): {"fail_unless_flag": flag}})).await;
+    let run_id = run(
+        &client,
+        &wf,
+        json!({t[1].clone(): {"fail_unless_flag": flag}}),
+    )
+    .await;
     let failed = wait_run(&client, run_id, Duration::from_secs(30)).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     let failed = wait_steps_final(&client, run_id).await;
@@ -401,7 +481,10 @@ async fn replay_reruns_a_failed_run_from_the_failed_step_keeping_earlier_outputs
     assert_eq!(run["status"], "succeeded", "{run}");
     // The step that succeeded before kept its task and output and did not run again.
     assert_eq!(step_task_id(&run, "first"), first_task);
-    assert_eq!(run["steps"]["first"]["output"], failed["steps"]["first"]["output"]);
+    assert_eq!(
+        run["steps"]["first"]["output"],
+        failed["steps"]["first"]["output"]
+    );
     assert_eq!(executions(&client, first_task).await.len(), 1);
     assert_ne!(step_task_id(&run, "flaky"), step_task_id(&failed, "flaky"));
     let again: bool = client
@@ -419,7 +502,12 @@ async fn runs_start_in_bulk_and_cancel_in_bulk_by_workflow() {
     let (t, _workers) = step_tasks(&client, &["wf_bulk"]).await;
     let (slow_wf, other_wf) = (unique("bulk_slow"), unique("bulk_other"));
     for wf in [&slow_wf, &other_wf] {
-        define(&client, wf, json!({"steps": [{"name": "only", "task": t[0]}]})).await;
+        define(
+            &client,
+            wf,
+            json!({"steps": [{"name": "only", "task": t[0]}]}),
+        )
+        .await;
     }
     let slow = json!({t[0].clone(): {"sleep_ms": 20000}});
     let ids: Vec<i64> = client
@@ -448,7 +536,10 @@ async fn runs_start_in_bulk_and_cancel_in_bulk_by_workflow() {
         assert_eq!(run["status"], "cancelled", "{run}");
     }
     let status: String = client
-        .query_one("SELECT status::text FROM sluice.runs WHERE id = $1", &[&other])
+        .query_one(
+            "SELECT status::text FROM sluice.runs WHERE id = $1",
+            &[&other],
+        )
         .await
         .unwrap()
         .get(0);
@@ -458,7 +549,10 @@ async fn runs_start_in_bulk_and_cancel_in_bulk_by_workflow() {
         .await
         .unwrap();
     let err = client
-        .query_one("SELECT sluice.run_workflow_many($1, ARRAY['{}', NULL]::jsonb[])", &[&slow_wf])
+        .query_one(
+            "SELECT sluice.run_workflow_many($1, ARRAY['{}', NULL]::jsonb[])",
+            &[&slow_wf],
+        )
         .await
         .unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "22004");
@@ -483,7 +577,10 @@ async fn workflow_concurrency_limits_runs_per_key() {
     let work = json!({"sleep_ms": 400});
     let mut runs = Vec::new();
     for user in ["a", "a", "a", "a", "a", "a", "b", "b"] {
-        runs.push((user, run(&client, &wf, json!({"user": user, t[0].clone(): work})).await));
+        runs.push((
+            user,
+            run(&client, &wf, json!({"user": user, t[0].clone(): work})).await,
+        ));
     }
     for (_, id) in &runs {
         let state = wait_run(&client, *id, Duration::from_secs(30)).await;
@@ -500,7 +597,11 @@ async fn workflow_concurrency_limits_runs_per_key() {
         let mine: Vec<&(&str, f64, f64)> = spans.iter().filter(|s| s.0 == user).collect();
         let most = mine
             .iter()
-            .map(|(_, start, _)| mine.iter().filter(|(_, s, e)| s <= start && start < e).count())
+            .map(|(_, start, _)| {
+                mine.iter()
+                    .filter(|(_, s, e)| s <= start && start < e)
+                    .count()
+            })
             .max()
             .unwrap();
         assert!(most <= 2, "user {user}: {most} runs at once: {spans:?}");
@@ -525,22 +626,41 @@ async fn workflow_concurrency_limits_runs_per_key() {
                "concurrency": {"key": "$.user", "max_runs": 1, "strategy": "cancel_newest"}}),
     )
     .await;
-    let first = run(&client, &newest_wf, json!({"user": "c", t[0].clone(): {"sleep_ms": 2000}})).await;
+    let first = run(
+        &client,
+        &newest_wf,
+        json!({"user": "c", t[0].clone(): {"sleep_ms": 2000}}),
+    )
+    .await;
     // The first must hold the place before the second asks for it.
-    wait_until(Duration::from_secs(10), "the first run to be admitted", || async {
-        let s: String = client
-            .query_one("SELECT status::text FROM sluice.workflow_run WHERE id = $1", &[&first])
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0);
-        if s == "running" { Ok(()) } else { Err(s) }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the first run to be admitted",
+        || async {
+            let s: String = client
+                .query_one(
+                    "SELECT status::text FROM sluice.workflow_run WHERE id = $1",
+                    &[&first],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if s == "running" {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        },
+    )
     .await;
     let second = run(&client, &newest_wf, json!({"user": "c"})).await;
     let state = wait_run(&client, second, Duration::from_secs(10)).await;
     assert_eq!(state["status"], "cancelled", "{state}");
     assert!(
-        state["error"].as_str().unwrap_or_default().contains("cancel_newest"),
+        state["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancel_newest"),
         "{state}"
     );
     let state = wait_run(&client, first, Duration::from_secs(20)).await;
@@ -564,21 +684,32 @@ async fn spawned_children_are_idempotent_across_a_killed_parent() {
         json!({"spawn": {"task": child_task, "count": CHILDREN, "batch": 50, "pause_ms": 30}}),
     )
     .await;
-    wait_until(Duration::from_secs(30), "some children to be spawned", || async {
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM sluice.children($1)", &[&parent])
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0);
-        if n >= 300 { Ok(()) } else { Err(format!("{n} spawned")) }
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "some children to be spawned",
+        || async {
+            let n: i64 = client
+                .query_one("SELECT count(*) FROM sluice.children($1)", &[&parent])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if n >= 300 {
+                Ok(())
+            } else {
+                Err(format!("{n} spawned"))
+            }
+        },
+    )
     .await;
     parent_worker.kill();
     let _parent_worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &parent_task, 1);
     wait_finished(&client, &[parent], Duration::from_secs(120)).await;
     let (status, attempt, error) = task_state(&client, parent).await;
     assert_eq!(status, "succeeded", "{error:?}");
-    assert!(attempt >= 2, "the parent was not killed mid-spawn (attempt {attempt})");
+    assert!(
+        attempt >= 2,
+        "the parent was not killed mid-spawn (attempt {attempt})"
+    );
     let output: Value = client
         .query_one("SELECT output FROM sluice.tasks WHERE id = $1", &[&parent])
         .await
@@ -704,7 +835,10 @@ async fn a_run_that_cannot_advance_fails_with_the_reason_and_others_go_on() {
     let doomed = run(&client, &doomed_wf, slow.clone()).await;
     let fine = run(&client, &fine_wf, slow).await;
     client
-        .execute("DELETE FROM sluice.task_definition WHERE name = $1", &[&t[1]])
+        .execute(
+            "DELETE FROM sluice.task_definition WHERE name = $1",
+            &[&t[1]],
+        )
         .await
         .unwrap();
     let state = wait_run(&client, doomed, Duration::from_secs(30)).await;
@@ -734,48 +868,67 @@ async fn on_success_cancel_in_progress_and_bulk_replay() {
                "concurrency": {"key": "$.user", "max_runs": 1, "strategy": "cancel_in_progress"}}),
     )
     .await;
-    let first = run(&client, &wf, json!({"user": "u", t[0].clone(): {"sleep_ms": 3000}})).await;
-    let first_task: i64 = wait_until(Duration::from_secs(15), "the first run's step to start", || async {
-        client
-            .query_opt(
-                "SELECT w.task_id FROM sluice.workflow_step w
+    let first = run(
+        &client,
+        &wf,
+        json!({"user": "u", t[0].clone(): {"sleep_ms": 3000}}),
+    )
+    .await;
+    let first_task: i64 = wait_until(
+        Duration::from_secs(15),
+        "the first run's step to start",
+        || async {
+            client
+                .query_opt(
+                    "SELECT w.task_id FROM sluice.workflow_step w
                    JOIN sluice_test.execution e ON e.task_id = w.task_id
                   WHERE w.run_id = $1",
-                &[&first],
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|r| r.get::<_, i64>(0))
-            .ok_or_else(|| "not started".to_string())
-    })
+                    &[&first],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|r| r.get::<_, i64>(0))
+                .ok_or_else(|| "not started".to_string())
+        },
+    )
     .await;
     let second = run(&client, &wf, json!({"user": "u"})).await;
     let state = wait_run(&client, first, Duration::from_secs(15)).await;
     assert_eq!(state["status"], "cancelled", "{state}");
-    assert!(state["error"].as_str().unwrap_or_default().contains("cancel_in_progress"), "{state}");
+    assert!(
+        state["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancel_in_progress"),
+        "{state}"
+    );
     wait_execution(&client, first_task, Some("cancelled")).await;
     let state = wait_run(&client, second, Duration::from_secs(15)).await;
     assert_eq!(state["status"], "succeeded", "{state}");
 
     // on_success ran for the second run with its step's output.
-    let inputs: Vec<Value> = wait_until(Duration::from_secs(15), "on_success to succeed", || async {
-        let rows = client
-            .query(
-                "SELECT input FROM sluice.tasks WHERE task_name = $1 AND status = 'succeeded'",
-                &[&t[1]],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if rows.is_empty() {
-            Err("not yet".to_string())
-        } else {
-            Ok(rows.iter().map(|r| r.get(0)).collect())
-        }
-    })
-    .await;
+    let inputs: Vec<Value> =
+        wait_until(Duration::from_secs(15), "on_success to succeed", || async {
+            let rows = client
+                .query(
+                    "SELECT input FROM sluice.tasks WHERE task_name = $1 AND status = 'succeeded'",
+                    &[&t[1]],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if rows.is_empty() {
+                Err("not yet".to_string())
+            } else {
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            }
+        })
+        .await;
     assert_eq!(inputs.len(), 1, "{inputs:?}");
     assert_eq!(inputs[0]["input"]["user"], "u");
-    assert_eq!(inputs[0]["outputs"]["work"], state["steps"]["work"]["output"]);
+    assert_eq!(
+        inputs[0]["outputs"]["work"],
+        state["steps"]["work"]["output"]
+    );
 
     let replayed: Vec<i64> = client
         .query(

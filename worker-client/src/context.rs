@@ -1,6 +1,9 @@
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use std::time::SystemTime;
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -25,6 +28,19 @@ struct AttemptShared {
     completed_in_transaction: Arc<AtomicBool>,
     /// Children spawned by this attempt so far: the next child's index (its default key).
     spawned: AtomicUsize,
+    /// Durable steps taken by this attempt so far: the next step's number in the record.
+    next_step: AtomicI32,
+    /// The task's durable record as this attempt found it, loaded by the first durable step.
+    record: tokio::sync::OnceCell<HashMap<i32, RecordedStep>>,
+}
+
+/// One step of a durable task's record (`sluice.durable_step`).
+#[derive(Debug, Clone)]
+struct RecordedStep {
+    kind: String,
+    name: String,
+    state: String,
+    value: Option<serde_json::Value>,
 }
 
 /// A finished child (see [`TaskContext::wait_children`]).
@@ -53,6 +69,8 @@ impl TaskContext {
                 pool,
                 completed_in_transaction,
                 spawned: AtomicUsize::new(0),
+                next_step: AtomicI32::new(0),
+                record: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -61,19 +79,33 @@ impl TaskContext {
     /// position among all the children this attempt has spawned, so a retried attempt that
     /// spawns the same way gets the same children instead of duplicates. Returns their task
     /// ids. This is not a durable task: a handler waiting for its children holds its slot.
-    pub async fn spawn<T: crate::TaskDefinition>(&self, inputs: &[T::Input]) -> Result<Vec<i64>, Error> {
+    pub async fn spawn<T: crate::TaskDefinition>(
+        &self,
+        inputs: &[T::Input],
+    ) -> Result<Vec<i64>, Error> {
         let inputs = inputs
             .iter()
             .map(serde_json::to_value)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::json(format!("serializing a child input of \"{}\"", T::name()), e))?;
+            .map_err(|e| {
+                Error::json(format!("serializing a child input of \"{}\"", T::name()), e)
+            })?;
         self.spawn_json(T::name(), &inputs).await
     }
 
     /// [`spawn`](TaskContext::spawn) with JSON inputs and a task named at run time.
-    pub async fn spawn_json(&self, task: &str, inputs: &[serde_json::Value]) -> Result<Vec<i64>, Error> {
-        let first = self.shared.spawned.fetch_add(inputs.len(), Ordering::SeqCst);
-        let keys: Vec<String> = (first..first + inputs.len()).map(|i| i.to_string()).collect();
+    pub async fn spawn_json(
+        &self,
+        task: &str,
+        inputs: &[serde_json::Value],
+    ) -> Result<Vec<i64>, Error> {
+        let first = self
+            .shared
+            .spawned
+            .fetch_add(inputs.len(), Ordering::SeqCst);
+        let keys: Vec<String> = (first..first + inputs.len())
+            .map(|i| i.to_string())
+            .collect();
         self.spawn_keyed_json(task, &keys, inputs).await
     }
 
@@ -98,9 +130,14 @@ impl TaskContext {
                 ],
             )
             .await
-            .map_err(|e| Error::postgres(format!("spawning children of task {parent} failed"), e))?;
+            .map_err(|e| {
+                Error::postgres(format!("spawning children of task {parent} failed"), e)
+            })?;
         rows.iter()
-            .map(|r| r.try_get(0).map_err(|e| Error::postgres("reading a child id", e)))
+            .map(|r| {
+                r.try_get(0)
+                    .map_err(|e| Error::postgres("reading a child id", e))
+            })
             .collect()
     }
 
@@ -112,8 +149,13 @@ impl TaskContext {
         workflow: &str,
         inputs: &[serde_json::Value],
     ) -> Result<Vec<i64>, Error> {
-        let first = self.shared.spawned.fetch_add(inputs.len(), Ordering::SeqCst);
-        let keys: Vec<String> = (first..first + inputs.len()).map(|i| i.to_string()).collect();
+        let first = self
+            .shared
+            .spawned
+            .fetch_add(inputs.len(), Ordering::SeqCst);
+        let keys: Vec<String> = (first..first + inputs.len())
+            .map(|i| i.to_string())
+            .collect();
         let connection = self.shared.pool.checkout().await?;
         let parent = self.task_id();
         let rows = connection
@@ -130,7 +172,10 @@ impl TaskContext {
             .await
             .map_err(|e| Error::postgres(format!("spawning runs of task {parent} failed"), e))?;
         rows.iter()
-            .map(|r| r.try_get(0).map_err(|e| Error::postgres("reading a run id", e)))
+            .map(|r| {
+                r.try_get(0)
+                    .map_err(|e| Error::postgres("reading a run id", e))
+            })
             .collect()
     }
 
@@ -152,8 +197,9 @@ impl TaskContext {
             };
             let mut found = std::collections::HashMap::new();
             for row in &rows {
-                let value: serde_json::Value =
-                    row.try_get(0).map_err(|e| Error::postgres("reading a child run", e))?;
+                let value: serde_json::Value = row
+                    .try_get(0)
+                    .map_err(|e| Error::postgres("reading a child run", e))?;
                 let state: crate::RunState = serde_json::from_value(value)
                     .map_err(|e| Error::json("decoding a child run", e))?;
                 found.insert(state.id, state);
@@ -201,13 +247,18 @@ impl TaskContext {
             };
             let mut found = std::collections::HashMap::new();
             for row in &rows {
-                let id: i64 = row.try_get(0).map_err(|e| Error::postgres("reading a child", e))?;
-                let status: String =
-                    row.try_get(1).map_err(|e| Error::postgres("reading a child", e))?;
-                let output: Option<serde_json::Value> =
-                    row.try_get(2).map_err(|e| Error::postgres("reading a child", e))?;
-                let error: Option<String> =
-                    row.try_get(3).map_err(|e| Error::postgres("reading a child", e))?;
+                let id: i64 = row
+                    .try_get(0)
+                    .map_err(|e| Error::postgres("reading a child", e))?;
+                let status: String = row
+                    .try_get(1)
+                    .map_err(|e| Error::postgres("reading a child", e))?;
+                let output: Option<serde_json::Value> = row
+                    .try_get(2)
+                    .map_err(|e| Error::postgres("reading a child", e))?;
+                let error: Option<String> = row
+                    .try_get(3)
+                    .map_err(|e| Error::postgres("reading a child", e))?;
                 found.insert(id, (status, output, error));
             }
             let open = ids.iter().any(|id| {
@@ -255,6 +306,239 @@ impl TaskContext {
         }
         *delay = (*delay * 2).min(Duration::from_secs(1));
         Ok(())
+    }
+
+    // Durable steps ------------------------------------------------------------------------
+    //
+    // A durable task records each step below in Postgres, numbered in the order the handler
+    // takes them; a later attempt (after a crash, a lost worker, a retry or a suspension) runs
+    // the handler from the start and replays: recorded steps return their recorded results.
+    // So a handler must take its durable steps in the same order every time (branch only on
+    // its input and on what durable steps returned). Sleeps and waits suspend the task: they
+    // return an error of kind `Suspended` that the handler must propagate with `?`; the slot
+    // is free until the task runs again.
+
+    /// Runs `f` once for this task, whatever its attempts: the value is recorded under `name`
+    /// and later attempts get the recorded value without running `f`. An error from `f` is not
+    /// recorded (the next attempt runs `f` again).
+    pub async fn memo<T, F, Fut>(&self, name: &str, f: F) -> Result<T, crate::TaskError>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, crate::TaskError>>,
+    {
+        let seq = self.shared.next_step.fetch_add(1, Ordering::SeqCst);
+        if let Some(step) = self.recorded(seq).await? {
+            self.expect_step(seq, &step, "memo", name)?;
+            let value = step.value.unwrap_or(serde_json::Value::Null);
+            return serde_json::from_value(value).map_err(|e| {
+                crate::TaskError::fatal(format!(
+                    "durable task {}: the value recorded for memo \"{name}\" does not decode: {e}",
+                    self.task_id()
+                ))
+            });
+        }
+        let value = f().await?;
+        let json = serde_json::to_value(&value)
+            .map_err(|e| Error::json(format!("serializing memo \"{name}\""), e))?;
+        let connection = self.shared.pool.checkout().await?;
+        let row = connection
+            .client()
+            .query_typed_one(
+                "SELECT sluice.durable_memo($1, $2, $3, $4, $5, $6)",
+                &[
+                    (&self.worker_id(), Type::INT8),
+                    (&self.task_id(), Type::INT8),
+                    (&self.attempt(), Type::INT4),
+                    (&seq, Type::INT4),
+                    (&name, Type::TEXT),
+                    (&json, Type::JSONB),
+                ],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("recording memo \"{name}\" failed"), e))?;
+        let recorded: bool = row
+            .try_get(0)
+            .map_err(|e| Error::postgres("reading the memo result", e))?;
+        if !recorded {
+            return Err(
+                Error::attempt_stopped(self.task_id(), self.attempt(), "recording a memo").into(),
+            );
+        }
+        Ok(value)
+    }
+
+    /// Sleeps for `duration` without holding a worker slot: the first time, the task is
+    /// suspended (this returns a `Suspended` error to propagate) and runs again when the
+    /// sleep is over; then this returns `Ok`.
+    pub async fn sleep_for(&self, duration: Duration) -> Result<(), Error> {
+        let micros = duration.as_micros().min(i64::MAX as u128) as i64;
+        self.durable_sleep(None, Some(micros)).await
+    }
+
+    /// Like [`TaskContext::sleep_for`], until a point in time.
+    pub async fn sleep_until(&self, until: SystemTime) -> Result<(), Error> {
+        self.durable_sleep(Some(until), None).await
+    }
+
+    async fn durable_sleep(
+        &self,
+        until: Option<SystemTime>,
+        micros: Option<i64>,
+    ) -> Result<(), Error> {
+        let seq = self.shared.next_step.fetch_add(1, Ordering::SeqCst);
+        if let Some(step) = self.recorded(seq).await? {
+            self.expect_step(seq, &step, "sleep", "sleep")?;
+            if step.state == "done" {
+                return Ok(());
+            }
+        }
+        let duration = micros.map(|m| format!("{m} microseconds"));
+        let connection = self.shared.pool.checkout().await?;
+        let row = connection
+            .client()
+            .query_typed_one(
+                "SELECT sluice.durable_sleep($1, $2, $3, $4, $5, $6::interval)",
+                &[
+                    (&self.worker_id(), Type::INT8),
+                    (&self.task_id(), Type::INT8),
+                    (&self.attempt(), Type::INT4),
+                    (&seq, Type::INT4),
+                    (&until, Type::TIMESTAMPTZ),
+                    (&duration, Type::TEXT),
+                ],
+            )
+            .await
+            .map_err(|e| Error::postgres("recording a durable sleep failed", e))?;
+        let outcome: String = row
+            .try_get(0)
+            .map_err(|e| Error::postgres("reading the sleep result", e))?;
+        match outcome.as_str() {
+            "continue" => Ok(()),
+            "suspended" => Err(self.suspend("until its sleep is over")),
+            _ => Err(Error::attempt_stopped(
+                self.task_id(),
+                self.attempt(),
+                "sleeping",
+            )),
+        }
+    }
+
+    /// Waits for an event `key` whose payload matches `filter` (a jsonpath, as for
+    /// subscriptions), for at most `timeout`, without holding a worker slot: the first time,
+    /// the task is suspended (a `Suspended` error to propagate) and runs again when the event
+    /// is pushed or the timeout passes. Then this returns the event's payload, or `None` if
+    /// the timeout passed first. Only events pushed after the wait began count.
+    pub async fn wait_for_event(
+        &self,
+        key: &str,
+        filter: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<Option<serde_json::Value>, Error> {
+        let seq = self.shared.next_step.fetch_add(1, Ordering::SeqCst);
+        if let Some(step) = self.recorded(seq).await? {
+            self.expect_step(seq, &step, "wait_event", key)?;
+            match step.state.as_str() {
+                "done" => return Ok(step.value),
+                "timed_out" => return Ok(None),
+                _ => {}
+            }
+        }
+        let timeout = timeout.map(|d| format!("{} microseconds", d.as_micros()));
+        let connection = self.shared.pool.checkout().await?;
+        let row = connection
+            .client()
+            .query_typed_one(
+                "SELECT state, payload FROM sluice.durable_wait_event($1, $2, $3, $4, $5, $6, $7::interval)",
+                &[
+                    (&self.worker_id(), Type::INT8),
+                    (&self.task_id(), Type::INT8),
+                    (&self.attempt(), Type::INT4),
+                    (&seq, Type::INT4),
+                    (&key, Type::TEXT),
+                    (&filter, Type::TEXT),
+                    (&timeout, Type::TEXT),
+                ],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("waiting for event \"{key}\" failed"), e))?;
+        let state: String = row
+            .try_get(0)
+            .map_err(|e| Error::postgres("reading the wait result", e))?;
+        let payload: Option<serde_json::Value> = row
+            .try_get(1)
+            .map_err(|e| Error::postgres("reading the wait result", e))?;
+        match state.as_str() {
+            "done" => Ok(payload),
+            "timed_out" => Ok(None),
+            "suspended" => Err(self.suspend(&format!("until event \"{key}\" or its timeout"))),
+            _ => Err(Error::attempt_stopped(
+                self.task_id(),
+                self.attempt(),
+                "waiting for an event",
+            )),
+        }
+    }
+
+    /// The recorded step `seq`, loading the record with the first durable step.
+    async fn recorded(&self, seq: i32) -> Result<Option<RecordedStep>, Error> {
+        let record = self
+            .shared
+            .record
+            .get_or_try_init(|| async {
+                let connection = self.shared.pool.checkout().await?;
+                let rows = connection
+                    .client()
+                    .query_typed(
+                        "SELECT seq, kind, name, state, value FROM sluice.durable_record($1)",
+                        &[(&self.task_id(), Type::INT8)],
+                    )
+                    .await
+                    .map_err(|e| Error::postgres("reading the durable record failed", e))?;
+                let mut steps = HashMap::new();
+                for row in rows {
+                    let read = |e| Error::postgres("reading a durable step", e);
+                    steps.insert(
+                        row.try_get::<_, i32>(0).map_err(read)?,
+                        RecordedStep {
+                            kind: row.try_get(1).map_err(read)?,
+                            name: row.try_get(2).map_err(read)?,
+                            state: row.try_get(3).map_err(read)?,
+                            value: row.try_get(4).map_err(read)?,
+                        },
+                    );
+                }
+                Ok::<_, Error>(steps)
+            })
+            .await?;
+        Ok(record.get(&seq).cloned())
+    }
+
+    fn expect_step(
+        &self,
+        seq: i32,
+        step: &RecordedStep,
+        kind: &str,
+        name: &str,
+    ) -> Result<(), Error> {
+        if step.kind == kind && step.name == name {
+            return Ok(());
+        }
+        Err(Error::replay_diverged(format!(
+            "durable task {}: replay diverged at step {seq}: the record has {}(\"{}\") there, \
+             the handler asked for {kind}(\"{name}\")",
+            self.task_id(),
+            step.kind,
+            step.name
+        )))
+    }
+
+    /// The attempt ended in the database: the runtime must send no ending for it.
+    fn suspend(&self, until: &str) -> Error {
+        self.shared
+            .completed_in_transaction
+            .store(true, Ordering::Release);
+        Error::suspended(self.task_id(), self.attempt(), until)
     }
 
     pub fn task_id(&self) -> i64 {

@@ -17,6 +17,12 @@ pub enum ErrorKind {
     Fenced,
     /// Invalid worker configuration or connection string.
     Config,
+    /// A durable task suspended itself (a sleep or an event wait): its attempt ended and its
+    /// slot is free; the handler must return (propagate this error with `?`). Not a failure.
+    Suspended,
+    /// A durable task's replay asked for a different step than its record has: the handler
+    /// is not deterministic or its code changed under a task in flight. Fails the task.
+    ReplayDiverged,
     /// Client and server disagreed about the shape of a message or a result (a type mismatch,
     /// an unexpected row count): a bug, not a condition to retry.
     Protocol,
@@ -97,6 +103,22 @@ impl Error {
             context: format!(
                 "attempt {attempt} of task {task_id} was told to stop while {while_doing}"
             ),
+            source: None,
+        }
+    }
+
+    pub(crate) fn suspended(task_id: i64, attempt: i32, until: &str) -> Self {
+        Error {
+            kind: ErrorKind::Suspended,
+            context: format!("attempt {attempt} of task {task_id} suspended {until}"),
+            source: None,
+        }
+    }
+
+    pub(crate) fn replay_diverged(message: impl Into<String>) -> Self {
+        Error {
+            kind: ErrorKind::ReplayDiverged,
+            context: message.into(),
             source: None,
         }
     }

@@ -50,6 +50,7 @@ mod pool;
 mod producer;
 mod runtime;
 mod task;
+mod triggers;
 mod worker;
 mod workflow;
 
@@ -61,6 +62,11 @@ pub use producer::{
     Units,
 };
 pub use task::{TaskDefinition, TaskError};
+pub use triggers::{
+    delete_scheduled, delete_scheduled_run, push_event, push_events, reschedule, reschedule_run,
+    run_workflow_at, schedule_cron, set_task_triggers, subscribe, unschedule_cron, Cron,
+    MissedTicks, OnEvent,
+};
 pub use worker::{Worker, WorkerBuilder};
 pub use workflow::{
     cancel_run, run_state, run_workflow, FailureInput, RunState, Step, StepInput, StepOptions,

@@ -81,7 +81,15 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskError {
             }
             source = cause.source();
         }
-        TaskError::retryable(message)
+        // A diverged replay fails the task: another attempt would diverge the same way.
+        let diverged = (&error as &dyn std::any::Any)
+            .downcast_ref::<crate::Error>()
+            .is_some_and(|e| e.kind() == crate::ErrorKind::ReplayDiverged);
+        if diverged {
+            TaskError::fatal(message)
+        } else {
+            TaskError::retryable(message)
+        }
     }
 }
 

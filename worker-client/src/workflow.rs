@@ -32,7 +32,9 @@ impl<I> StepInput<I> {
             None => Ok(None),
             Some(output) => serde_json::from_value(output.clone())
                 .map(Some)
-                .map_err(|e| Error::json(format!("reading the output of step \"{}\"", step.name), e)),
+                .map_err(|e| {
+                    Error::json(format!("reading the output of step \"{}\"", step.name), e)
+                }),
         }
     }
 
@@ -135,6 +137,8 @@ pub struct WorkflowBuilder<I> {
     on_failure: Option<&'static str>,
     on_success: Option<&'static str>,
     concurrency: Option<Concurrency>,
+    crons: Vec<crate::Cron>,
+    on_events: Vec<crate::OnEvent>,
     input: PhantomData<fn(I)>,
 }
 
@@ -146,6 +150,8 @@ impl<I: Serialize> WorkflowBuilder<I> {
             on_failure: None,
             on_success: None,
             concurrency: None,
+            crons: Vec::new(),
+            on_events: Vec::new(),
             input: PhantomData,
         }
     }
@@ -205,6 +211,20 @@ impl<I: Serialize> WorkflowBuilder<I> {
         self
     }
 
+    /// Runs the workflow on every tick of a cron schedule (with the cron's input as the run
+    /// input). Defining the workflow replaces the crons it declared before.
+    pub fn cron(&mut self, cron: crate::Cron) -> &mut Self {
+        self.crons.push(cron);
+        self
+    }
+
+    /// Runs the workflow for every pushed event matching `on` (the payload is the run input).
+    /// Defining the workflow replaces the subscriptions it declared before.
+    pub fn on_event(&mut self, on: crate::OnEvent) -> &mut Self {
+        self.on_events.push(on);
+        self
+    }
+
     /// The spec `sluice.define_workflow` takes.
     pub fn spec(&self) -> Value {
         let mut spec = json!({ "steps": self.steps });
@@ -218,6 +238,12 @@ impl<I: Serialize> WorkflowBuilder<I> {
             spec["concurrency"] = json!({"key": c.key, "max_runs": c.max_runs,
                                          "strategy": c.strategy.as_sql()});
         }
+        if !self.crons.is_empty() {
+            spec["crons"] = Value::Array(self.crons.iter().map(|c| c.to_json()).collect());
+        }
+        if !self.on_events.is_empty() {
+            spec["on_events"] = Value::Array(self.on_events.iter().map(|e| e.to_json()).collect());
+        }
         spec
     }
 
@@ -230,7 +256,9 @@ impl<I: Serialize> WorkflowBuilder<I> {
                 &[(&self.name, Type::TEXT), (&spec, Type::JSONB)],
             )
             .await
-            .map_err(|e| Error::postgres(format!("defining workflow \"{}\" failed", self.name), e))?;
+            .map_err(|e| {
+                Error::postgres(format!("defining workflow \"{}\" failed", self.name), e)
+            })?;
         row.try_get(0)
             .map_err(|e| Error::postgres("reading the workflow version", e))
     }
@@ -292,9 +320,9 @@ impl RunState {
     {
         match self.steps.get(&step.name).and_then(|s| s.get("output")) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => serde_json::from_value(v.clone())
-                .map(Some)
-                .map_err(|e| Error::json(format!("reading the output of step \"{}\"", step.name), e)),
+            Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+                Error::json(format!("reading the output of step \"{}\"", step.name), e)
+            }),
         }
     }
 }

@@ -911,7 +911,12 @@ async fn shutdown_waits_for_handlers_then_cancels_the_rest() {
 struct Upload {
     media_id: i64,
 }
-live_task!(WfValidate, "wf_validate", sluice_client::StepInput<Upload>, i64);
+live_task!(
+    WfValidate,
+    "wf_validate",
+    sluice_client::StepInput<Upload>,
+    i64
+);
 live_task!(WfDouble, "wf_double", sluice_client::StepInput<Upload>, i64);
 live_task!(WfTriple, "wf_triple", sluice_client::StepInput<Upload>, i64);
 live_task!(WfSum, "wf_sum", sluice_client::StepInput<Upload>, i64);

@@ -53,7 +53,10 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             {
                 Ok((r, _, check)) => {
                     ok &= check.ok;
-                    progress(&format!("sluice plain drain {shape}"), &format!("{r:.0} tasks/s"));
+                    progress(
+                        &format!("sluice plain drain {shape}"),
+                        &format!("{r:.0} tasks/s"),
+                    );
                     plain.push(r);
                 }
                 Err(e) => {

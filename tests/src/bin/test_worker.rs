@@ -184,8 +184,9 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
         let mut ids = Vec::new();
         for start in (0..plan.count).step_by(plan.batch.max(1)) {
             let end = (start + plan.batch.max(1)).min(plan.count);
-            let inputs: Vec<serde_json::Value> =
-                (start..end).map(|n| serde_json::json!({ "n": n })).collect();
+            let inputs: Vec<serde_json::Value> = (start..end)
+                .map(|n| serde_json::json!({ "n": n }))
+                .collect();
             ids.extend(
                 ctx.spawn_json(&plan.task, &inputs)
                     .await

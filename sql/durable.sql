@@ -1,0 +1,215 @@
+-- Durable tasks: a task records the steps it takes (memoised values, sleeps, event waits) in
+-- sluice.durable_step, numbered in the order the handler takes them. A later attempt (after a
+-- crash, a lost worker, a retry, or a suspension) runs the handler again, which replays: a
+-- step already recorded returns its recorded result instead of running again. A replay that
+-- asks for a different step than the record has at that number fails the task (the code
+-- changed under a task in flight, or the handler is not deterministic).
+--
+-- Sleeping and waiting suspend the task: the attempt ends without consuming a retry, the task
+-- goes back to the queue with run_at = when it should wake (a sleep's end, a wait's timeout,
+-- 'infinity' for a wait without one) and its worker slot is free. An event that matches a
+-- waiting step (sluice.push_event) records the payload on the step and makes the task runnable
+-- at once.
+--
+-- Every write is fenced by the attempt: only the current attempt of a running task, held by
+-- the calling worker, may record, so a stale attempt (timed out, lost) cannot change the record.
+
+CREATE TABLE sluice.durable_step (
+    task_id     bigint NOT NULL,
+    seq         int NOT NULL CHECK (seq >= 0),
+    kind        text NOT NULL CHECK (kind IN ('memo', 'sleep', 'wait_event')),
+    -- memo: its name; sleep: 'sleep'; wait_event: the event key
+    name        text NOT NULL,
+    -- waiting (a sleep or wait not over yet), done, or timed_out (a wait without its event)
+    state       text NOT NULL CHECK (state IN ('waiting', 'done', 'timed_out')),
+    -- memo: the value; wait_event: the event's payload
+    value       jsonb,
+    -- sleep: its end; wait_event: its timeout (NULL: none)
+    wake_at     timestamptz,
+    -- wait_event: the jsonpath filter on the payload, and the event that ended the wait
+    filter      text,
+    event_id    bigint,
+    attempt     int NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    PRIMARY KEY (task_id, seq)
+);
+-- Waits by event key, for sluice.push_event.
+CREATE INDEX durable_step_waiting_idx ON sluice.durable_step (name)
+    WHERE kind = 'wait_event' AND state = 'waiting';
+
+CREATE VIEW sluice.durable_steps AS
+SELECT d.task_id, d.seq, d.kind, d.name, d.state, d.value, d.wake_at, d.filter, d.event_id,
+       d.attempt, d.recorded_at, d.resolved_at
+  FROM sluice.durable_step d;
+
+-- The current attempt of a running task held by this worker, locked; NULL if it is not.
+CREATE OR REPLACE FUNCTION sluice._current_attempt(worker_id bigint, task_id bigint, attempt int)
+RETURNS sluice.task_run
+LANGUAGE sql AS $$
+    SELECT t.* FROM sluice.task_run t
+     WHERE t.id = task_id AND t.attempt = _current_attempt.attempt
+       AND t.worker_id = _current_attempt.worker_id AND t.status::text = 'running'
+       FOR UPDATE
+$$;
+
+-- Ends the attempt without an outcome: the task waits in the queue until `until` (or an event)
+-- and then runs again, replaying its record. Consumes no retry.
+CREATE OR REPLACE FUNCTION sluice._suspend(t sluice.task_run, until timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    timeout interval := coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
+                                   WHERE d.name = t.task_name), interval '5 minutes');
+BEGIN
+    UPDATE sluice.task_run r
+       SET status = 'queued', worker_id = NULL, assigned_at = NULL, picked_at = NULL,
+           timeout_at = NULL, run_at = until, schedule_deadline = until + timeout
+     WHERE r.id = t.id;
+    PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt]);
+    PERFORM sluice._wake_scheduler(CASE WHEN isfinite(until) THEN until END);
+END
+$$;
+
+-- The task's record, in order (what a new attempt replays).
+CREATE OR REPLACE FUNCTION sluice.durable_record(task_id bigint)
+RETURNS TABLE (seq int, kind text, name text, state text, value jsonb, wake_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT d.seq, d.kind, d.name, d.state, d.value, d.wake_at FROM sluice.durable_step d
+     WHERE d.task_id = durable_record.task_id ORDER BY d.seq
+$$;
+
+-- Records a memoised value. Returns false if the attempt is not current (nothing recorded).
+-- A value already recorded at `seq` is kept (the first one wins).
+CREATE OR REPLACE FUNCTION sluice.durable_memo(worker_id bigint, task_id bigint, attempt int,
+                                               seq int, name text, value jsonb)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    t sluice.task_run := sluice._current_attempt(worker_id, task_id, attempt);
+BEGIN
+    IF t.id IS NULL THEN
+        RETURN false;
+    END IF;
+    INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, value, attempt, resolved_at)
+    VALUES (task_id, seq, 'memo', name, 'done', coalesce(value, 'null'), attempt, now())
+    ON CONFLICT DO NOTHING;
+    RETURN true;
+END
+$$;
+
+-- A sleep at `seq` until `wake_at` (a new sleep), or the recorded one. Returns 'continue' if
+-- it is over, 'suspended' if the attempt was suspended until it is, 'stale' if the attempt is
+-- not current. A new sleep's `wake_at` is computed by the caller from the database's clock:
+-- pass `duration` instead to have it computed here.
+CREATE OR REPLACE FUNCTION sluice.durable_sleep(worker_id bigint, task_id bigint, attempt int,
+                                                seq int, wake_at timestamptz,
+                                                duration interval DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    t    sluice.task_run := sluice._current_attempt(worker_id, task_id, attempt);
+    step sluice.durable_step;
+BEGIN
+    IF t.id IS NULL THEN
+        RETURN 'stale';
+    END IF;
+    INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, wake_at, attempt)
+    VALUES (task_id, seq, 'sleep', 'sleep', 'waiting',
+            coalesce(wake_at, clock_timestamp() + duration, clock_timestamp()), attempt)
+    ON CONFLICT DO NOTHING;
+    SELECT * INTO step FROM sluice.durable_step d WHERE d.task_id = t.id AND d.seq = durable_sleep.seq;
+    IF step.kind <> 'sleep' THEN
+        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for a sleep',
+            task_id, seq, step.kind, step.name USING ERRCODE = '22023';
+    END IF;
+    IF step.wake_at <= clock_timestamp() THEN
+        UPDATE sluice.durable_step d SET state = 'done', resolved_at = coalesce(d.resolved_at, now())
+         WHERE d.task_id = t.id AND d.seq = step.seq AND d.state <> 'done';
+        RETURN 'continue';
+    END IF;
+    PERFORM sluice._suspend(t, step.wake_at);
+    RETURN 'suspended';
+END
+$$;
+
+-- A wait at `seq` for an event `key` whose payload matches `filter` (NULL: any), for at most
+-- `timeout` (NULL: no limit), or the recorded one. Returns (state, payload): state 'done' with
+-- the event's payload, 'timed_out', 'suspended' (the attempt was suspended until the event or
+-- the timeout), or 'stale' (the attempt is not current). Only events pushed after the wait was
+-- first recorded count.
+CREATE OR REPLACE FUNCTION sluice.durable_wait_event(worker_id bigint, task_id bigint, attempt int,
+                                                     seq int, key text, filter text,
+                                                     timeout interval,
+                                                     OUT state text, OUT payload jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    t    sluice.task_run := sluice._current_attempt(worker_id, task_id, attempt);
+    step sluice.durable_step;
+BEGIN
+    IF t.id IS NULL THEN
+        state := 'stale';
+        RETURN;
+    END IF;
+    PERFORM sluice._check_event_key(key);
+    PERFORM sluice._check_filter(filter, format('wait of task %s', task_id));
+    IF timeout < interval '0' THEN
+        RAISE EXCEPTION 'timeout must not be negative, got % (task %)', timeout, task_id
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, wake_at, filter, attempt)
+    VALUES (task_id, seq, 'wait_event', key, 'waiting', clock_timestamp() + timeout, filter, attempt)
+    ON CONFLICT DO NOTHING;
+    SELECT * INTO step FROM sluice.durable_step d
+     WHERE d.task_id = t.id AND d.seq = durable_wait_event.seq;
+    IF step.kind <> 'wait_event' OR step.name <> key THEN
+        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for wait_for_event(%)',
+            task_id, seq, step.kind, step.name, key USING ERRCODE = '22023';
+    END IF;
+    IF step.state = 'waiting' AND step.wake_at <= clock_timestamp() THEN
+        UPDATE sluice.durable_step d SET state = 'timed_out', resolved_at = now()
+         WHERE d.task_id = t.id AND d.seq = step.seq AND d.state = 'waiting'
+        RETURNING * INTO step;
+    END IF;
+    IF step.state <> 'waiting' THEN
+        state := step.state;
+        payload := step.value;
+        RETURN;
+    END IF;
+    PERFORM sluice._suspend(t, coalesce(step.wake_at, 'infinity'));
+    state := 'suspended';
+END
+$$;
+
+-- For sluice.push_event: ends the waits for this event, and makes their tasks runnable now.
+-- Returns the tasks woken.
+CREATE OR REPLACE FUNCTION sluice._wake_waiters(event_id bigint, key text, payload jsonb)
+RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    woke bigint[];
+BEGIN
+    WITH ended AS (
+        UPDATE sluice.durable_step d
+           SET state = 'done', value = payload, event_id = _wake_waiters.event_id,
+               resolved_at = now()
+         WHERE d.kind = 'wait_event' AND d.state = 'waiting' AND d.name = key
+           AND (d.filter IS NULL OR sluice._payload_matches(payload, d.filter::jsonpath))
+        RETURNING d.task_id
+    )
+    SELECT array_agg(DISTINCT e.task_id) INTO woke FROM ended e;
+    IF woke IS NULL THEN
+        RETURN '{}';
+    END IF;
+    -- A task still running (it recorded the wait and has not suspended yet, or is replaying)
+    -- finds the event on its step.
+    UPDATE sluice.task_run t
+       SET run_at = now(),
+           schedule_deadline = now() + coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
+                                                  WHERE d.name = t.task_name), interval '5 minutes')
+     WHERE t.id = ANY(woke) AND t.status = 'queued' AND t.run_at > now();
+    PERFORM sluice._wake_scheduler(now());
+    RETURN woke;
+END
+$$;
