@@ -8,8 +8,9 @@
 --
 -- Ticks are wall-clock times in the schedule's zone, computed by sluice._cron_next (Rust, the
 -- `cron` crate) and converted with Postgres' zone database: across a daylight-saving change
--- each wall-clock tick fires once (a tick in the skipped hour fires when the clock jumps, a
--- tick in the repeated hour fires once), so none is repeated or dropped.
+-- each wall-clock tick fires once (a tick in the skipped hour fires as Postgres reads that
+-- time, an hour later by the new clock: 02:30 -> 03:30; a tick in the repeated hour fires once,
+-- at the later of the two instants), so none is repeated or dropped.
 
 CREATE TABLE sluice.cron_schedule (
     name          text PRIMARY KEY CHECK (name <> ''),
@@ -18,14 +19,15 @@ CREATE TABLE sluice.cron_schedule (
     target_kind   text NOT NULL CHECK (target_kind IN ('task', 'workflow')),
     target        text NOT NULL,
     input         jsonb NOT NULL DEFAULT '{}',
-    -- ticks missed while Sluice was not running (more than a minute late): 'skip' them, or
-    -- 'run_once' for all of them together
+    -- ticks missed (see sluice._fire_timers: every due tick but the latest, and the latest too
+    -- if more than a minute late): 'skip' them, or 'run_once' for all of them together
     missed        text NOT NULL DEFAULT 'skip' CHECK (missed IN ('skip', 'run_once')),
     -- 'task:<name>' or 'workflow:<name>' for a cron declared in a definition, which
     -- redefining it replaces (sluice._declare_triggers); NULL for sluice.schedule_cron's own
     declared_by   text,
     -- the next tick, wall-clock in time_zone, and when it fires: that instant, or the previous
-    -- tick's if later (a tick in a skipped hour maps to an earlier instant)
+    -- tick's if later (after a skipped hour's ticks, shifted an hour later, the next ones map
+    -- to earlier instants)
     next_tick     timestamp NOT NULL,
     next_at       timestamptz NOT NULL,
     last_tick     timestamp,
@@ -264,7 +266,8 @@ BEGIN
     -- The clock, not the transaction's start: the scheduler may read a task as runnable as soon
     -- as its run_at passes.
     SELECT * INTO t FROM sluice.task_run r
-     WHERE r.id = task_id AND r.status = 'queued' AND r.attempt = 0 AND r.run_at > clock_timestamp()
+     WHERE r.id = task_id AND r.status = 'queued' AND r.attempt = 0 AND r.run_id IS NULL
+       AND r.run_at > clock_timestamp()
        FOR UPDATE;
     IF NOT FOUND THEN
         RETURN false;
@@ -321,10 +324,11 @@ $$;
 -- Fires what is due, called by the scheduler: cron ticks (up to max_fires schedules) and
 -- scheduled workflow runs (up to max_fires). Returns when the next one is due (NULL: none).
 --
--- Of the ticks due for a schedule, the latest fires if it is less than a minute late; the
--- earlier ones were missed (Sluice was not running, or the schedule was paused by a long
--- transaction): missed = 'skip' drops them, 'run_once' fires the latest whatever its lateness,
--- the run standing for all of them (sluice.cron_fire.missed counts the others).
+-- Of the ticks due for a schedule, the latest fires if it is at most a minute late; the
+-- earlier ones were missed (Sluice was not running, the scheduler was held up for longer than
+-- the schedule's period, or a transaction held the schedule's row): missed = 'skip' drops them,
+-- 'run_once' fires the latest whatever its lateness, the run standing for all of them
+-- (sluice.cron_fire.missed counts the others).
 --
 -- Commits synchronously when it fired anything (the scheduler's own transactions do not wait
 -- for the disk): a tick must not be lost in a crash after its run was seen.

@@ -17,12 +17,13 @@
 CREATE TABLE sluice.durable_step (
     task_id     bigint NOT NULL,
     seq         int NOT NULL CHECK (seq >= 0),
-    kind        text NOT NULL CHECK (kind IN ('memo', 'sleep', 'wait_event')),
-    -- memo: its name; sleep: 'sleep'; wait_event: the event key
+    kind        text NOT NULL CHECK (kind IN ('memo', 'sleep', 'wait_event', 'wait_children')),
+    -- memo: its name; sleep: 'sleep'; wait_event: the event key; wait_children: 'children'
     name        text NOT NULL,
     -- waiting (a sleep or wait not over yet), done, or timed_out (a wait without its event)
     state       text NOT NULL CHECK (state IN ('waiting', 'done', 'timed_out')),
-    -- memo: the value; wait_event: the event's payload
+    -- memo: the value; wait_event: the event's payload; wait_children: {"tasks": [ids],
+    -- "runs": [ids]}
     value       jsonb,
     -- sleep: its end; wait_event: its timeout (NULL: none)
     wake_at     timestamptz,
@@ -195,7 +196,13 @@ BEGIN
            SET state = 'done', value = payload, event_id = _wake_waiters.event_id,
                resolved_at = now()
          WHERE d.kind = 'wait_event' AND d.state = 'waiting' AND d.name = key
+           -- a wait past its timeout has timed out, whether or not its task has run since
+           AND (d.wake_at IS NULL OR d.wake_at > clock_timestamp())
            AND (d.filter IS NULL OR sluice._payload_matches(payload, d.filter::jsonpath))
+           -- only unfinished tasks' waits (a running attempt that replays reads it from its
+           -- step); a cancelled task's wait stays as it was
+           AND EXISTS (SELECT 1 FROM sluice.task_run r
+                        WHERE r.id = d.task_id AND r.status IN ('queued', 'running'))
         RETURNING d.task_id
     )
     SELECT array_agg(DISTINCT e.task_id) INTO woke FROM ended e;
@@ -213,3 +220,91 @@ BEGIN
     RETURN woke;
 END
 $$;
+
+-- A wait at `seq` until the given child tasks and child workflow runs have all finished.
+-- Returns 'continue' if they have, 'suspended' if the attempt was suspended meanwhile, 'stale'
+-- if the attempt is not current. The last child to finish makes the parent runnable
+-- (sluice._wake_parent); the suspension also ends by itself after a while (1 s, growing with the
+-- wait to 30 s), so a wake-up lost to a race costs a little latency, never the task.
+CREATE OR REPLACE FUNCTION sluice.durable_wait_children(worker_id bigint, task_id bigint,
+                                                        attempt int, seq int,
+                                                        task_ids bigint[], run_ids bigint[])
+RETURNS text
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    t    sluice.task_run := sluice._current_attempt(worker_id, task_id, attempt);
+    step sluice.durable_step;
+BEGIN
+    IF t.id IS NULL THEN
+        RETURN 'stale';
+    END IF;
+    INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, value, attempt)
+    VALUES (task_id, seq, 'wait_children', 'children', 'waiting',
+            jsonb_build_object('tasks', coalesce(task_ids, '{}'), 'runs', coalesce(run_ids, '{}')),
+            attempt)
+    ON CONFLICT DO NOTHING;
+    SELECT * INTO step FROM sluice.durable_step d
+     WHERE d.task_id = t.id AND d.seq = durable_wait_children.seq;
+    IF step.kind <> 'wait_children' THEN
+        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for wait_children',
+            task_id, seq, step.kind, step.name USING ERRCODE = '22023';
+    END IF;
+    IF step.state = 'done' THEN
+        RETURN 'continue';
+    END IF;
+    -- never `id = ANY('{}')` (see sluice._maintain)
+    IF (cardinality(task_ids) IS NULL OR cardinality(task_ids) = 0
+        OR NOT EXISTS (SELECT 1 FROM sluice.task_run c
+                        WHERE c.id = ANY(task_ids) AND c.status IN ('queued', 'running')))
+       AND (cardinality(run_ids) IS NULL OR cardinality(run_ids) = 0
+        OR NOT EXISTS (SELECT 1 FROM sluice.workflow_run r
+                        WHERE r.id = ANY(run_ids) AND r.status IN ('queued', 'running'))) THEN
+        UPDATE sluice.durable_step d SET state = 'done', resolved_at = now()
+         WHERE d.task_id = t.id AND d.seq = step.seq;
+        RETURN 'continue';
+    END IF;
+    PERFORM sluice._suspend(t, now() + least(interval '30 seconds',
+                                             greatest(interval '1 second',
+                                                      (now() - step.recorded_at) / 4)));
+    RETURN 'suspended';
+END
+$$;
+
+-- A child task or child workflow run finished: if its parent has no unfinished child left and
+-- is suspended waiting for children, it runs again now.
+CREATE OR REPLACE FUNCTION sluice._wake_parent() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM sluice.task_run c
+                    WHERE c.parent_id = NEW.parent_id AND c.status IN ('queued', 'running'))
+       AND NOT EXISTS (SELECT 1 FROM sluice.workflow_run r
+                        WHERE r.parent_id = NEW.parent_id AND r.status IN ('queued', 'running')) THEN
+        UPDATE sluice.task_run p
+           SET run_at = now(),
+               schedule_deadline = now() + coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
+                                                      WHERE d.name = p.task_name), interval '5 minutes')
+         WHERE p.id = NEW.parent_id AND p.status = 'queued' AND p.run_at > now()
+           AND EXISTS (SELECT 1 FROM sluice.durable_step w
+                        WHERE w.task_id = p.id AND w.kind = 'wait_children' AND w.state = 'waiting');
+        IF FOUND THEN
+            PERFORM sluice._wake_scheduler(now());
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER task_run_child_finished
+    AFTER UPDATE OF status ON sluice.task_run
+    FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+          AND NEW.status IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION sluice._wake_parent();
+
+CREATE TRIGGER workflow_run_child_finished
+    AFTER UPDATE OF status ON sluice.workflow_run
+    FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+          AND NEW.status IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION sluice._wake_parent();

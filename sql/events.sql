@@ -42,12 +42,15 @@ SELECT e.id, e.key, e.payload, e.pushed_at, e.task_ids, e.run_ids, e.woke_task_i
   FROM sluice.event e;
 
 -- Whether a payload matches a filter: a predicate (`$.size > 100`) must be true; any other
--- path (`$ ? (@.kind == "video")`, `$.user`) must find something. Errors inside the path (a
--- string compared with a number) count as no match.
+-- path (`$ ? (@.kind == "video")`, `$.user`) must find something. A predicate whose result is
+-- unknown (a string compared with a number) does not match, nor does a path that errors. A
+-- filter is a predicate when it yields a boolean on an empty object (in lax mode a predicate
+-- over missing keys is false, not unknown; a path finds nothing there).
 CREATE OR REPLACE FUNCTION sluice._payload_matches(payload jsonb, filter jsonpath) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN jsonb_typeof(r) = 'boolean' THEN r = 'true'::jsonb ELSE r IS NOT NULL END
-      FROM (SELECT jsonb_path_query_first(payload, filter, '{}', true) AS r) x
+    SELECT CASE WHEN jsonb_typeof(jsonb_path_query_first('{}', filter, '{}', true)) = 'boolean'
+                THEN coalesce(jsonb_path_match(payload, filter, '{}', true), false)
+                ELSE jsonb_path_exists(payload, filter, '{}', true) END
 $$;
 
 CREATE OR REPLACE FUNCTION sluice._check_filter(filter text, what text) RETURNS void
@@ -197,6 +200,16 @@ BEGIN
     LOOP
         CONTINUE WHEN sub.filter IS NOT NULL
                       AND NOT sluice._payload_matches(payload, sub.filter::jsonpath);
+        -- A subscription whose target was deleted since must not make every push fail.
+        IF (sub.target_kind = 'task'
+            AND NOT EXISTS (SELECT 1 FROM sluice.task_definition d WHERE d.name = sub.target))
+           OR (sub.target_kind = 'workflow'
+            AND NOT EXISTS (SELECT 1 FROM sluice.workflow_definition w WHERE w.name = sub.target))
+        THEN
+            RAISE WARNING 'sluice: event "%" matches subscription % of % "%", which no longer exists; skipped',
+                key, sub.id, sub.target_kind, sub.target;
+            CONTINUE;
+        END IF;
         SELECT * INTO started FROM sluice._start_target(sub.target_kind, sub.target, payload);
         IF started.task_id IS NOT NULL THEN
             tasks := tasks || started.task_id;

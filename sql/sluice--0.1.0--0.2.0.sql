@@ -2471,8 +2471,9 @@ FROM sluice.workflow_run r;
 --
 -- Ticks are wall-clock times in the schedule's zone, computed by sluice._cron_next (Rust, the
 -- `cron` crate) and converted with Postgres' zone database: across a daylight-saving change
--- each wall-clock tick fires once (a tick in the skipped hour fires when the clock jumps, a
--- tick in the repeated hour fires once), so none is repeated or dropped.
+-- each wall-clock tick fires once (a tick in the skipped hour fires as Postgres reads that
+-- time, an hour later by the new clock: 02:30 -> 03:30; a tick in the repeated hour fires once,
+-- at the later of the two instants), so none is repeated or dropped.
 
 CREATE TABLE sluice.cron_schedule (
     name          text PRIMARY KEY CHECK (name <> ''),
@@ -2481,14 +2482,15 @@ CREATE TABLE sluice.cron_schedule (
     target_kind   text NOT NULL CHECK (target_kind IN ('task', 'workflow')),
     target        text NOT NULL,
     input         jsonb NOT NULL DEFAULT '{}',
-    -- ticks missed while Sluice was not running (more than a minute late): 'skip' them, or
-    -- 'run_once' for all of them together
+    -- ticks missed (see sluice._fire_timers: every due tick but the latest, and the latest too
+    -- if more than a minute late): 'skip' them, or 'run_once' for all of them together
     missed        text NOT NULL DEFAULT 'skip' CHECK (missed IN ('skip', 'run_once')),
     -- 'task:<name>' or 'workflow:<name>' for a cron declared in a definition, which
     -- redefining it replaces (sluice._declare_triggers); NULL for sluice.schedule_cron's own
     declared_by   text,
     -- the next tick, wall-clock in time_zone, and when it fires: that instant, or the previous
-    -- tick's if later (a tick in a skipped hour maps to an earlier instant)
+    -- tick's if later (after a skipped hour's ticks, shifted an hour later, the next ones map
+    -- to earlier instants)
     next_tick     timestamp NOT NULL,
     next_at       timestamptz NOT NULL,
     last_tick     timestamp,
@@ -2727,7 +2729,8 @@ BEGIN
     -- The clock, not the transaction's start: the scheduler may read a task as runnable as soon
     -- as its run_at passes.
     SELECT * INTO t FROM sluice.task_run r
-     WHERE r.id = task_id AND r.status = 'queued' AND r.attempt = 0 AND r.run_at > clock_timestamp()
+     WHERE r.id = task_id AND r.status = 'queued' AND r.attempt = 0 AND r.run_id IS NULL
+       AND r.run_at > clock_timestamp()
        FOR UPDATE;
     IF NOT FOUND THEN
         RETURN false;
@@ -2784,10 +2787,11 @@ $$;
 -- Fires what is due, called by the scheduler: cron ticks (up to max_fires schedules) and
 -- scheduled workflow runs (up to max_fires). Returns when the next one is due (NULL: none).
 --
--- Of the ticks due for a schedule, the latest fires if it is less than a minute late; the
--- earlier ones were missed (Sluice was not running, or the schedule was paused by a long
--- transaction): missed = 'skip' drops them, 'run_once' fires the latest whatever its lateness,
--- the run standing for all of them (sluice.cron_fire.missed counts the others).
+-- Of the ticks due for a schedule, the latest fires if it is at most a minute late; the
+-- earlier ones were missed (Sluice was not running, the scheduler was held up for longer than
+-- the schedule's period, or a transaction held the schedule's row): missed = 'skip' drops them,
+-- 'run_once' fires the latest whatever its lateness, the run standing for all of them
+-- (sluice.cron_fire.missed counts the others).
 --
 -- Commits synchronously when it fired anything (the scheduler's own transactions do not wait
 -- for the disk): a tick must not be lost in a crash after its run was seen.
@@ -2949,12 +2953,15 @@ SELECT e.id, e.key, e.payload, e.pushed_at, e.task_ids, e.run_ids, e.woke_task_i
   FROM sluice.event e;
 
 -- Whether a payload matches a filter: a predicate (`$.size > 100`) must be true; any other
--- path (`$ ? (@.kind == "video")`, `$.user`) must find something. Errors inside the path (a
--- string compared with a number) count as no match.
+-- path (`$ ? (@.kind == "video")`, `$.user`) must find something. A predicate whose result is
+-- unknown (a string compared with a number) does not match, nor does a path that errors. A
+-- filter is a predicate when it yields a boolean on an empty object (in lax mode a predicate
+-- over missing keys is false, not unknown; a path finds nothing there).
 CREATE OR REPLACE FUNCTION sluice._payload_matches(payload jsonb, filter jsonpath) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN jsonb_typeof(r) = 'boolean' THEN r = 'true'::jsonb ELSE r IS NOT NULL END
-      FROM (SELECT jsonb_path_query_first(payload, filter, '{}', true) AS r) x
+    SELECT CASE WHEN jsonb_typeof(jsonb_path_query_first('{}', filter, '{}', true)) = 'boolean'
+                THEN coalesce(jsonb_path_match(payload, filter, '{}', true), false)
+                ELSE jsonb_path_exists(payload, filter, '{}', true) END
 $$;
 
 CREATE OR REPLACE FUNCTION sluice._check_filter(filter text, what text) RETURNS void
@@ -3104,6 +3111,16 @@ BEGIN
     LOOP
         CONTINUE WHEN sub.filter IS NOT NULL
                       AND NOT sluice._payload_matches(payload, sub.filter::jsonpath);
+        -- A subscription whose target was deleted since must not make every push fail.
+        IF (sub.target_kind = 'task'
+            AND NOT EXISTS (SELECT 1 FROM sluice.task_definition d WHERE d.name = sub.target))
+           OR (sub.target_kind = 'workflow'
+            AND NOT EXISTS (SELECT 1 FROM sluice.workflow_definition w WHERE w.name = sub.target))
+        THEN
+            RAISE WARNING 'sluice: event "%" matches subscription % of % "%", which no longer exists; skipped',
+                key, sub.id, sub.target_kind, sub.target;
+            CONTINUE;
+        END IF;
         SELECT * INTO started FROM sluice._start_target(sub.target_kind, sub.target, payload);
         IF started.task_id IS NOT NULL THEN
             tasks := tasks || started.task_id;
@@ -3165,12 +3182,13 @@ $$;
 CREATE TABLE sluice.durable_step (
     task_id     bigint NOT NULL,
     seq         int NOT NULL CHECK (seq >= 0),
-    kind        text NOT NULL CHECK (kind IN ('memo', 'sleep', 'wait_event')),
-    -- memo: its name; sleep: 'sleep'; wait_event: the event key
+    kind        text NOT NULL CHECK (kind IN ('memo', 'sleep', 'wait_event', 'wait_children')),
+    -- memo: its name; sleep: 'sleep'; wait_event: the event key; wait_children: 'children'
     name        text NOT NULL,
     -- waiting (a sleep or wait not over yet), done, or timed_out (a wait without its event)
     state       text NOT NULL CHECK (state IN ('waiting', 'done', 'timed_out')),
-    -- memo: the value; wait_event: the event's payload
+    -- memo: the value; wait_event: the event's payload; wait_children: {"tasks": [ids],
+    -- "runs": [ids]}
     value       jsonb,
     -- sleep: its end; wait_event: its timeout (NULL: none)
     wake_at     timestamptz,
@@ -3343,7 +3361,13 @@ BEGIN
            SET state = 'done', value = payload, event_id = _wake_waiters.event_id,
                resolved_at = now()
          WHERE d.kind = 'wait_event' AND d.state = 'waiting' AND d.name = key
+           -- a wait past its timeout has timed out, whether or not its task has run since
+           AND (d.wake_at IS NULL OR d.wake_at > clock_timestamp())
            AND (d.filter IS NULL OR sluice._payload_matches(payload, d.filter::jsonpath))
+           -- only unfinished tasks' waits (a running attempt that replays reads it from its
+           -- step); a cancelled task's wait stays as it was
+           AND EXISTS (SELECT 1 FROM sluice.task_run r
+                        WHERE r.id = d.task_id AND r.status IN ('queued', 'running'))
         RETURNING d.task_id
     )
     SELECT array_agg(DISTINCT e.task_id) INTO woke FROM ended e;
@@ -3361,3 +3385,91 @@ BEGIN
     RETURN woke;
 END
 $$;
+
+-- A wait at `seq` until the given child tasks and child workflow runs have all finished.
+-- Returns 'continue' if they have, 'suspended' if the attempt was suspended meanwhile, 'stale'
+-- if the attempt is not current. The last child to finish makes the parent runnable
+-- (sluice._wake_parent); the suspension also ends by itself after a while (1 s, growing with the
+-- wait to 30 s), so a wake-up lost to a race costs a little latency, never the task.
+CREATE OR REPLACE FUNCTION sluice.durable_wait_children(worker_id bigint, task_id bigint,
+                                                        attempt int, seq int,
+                                                        task_ids bigint[], run_ids bigint[])
+RETURNS text
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    t    sluice.task_run := sluice._current_attempt(worker_id, task_id, attempt);
+    step sluice.durable_step;
+BEGIN
+    IF t.id IS NULL THEN
+        RETURN 'stale';
+    END IF;
+    INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, value, attempt)
+    VALUES (task_id, seq, 'wait_children', 'children', 'waiting',
+            jsonb_build_object('tasks', coalesce(task_ids, '{}'), 'runs', coalesce(run_ids, '{}')),
+            attempt)
+    ON CONFLICT DO NOTHING;
+    SELECT * INTO step FROM sluice.durable_step d
+     WHERE d.task_id = t.id AND d.seq = durable_wait_children.seq;
+    IF step.kind <> 'wait_children' THEN
+        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for wait_children',
+            task_id, seq, step.kind, step.name USING ERRCODE = '22023';
+    END IF;
+    IF step.state = 'done' THEN
+        RETURN 'continue';
+    END IF;
+    -- never `id = ANY('{}')` (see sluice._maintain)
+    IF (cardinality(task_ids) IS NULL OR cardinality(task_ids) = 0
+        OR NOT EXISTS (SELECT 1 FROM sluice.task_run c
+                        WHERE c.id = ANY(task_ids) AND c.status IN ('queued', 'running')))
+       AND (cardinality(run_ids) IS NULL OR cardinality(run_ids) = 0
+        OR NOT EXISTS (SELECT 1 FROM sluice.workflow_run r
+                        WHERE r.id = ANY(run_ids) AND r.status IN ('queued', 'running'))) THEN
+        UPDATE sluice.durable_step d SET state = 'done', resolved_at = now()
+         WHERE d.task_id = t.id AND d.seq = step.seq;
+        RETURN 'continue';
+    END IF;
+    PERFORM sluice._suspend(t, now() + least(interval '30 seconds',
+                                             greatest(interval '1 second',
+                                                      (now() - step.recorded_at) / 4)));
+    RETURN 'suspended';
+END
+$$;
+
+-- A child task or child workflow run finished: if its parent has no unfinished child left and
+-- is suspended waiting for children, it runs again now.
+CREATE OR REPLACE FUNCTION sluice._wake_parent() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM sluice.task_run c
+                    WHERE c.parent_id = NEW.parent_id AND c.status IN ('queued', 'running'))
+       AND NOT EXISTS (SELECT 1 FROM sluice.workflow_run r
+                        WHERE r.parent_id = NEW.parent_id AND r.status IN ('queued', 'running')) THEN
+        UPDATE sluice.task_run p
+           SET run_at = now(),
+               schedule_deadline = now() + coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
+                                                      WHERE d.name = p.task_name), interval '5 minutes')
+         WHERE p.id = NEW.parent_id AND p.status = 'queued' AND p.run_at > now()
+           AND EXISTS (SELECT 1 FROM sluice.durable_step w
+                        WHERE w.task_id = p.id AND w.kind = 'wait_children' AND w.state = 'waiting');
+        IF FOUND THEN
+            PERFORM sluice._wake_scheduler(now());
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER task_run_child_finished
+    AFTER UPDATE OF status ON sluice.task_run
+    FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+          AND NEW.status IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION sluice._wake_parent();
+
+CREATE TRIGGER workflow_run_child_finished
+    AFTER UPDATE OF status ON sluice.workflow_run
+    FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+          AND NEW.status IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION sluice._wake_parent();

@@ -174,3 +174,102 @@ fn only_fetched_attempts_count_as_lost() {
     .unwrap();
     assert_eq!(outcomes.as_deref(), Some("1:lost,2:lost"));
 }
+
+/// Every tick from `start` (a wall-clock time in `zone`) for `n` ticks, as UTC instants, the
+/// way the scheduler walks them (sluice._cron_next_at from the previous tick).
+fn ticks(cron: &str, zone: &str, start: &str, n: i32) -> Vec<String> {
+    Spi::get_one_with_args::<Vec<String>>(
+        "WITH RECURSIVE walk(i, tick, at) AS (
+             SELECT 1, n.tick, n.at FROM sluice._cron_next_at($1, $2, $3::timestamp, '-infinity') n
+             UNION ALL
+             SELECT w.i + 1, n.tick, n.at FROM walk w,
+                    LATERAL sluice._cron_next_at($1, $2, w.tick, w.at) n
+              WHERE w.i < $4)
+         SELECT array_agg(to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') ORDER BY i) FROM walk",
+        &[cron.into(), zone.into(), start.into(), n.into()],
+    )
+    .unwrap()
+    .unwrap()
+}
+
+#[pg_test]
+fn zoned_cron_ticks_are_neither_repeated_nor_dropped_across_dst() {
+    // New York: clocks jump 02:00 -> 03:00 on 2026-03-08, fall back 02:00 -> 01:00 on 2026-11-01.
+    // A daily tick inside the skipped hour fires when the clock jumps (03:30 EDT = 07:30 UTC)...
+    assert_eq!(
+        ticks("30 2 * * *", "America/New_York", "2026-03-07 00:00", 3),
+        ["2026-03-07 07:30", "2026-03-08 07:30", "2026-03-09 06:30"]
+    );
+    // ...and one inside the repeated hour fires once.
+    assert_eq!(
+        ticks("30 1 * * *", "America/New_York", "2026-10-31 00:00", 3),
+        ["2026-10-31 05:30", "2026-11-01 06:30", "2026-11-02 06:30"]
+    );
+    // Half-hourly across the fall-back: every wall-clock time once, in order, none twice (an
+    // ambiguous wall-clock time is the later instant, as Postgres reads it).
+    assert_eq!(
+        ticks("*/30 * * * *", "America/New_York", "2026-11-01 00:45", 4),
+        ["2026-11-01 06:00", "2026-11-01 06:30", "2026-11-01 07:00", "2026-11-01 07:30"]
+    );
+    // UTC is the default zone and has no such gaps.
+    assert_eq!(
+        ticks("0 3 * * 1", "UTC", "2026-11-23 00:00", 2),
+        ["2026-11-23 03:00", "2026-11-30 03:00"]
+    );
+}
+
+#[pg_test]
+fn schedule_cron_rejects_bad_expressions_zones_targets_and_policies() {
+    Spi::run("SELECT sluice.define_task('cron_target')").unwrap();
+    let bad = outcome("SELECT sluice.schedule_cron('c', '* * *', 'cron_target')");
+    assert!(bad.starts_with("22023: invalid cron expression \"* * *\""), "{bad}");
+    let range = outcome("SELECT sluice.schedule_cron('c', '61 * * * *', 'cron_target')");
+    assert!(range.starts_with("22023: invalid cron expression \"61 * * * *\""), "{range}");
+    let dow = outcome("SELECT sluice.schedule_cron('c', '0 0 * * 9', 'cron_target')");
+    assert!(dow.contains("day of week 9 is out of range"), "{dow}");
+    let zone = outcome("SELECT sluice.schedule_cron('c', '@daily', 'cron_target', time_zone => 'Mars/Olympus')");
+    assert!(zone.starts_with("22023: time zone \"Mars/Olympus\" not recognized"), "{zone}");
+    let target = outcome("SELECT sluice.schedule_cron('c', '@daily', 'no_such_thing')");
+    assert!(target.starts_with("42704: unknown task or workflow \"no_such_thing\""), "{target}");
+    let missed = outcome("SELECT sluice.schedule_cron('c', '@daily', 'cron_target', missed => 'sometimes')");
+    assert!(missed.starts_with("22023: missed must be 'skip' or 'run_once'"), "{missed}");
+    assert_eq!(outcome("SELECT sluice.schedule_cron('c', '@daily', 'task:cron_target')"), "ok");
+    // Rescheduling with the same expression keeps the next tick; nothing fired meanwhile.
+    let same = Spi::get_one::<bool>(
+        "SELECT sluice.schedule_cron('c', '@daily', 'cron_target') = next_fire_at FROM sluice.crons WHERE name = 'c'",
+    )
+    .unwrap();
+    assert_eq!(same, Some(true));
+}
+
+#[pg_test]
+fn events_validate_keys_payloads_and_filters() {
+    Spi::run("SELECT sluice.define_task('event_target')").unwrap();
+    let key = outcome("SELECT sluice.push_event('', '{}')");
+    assert!(key.starts_with("22023: event key must be a non-empty string"), "{key}");
+    let payload = outcome("SELECT sluice.push_event('k', NULL)");
+    assert!(payload.starts_with("22004: payload must not be NULL"), "{payload}");
+    let filter = outcome("SELECT sluice.subscribe('k', 'event_target', '$$ nope')");
+    assert!(filter.starts_with("22023: invalid jsonpath filter '$$ nope'"), "{filter}");
+    // Filters: a predicate must hold; another path must find something.
+    let matches = Spi::get_one::<Vec<bool>>(
+        "SELECT ARRAY[sluice._payload_matches('{\"size\": 20}', '$.size > 10'),
+                      sluice._payload_matches('{\"size\": 2}', '$.size > 10'),
+                      sluice._payload_matches('{\"size\": \"x\"}', '$.size > 10'),
+                      sluice._payload_matches('{\"kind\": \"video\"}', '$ ? (@.kind == \"video\")'),
+                      sluice._payload_matches('{\"kind\": \"image\"}', '$ ? (@.kind == \"video\")')]",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(matches, [true, false, false, true, false]);
+    // A wildcard subscription starts one task per matching push, with the payload as input.
+    Spi::run("SELECT sluice.subscribe('media:*', 'event_target')").unwrap();
+    Spi::run("SELECT sluice.push_event('media:uploaded', '{\"n\": 1}')").unwrap();
+    Spi::run("SELECT sluice.push_event('mediaXuploaded', '{\"n\": 2}')").unwrap();
+    let inputs = Spi::get_one::<Vec<String>>(
+        "SELECT array_agg(input::text ORDER BY id) FROM sluice.tasks WHERE task_name = 'event_target'",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(inputs, ["{\"n\": 1}"]);
+}

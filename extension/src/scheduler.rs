@@ -615,7 +615,7 @@ impl Scheduler {
         if self.timers_due.is_none_or(|due| due <= now) {
             // Before the arrivals read: a task a cron tick enqueues waits for the next tick
             // (its row is not committed yet), which the wake-up at commit brings at once.
-            self.timers_due = Some(fire_timers(client));
+            self.timers_due = Some(fire_timers(client, now));
         }
         soon |= read_arrivals(client, statements, &self.definitions, &mut self.queue, now);
         // After the read: the steps this starts are committed with the tick and read by the
@@ -1266,7 +1266,7 @@ fn purge_finished(client: &mut SpiClient<'_>, after: &mut [Micros; 6]) -> (usize
 
 /// Fires due cron ticks and starts due scheduled workflow runs; returns when it is next due.
 /// A schedule or run that cannot start is passed over inside (its error kept on its row).
-fn fire_timers(client: &mut SpiClient<'_>) -> Micros {
+fn fire_timers(client: &mut SpiClient<'_>, now: Micros) -> Micros {
     let next = client
         .update(
             "SELECT sluice._fire_timers($1)",
@@ -1275,7 +1275,13 @@ fn fire_timers(client: &mut SpiClient<'_>) -> Micros {
         )
         .expect("sluice._fire_timers failed");
     let next: Option<TimestampWithTimeZone> = next.first().get(1).ok().flatten();
-    next.map_or(i64::MAX, pg_sys::TimestampTz::from)
+    match next.map(pg_sys::TimestampTz::from) {
+        None => i64::MAX,
+        // Still due: a schedule a user's transaction holds (skipped), or more than one call's
+        // worth. Again shortly, not in a busy loop.
+        Some(at) if at <= now => now + 50_000,
+        Some(at) => at,
+    }
 }
 
 /// Deletes events and fired cron ticks past their retention (sluice.event_retention,

@@ -630,3 +630,54 @@ pub async fn task_state(client: &Client, task_id: i64) -> (String, i32, Option<S
         .unwrap_or_else(|e| panic!("reading task {task_id}: {e}"));
     (r.get(0), r.get(1), r.get(2))
 }
+
+// Durable tasks --------------------------------------------------------------------------------
+
+/// The test tables of [`create_test_tables`] plus `sluice_test.memo_run`: one row per run of a
+/// durable memo step's closure in the test worker (autocommit, so a killed process leaves its
+/// trace).
+pub async fn create_durable_test_tables(client: &Client) {
+    create_test_tables(client).await;
+    client
+        .batch_execute(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock(7300001);
+             CREATE TABLE IF NOT EXISTS sluice_test.memo_run (
+                 task_id bigint NOT NULL, attempt int NOT NULL, step text NOT NULL,
+                 worker_pid int NOT NULL, ran_at timestamptz NOT NULL);
+             CREATE INDEX IF NOT EXISTS memo_run_task_idx ON sluice_test.memo_run (task_id);
+             COMMIT;",
+        )
+        .await
+        .expect("creating sluice_test.memo_run");
+}
+
+/// The memo closures the test worker ran for a task: (step, attempt, worker pid), in run order.
+pub async fn memo_runs(client: &Client, task_id: i64) -> Vec<(String, i32, i32)> {
+    client
+        .query(
+            "SELECT step, attempt, worker_pid FROM sluice_test.memo_run
+              WHERE task_id = $1 ORDER BY ran_at",
+            &[&task_id],
+        )
+        .await
+        .expect("reading sluice_test.memo_run")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// A task's durable record (sluice.durable_steps) as (seq, kind, name, state), by seq.
+pub async fn durable_steps(client: &Client, task_id: i64) -> Vec<(i32, String, String, String)> {
+    client
+        .query(
+            "SELECT seq, kind, name, state FROM sluice.durable_steps
+              WHERE task_id = $1 ORDER BY seq",
+            &[&task_id],
+        )
+        .await
+        .expect("reading sluice.durable_steps")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}

@@ -180,10 +180,11 @@ impl TaskContext {
     }
 
     /// Waits until every given workflow run has finished and returns their states, in order.
-    /// Returns early with an error if this attempt is told to stop.
+    /// A durable step: while runs are unfinished the task is suspended (no slot held; a
+    /// `Suspended` error to propagate with `?`) and runs again when the last child finishes.
     pub async fn wait_runs(&self, run_ids: &[i64]) -> Result<Vec<crate::RunState>, Error> {
-        let mut delay = Duration::from_millis(50);
-        loop {
+        self.wait_for_children(&[], run_ids).await?;
+        {
             let rows = {
                 let connection = self.shared.pool.checkout().await?;
                 connection
@@ -210,29 +211,33 @@ impl TaskContext {
                     .get(id)
                     .is_none_or(|s| !["queued", "running"].contains(&s.status.as_str()))
             });
-            if done {
-                return run_ids
-                    .iter()
-                    .map(|id| {
-                        found.remove(id).ok_or_else(|| {
-                            Error::config(format!("child run {id} no longer exists"))
-                        })
-                    })
-                    .collect();
+            if !done {
+                return Err(Error::protocol(format!(
+                    "durable task {}: its child runs are not all finished after the wait",
+                    self.task_id()
+                )));
             }
-            self.pause(&mut delay, "waiting for its child runs").await?;
+            run_ids
+                .iter()
+                .map(|id| {
+                    found
+                        .remove(id)
+                        .ok_or_else(|| Error::config(format!("child run {id} no longer exists")))
+                })
+                .collect()
         }
     }
 
-    /// Waits until every given child has finished (polling, 50 ms growing to 1 s) and returns
-    /// their outcomes in the same order, outputs read as `O` (the child task's `Output`).
-    /// Returns early with an error if this attempt is told to stop.
+    /// Waits until every given child has finished and returns their outcomes in the same
+    /// order, outputs read as `O` (the child task's `Output`). A durable step: while children
+    /// are unfinished the task is suspended (no slot held; a `Suspended` error to propagate with
+    /// `?`) and runs again, replaying, when the last one finishes.
     pub async fn wait_children<O: serde::de::DeserializeOwned>(
         &self,
         ids: &[i64],
     ) -> Result<Vec<ChildOutcome<O>>, Error> {
-        let mut delay = Duration::from_millis(50);
-        loop {
+        self.wait_for_children(ids, &[]).await?;
+        {
             let rows = {
                 let connection = self.shared.pool.checkout().await?;
                 connection
@@ -266,9 +271,14 @@ impl TaskContext {
                     .get(id)
                     .is_some_and(|(s, _, _)| s == "queued" || s == "running")
             });
-            if !open {
-                return ids
-                    .iter()
+            if open {
+                return Err(Error::protocol(format!(
+                    "durable task {}: its children are not all finished after the wait",
+                    self.task_id()
+                )));
+            }
+            {
+                ids.iter()
                     .map(|id| {
                         let Some((status, output, error)) = found.remove(id) else {
                             return Ok(ChildOutcome {
@@ -289,23 +299,49 @@ impl TaskContext {
                             result,
                         })
                     })
-                    .collect();
+                    .collect()
             }
-            self.pause(&mut delay, "waiting for its children").await?;
         }
     }
 
-    /// Sleeps `delay` (then doubles it, up to 1 s) while polling; an error if the attempt is
-    /// told to stop meanwhile.
-    async fn pause(&self, delay: &mut Duration, doing: &str) -> Result<(), Error> {
-        tokio::select! {
-            _ = tokio::time::sleep(*delay) => {}
-            _ = self.cancelled() => {
-                return Err(Error::attempt_stopped(self.task_id(), self.attempt(), doing));
+    /// The durable wait behind wait_children and wait_runs: returns once every child has
+    /// finished, else suspends the task.
+    async fn wait_for_children(&self, task_ids: &[i64], run_ids: &[i64]) -> Result<(), Error> {
+        let seq = self.shared.next_step.fetch_add(1, Ordering::SeqCst);
+        if let Some(step) = self.recorded(seq).await? {
+            self.expect_step(seq, &step, "wait_children", "children")?;
+            if step.state == "done" {
+                return Ok(());
             }
         }
-        *delay = (*delay * 2).min(Duration::from_secs(1));
-        Ok(())
+        let connection = self.shared.pool.checkout().await?;
+        let row = connection
+            .client()
+            .query_typed_one(
+                "SELECT sluice.durable_wait_children($1, $2, $3, $4, $5, $6)",
+                &[
+                    (&self.worker_id(), Type::INT8),
+                    (&self.task_id(), Type::INT8),
+                    (&self.attempt(), Type::INT4),
+                    (&seq, Type::INT4),
+                    (&task_ids, Type::INT8_ARRAY),
+                    (&run_ids, Type::INT8_ARRAY),
+                ],
+            )
+            .await
+            .map_err(|e| Error::postgres("waiting for children failed", e))?;
+        let outcome: String = row
+            .try_get(0)
+            .map_err(|e| Error::postgres("reading the wait result", e))?;
+        match outcome.as_str() {
+            "continue" => Ok(()),
+            "suspended" => Err(self.suspend("until its children finish")),
+            _ => Err(Error::attempt_stopped(
+                self.task_id(),
+                self.attempt(),
+                "waiting for its children",
+            )),
+        }
     }
 
     // Durable steps ------------------------------------------------------------------------

@@ -107,6 +107,14 @@ impl Error {
         }
     }
 
+    pub(crate) fn protocol(message: impl Into<String>) -> Self {
+        Error {
+            kind: ErrorKind::Protocol,
+            context: message.into(),
+            source: None,
+        }
+    }
+
     pub(crate) fn suspended(task_id: i64, attempt: i32, until: &str) -> Self {
         Error {
             kind: ErrorKind::Suspended,

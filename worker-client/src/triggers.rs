@@ -11,13 +11,16 @@ use tokio_postgres::GenericClient;
 
 use crate::error::Error;
 
-/// What happens to cron ticks missed while Sluice was not running (more than a minute late).
+/// What happens to missed cron ticks. When the scheduler finds several ticks of a schedule due
+/// at once (Sluice was not running, or was held up for longer than the schedule's period), the
+/// latest fires if it is at most a minute late and the earlier ones are missed; the latest is
+/// missed too if it is later than that.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MissedTicks {
     /// Drop them; the schedule goes on with its next tick.
     #[default]
     Skip,
-    /// Run once for all of them.
+    /// Fire the latest due tick whatever its lateness, one run standing for all of them.
     RunOnce,
 }
 

@@ -12,6 +12,14 @@
 //!   {"fail_unless_flag": "name"}         fail (fatally) unless sluice_test.flag has that name
 //!   {"spawn": {"task", "count", "batch", "pause_ms"}}  spawn children, wait, count successes
 //!   {"spawn_runs": {"workflow", "inputs"}}  spawn child workflow runs, wait, count successes
+//!   {"durable_memo": {"steps", "pause_after", "pause_ms"}}  a durable task: memo steps
+//!                                        "step1".."step<steps>", each logging its run in
+//!                                        sluice_test.memo_run (autocommit) and memoising
+//!                                        {"step", "attempt", "worker_pid"}; after step
+//!                                        `pause_after`, if that step ran in this execution (not
+//!                                        replayed), mark the execution 'paused_after_memo' and
+//!                                        pause pause_ms (the test kills the process there).
+//!                                        Output "memos": the values, in order.
 //! A handler that sees its cancellation signal records outcome 'cancelled'.
 //! Output: {"worker_pid": pid, "attempt": attempt}.
 
@@ -59,6 +67,18 @@ struct Input {
     parents: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     skipped: Option<Vec<String>>,
+    /// Durable memo steps (see the module comment).
+    #[serde(default)]
+    durable_memo: Option<DurableMemo>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct DurableMemo {
+    steps: u32,
+    #[serde(default)]
+    pause_after: u32,
+    #[serde(default)]
+    pause_ms: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -90,6 +110,9 @@ struct Output {
     children_succeeded: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     children: Option<usize>,
+    /// For a durable_memo task: the memoised values, in step order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memos: Option<Vec<serde_json::Value>>,
 }
 
 impl TaskDefinition for TestTask {
@@ -203,6 +226,42 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
             outcomes.len(),
         ));
     }
+    let mut memos = None;
+    if let Some(plan) = &input.durable_memo {
+        let mut values = Vec::new();
+        for step in 1..=plan.steps {
+            let name = format!("step{step}");
+            let ran = std::sync::atomic::AtomicBool::new(false);
+            let value: serde_json::Value = ctx
+                .memo(&name, || async {
+                    ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                    log.execute(
+                        "INSERT INTO sluice_test.memo_run (task_id, attempt, step, worker_pid, ran_at)
+                         VALUES ($1, $2, $3, $4, clock_timestamp())",
+                        &[&ctx.task_id(), &ctx.attempt(), &name, &pid],
+                    )
+                    .await?;
+                    Ok(serde_json::json!({
+                        "step": step, "attempt": ctx.attempt(), "worker_pid": pid
+                    }))
+                })
+                .await?;
+            values.push(value);
+            if step == plan.pause_after
+                && plan.pause_ms > 0
+                && ran.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                log.execute(
+                    "UPDATE sluice_test.execution SET outcome = 'paused_after_memo'
+                      WHERE task_id = $1 AND attempt = $2 AND worker_pid = $3",
+                    &[&ctx.task_id(), &ctx.attempt(), &pid],
+                )
+                .await?;
+                tokio::time::sleep(Duration::from_millis(plan.pause_ms)).await;
+            }
+        }
+        memos = Some(values);
+    }
     let output = Output {
         worker_pid: pid as u32,
         attempt: ctx.attempt(),
@@ -210,6 +269,7 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
         skipped: step_skipped,
         children_succeeded: children.map(|c| c.0),
         children: children.map(|c| c.1),
+        memos,
     };
     let (task_id, attempt) = (ctx.task_id(), ctx.attempt());
     let finish_params: [&(dyn ToSql + Sync); 3] = [&task_id, &attempt, &pid];
