@@ -1116,13 +1116,16 @@ CREATE VIEW sluice.runs AS
 SELECT r.id,
        r.workflow,
        r.version,
-       -- queued until one of its steps has been claimed (or finished, or skipped)
+       -- queued until one of its steps has been claimed (or finished, or skipped); a step
+       -- whose task was claimed before and is queued again (a retry, a durable step's wait)
+       -- counts as claimed
        CASE WHEN r.status = 'running' AND NOT EXISTS (
                 SELECT 1 FROM sluice.workflow_step w
                   LEFT JOIN sluice.task_run t ON t.id = w.task_id
                  WHERE w.run_id = r.id
                    AND (w.status NOT IN ('pending', 'started')
-                        OR (w.status = 'started' AND t.status IS DISTINCT FROM 'queued')))
+                        OR (w.status = 'started'
+                            AND (t.status IS DISTINCT FROM 'queued' OR t.attempt > 0))))
             THEN 'queued'::sluice.task_status
             ELSE r.status END AS status,
        r.input,

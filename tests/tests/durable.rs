@@ -1178,3 +1178,103 @@ async fn sleeping_durable_tasks_on_a_one_slot_worker_sleep_at_the_same_time() {
     assert_eq!(calls.load(Ordering::SeqCst), 6, "two runs per task");
     worker.stop().await;
 }
+
+// 6. A workflow step that waits for an event -----------------------------------------------------
+
+#[derive(Serialize, Deserialize, Clone)]
+struct ApprovalRun {
+    key: String,
+}
+
+task_type!(
+    AwaitApproval,
+    "durable_step_await",
+    sluice_client::StepInput<ApprovalRun>,
+    Value
+);
+
+/// A workflow step's task is a task like any other: it can wait for an event, suspended
+/// without a slot, and the run goes on with the event's payload as the step's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_step_waits_for_an_event_without_a_slot_and_the_run_goes_on() {
+    let client = connect(&shared_dsn()).await;
+    define_task(&client, AwaitApproval::name(), &TaskOptions::default())
+        .await
+        .expect("defining the step task");
+    let workflow = unique("durable_approval_wf");
+    let mut builder = sluice_client::WorkflowBuilder::<ApprovalRun>::new(workflow.clone());
+    builder.step::<AwaitApproval>("await_approval", &[]);
+    builder
+        .define(&client)
+        .await
+        .expect("defining the workflow");
+
+    let (worker_builder, name) = worker_builder("durable_step_waiter", 1);
+    let worker_builder = worker_builder.task::<AwaitApproval, _, _>(|ctx, input| async move {
+        let payload = ctx
+            .wait_for_event(&input.input.key, None, Some(Duration::from_secs(60)))
+            .await?;
+        Ok(json!({ "approved_by": payload.and_then(|p| p.get("by").cloned()) }))
+    });
+    let worker = start_worker(&client, worker_builder, name).await;
+
+    let key = unique("durable_approval");
+    let run_id = sluice_client::run_workflow(&client, &workflow, &ApprovalRun { key: key.clone() })
+        .await
+        .expect("starting the run");
+    let task_id: i64 = wait_until(
+        Duration::from_secs(30),
+        "the step to suspend on its wait",
+        || async {
+            let row = client
+                .query_opt(
+                    "SELECT t.id FROM sluice.tasks t
+                   JOIN sluice.durable_steps d ON d.task_id = t.id AND d.kind = 'wait_event'
+                  WHERE t.run_id = $1 AND t.status = 'queued' AND d.state = 'waiting'",
+                    &[&run_id],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            row.map(|r| r.get::<_, i64>(0))
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+    .await;
+    assert_eq!(
+        worker.running(&client).await,
+        0,
+        "the waiting step holds no slot"
+    );
+    let status: String = client
+        .query_one(
+            "SELECT status::text FROM sluice.runs WHERE id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "running", "the run waits with its step");
+
+    let event = push_event(&client, &key, &json!({"by": "ann"}))
+        .await
+        .expect("pushing");
+    assert_eq!(woke_task_ids(&client, event).await, Some(vec![task_id]));
+    let output: Value = wait_until(Duration::from_secs(30), "the run to succeed", || async {
+        let row = client
+            .query_one(
+                "SELECT status::text, steps->'await_approval'->'output' FROM sluice.runs WHERE id = $1",
+                &[&run_id],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let status: String = row.get(0);
+        match status.as_str() {
+            "succeeded" => Ok(row.get::<_, Value>(1)),
+            "failed" | "cancelled" => panic!("run {run_id} ended {status}"),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
+    assert_eq!(output, json!({"approved_by": "ann"}));
+    worker.stop().await;
+}
