@@ -3239,6 +3239,24 @@ BEGIN
 END
 $$;
 
+-- The step recorded at `seq`, which must be the one the handler asks for: else the replay
+-- diverged (22023, naming both).
+CREATE OR REPLACE FUNCTION sluice._recorded_step(task_id bigint, seq int, kind text, name text)
+RETURNS sluice.durable_step
+LANGUAGE plpgsql AS $$
+DECLARE
+    step sluice.durable_step;
+BEGIN
+    SELECT * INTO step FROM sluice.durable_step d
+     WHERE d.task_id = _recorded_step.task_id AND d.seq = _recorded_step.seq;
+    IF step.kind IS DISTINCT FROM kind OR step.name IS DISTINCT FROM name THEN
+        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %("%") there, the handler asked for %("%")',
+            task_id, seq, step.kind, step.name, kind, name USING ERRCODE = '22023';
+    END IF;
+    RETURN step;
+END
+$$;
+
 -- The task's record, in order (what a new attempt replays).
 CREATE OR REPLACE FUNCTION sluice.durable_record(task_id bigint)
 RETURNS TABLE (seq int, kind text, name text, state text, value jsonb, wake_at timestamptz)
@@ -3287,11 +3305,7 @@ BEGIN
     VALUES (task_id, seq, 'sleep', 'sleep', 'waiting',
             coalesce(wake_at, clock_timestamp() + duration, clock_timestamp()), attempt)
     ON CONFLICT DO NOTHING;
-    SELECT * INTO step FROM sluice.durable_step d WHERE d.task_id = t.id AND d.seq = durable_sleep.seq;
-    IF step.kind <> 'sleep' THEN
-        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for a sleep',
-            task_id, seq, step.kind, step.name USING ERRCODE = '22023';
-    END IF;
+    step := sluice._recorded_step(task_id, seq, 'sleep', 'sleep');
     IF step.wake_at <= clock_timestamp() THEN
         UPDATE sluice.durable_step d SET state = 'done', resolved_at = coalesce(d.resolved_at, now())
          WHERE d.task_id = t.id AND d.seq = step.seq AND d.state <> 'done';
@@ -3330,12 +3344,7 @@ BEGIN
     INSERT INTO sluice.durable_step (task_id, seq, kind, name, state, wake_at, filter, attempt)
     VALUES (task_id, seq, 'wait_event', key, 'waiting', clock_timestamp() + timeout, filter, attempt)
     ON CONFLICT DO NOTHING;
-    SELECT * INTO step FROM sluice.durable_step d
-     WHERE d.task_id = t.id AND d.seq = durable_wait_event.seq;
-    IF step.kind <> 'wait_event' OR step.name <> key THEN
-        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for wait_for_event(%)',
-            task_id, seq, step.kind, step.name, key USING ERRCODE = '22023';
-    END IF;
+    step := sluice._recorded_step(task_id, seq, 'wait_event', key);
     IF step.state = 'waiting' AND step.wake_at <= clock_timestamp() THEN
         UPDATE sluice.durable_step d SET state = 'timed_out', resolved_at = now()
          WHERE d.task_id = t.id AND d.seq = step.seq AND d.state = 'waiting'
@@ -3412,12 +3421,7 @@ BEGIN
             jsonb_build_object('tasks', coalesce(task_ids, '{}'), 'runs', coalesce(run_ids, '{}')),
             attempt)
     ON CONFLICT DO NOTHING;
-    SELECT * INTO step FROM sluice.durable_step d
-     WHERE d.task_id = t.id AND d.seq = durable_wait_children.seq;
-    IF step.kind <> 'wait_children' THEN
-        RAISE EXCEPTION 'durable task %: replay diverged at step %: the record has %(%) there, the handler asked for wait_children',
-            task_id, seq, step.kind, step.name USING ERRCODE = '22023';
-    END IF;
+    step := sluice._recorded_step(task_id, seq, 'wait_children', 'children');
     IF step.state = 'done' THEN
         RETURN 'continue';
     END IF;

@@ -681,3 +681,48 @@ pub async fn durable_steps(client: &Client, task_id: i64) -> Vec<(i32, String, S
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect()
 }
+
+/// Expects a client call to have failed with SQLSTATE `code`; returns the error's text (the
+/// client's context and Postgres' message).
+pub fn client_error<T: std::fmt::Debug>(
+    what: &str,
+    result: Result<T, sluice_client::Error>,
+    code: &str,
+) -> String {
+    let error = match result {
+        Ok(v) => panic!("{what} should have failed with {code}, returned {v:?}"),
+        Err(e) => e,
+    };
+    assert_eq!(
+        error.kind(),
+        sluice_client::ErrorKind::Db,
+        "{what}: {error}"
+    );
+    assert_eq!(
+        error.code().map(|c| c.code()),
+        Some(code),
+        "{what}: {error}"
+    );
+    error.to_string()
+}
+
+/// Waits until the workflow run is no longer queued or running; returns its sluice.runs row as
+/// JSON.
+pub async fn wait_run(client: &Client, run_id: i64, timeout: Duration) -> serde_json::Value {
+    wait_until(timeout, &format!("run {run_id} to finish"), || async {
+        let row: serde_json::Value = client
+            .query_one(
+                "SELECT to_jsonb(r) FROM sluice.runs r WHERE r.id = $1",
+                &[&run_id],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if ["succeeded", "failed", "cancelled"].contains(&row["status"].as_str().unwrap_or("")) {
+            Ok(row)
+        } else {
+            Err(row.to_string())
+        }
+    })
+    .await
+}

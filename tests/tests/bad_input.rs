@@ -30,25 +30,6 @@ async fn sql_error(
     }
 }
 
-/// Expects a client call to have failed with `code`; returns the error's text.
-fn client_error<T: std::fmt::Debug>(
-    what: &str,
-    result: Result<T, sluice_client::Error>,
-    code: &str,
-) -> String {
-    let error = match result {
-        Ok(v) => panic!("{what} should have failed with {code}, returned {v:?}"),
-        Err(e) => e,
-    };
-    assert_eq!(error.kind(), ErrorKind::Db, "{what}: {error}");
-    assert_eq!(
-        error.code().map(|c| c.code()),
-        Some(code),
-        "{what}: {error}"
-    );
-    error.to_string()
-}
-
 struct Typed;
 static TYPED_NAME: OnceLock<String> = OnceLock::new();
 impl TaskDefinition for Typed {

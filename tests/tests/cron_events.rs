@@ -5,7 +5,7 @@
 //! processes then run.
 
 use serde_json::{json, Value};
-use sluice_client::{Cron, ErrorKind, MissedTicks};
+use sluice_client::{Cron, MissedTicks};
 use sluice_tests::*;
 use std::time::{Duration, SystemTime};
 use tokio_postgres::types::ToSql;
@@ -26,31 +26,6 @@ async fn sql_error(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -
             (db.code().code().to_string(), db.message().to_string())
         }
     }
-}
-
-/// Expects a client call to have failed with SQLSTATE `code`; returns the error's text (the
-/// client's context plus Postgres' message).
-fn client_error<T: std::fmt::Debug>(
-    what: &str,
-    result: Result<T, sluice_client::Error>,
-    code: &str,
-) -> String {
-    let error = match result {
-        Ok(v) => panic!("{what} should have failed with {code}, returned {v:?}"),
-        Err(e) => e,
-    };
-    assert_eq!(error.kind(), ErrorKind::Db, "{what}: {error}");
-    assert_eq!(
-        error.code().map(|c| c.code()),
-        Some(code),
-        "{what}: {error}"
-    );
-    let db_message = error
-        .as_postgres()
-        .and_then(|e| e.as_db_error())
-        .map(|d| d.message().to_string())
-        .unwrap_or_default();
-    format!("{error} | {db_message}")
 }
 
 /// The fired ticks of a schedule, in tick order: (tick as epoch seconds, missed, task id).
@@ -158,26 +133,6 @@ async fn runs_of(client: &Client, workflow: &str) -> Vec<i64> {
         .iter()
         .map(|r| r.get(0))
         .collect()
-}
-
-/// Waits until the run is no longer queued or running; returns its sluice.runs row as JSON.
-async fn wait_run(client: &Client, run_id: i64, timeout: Duration) -> Value {
-    wait_until(timeout, &format!("run {run_id} to finish"), || async {
-        let row: Value = client
-            .query_one(
-                "SELECT to_jsonb(r) FROM sluice.runs r WHERE r.id = $1",
-                &[&run_id],
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0);
-        if ["succeeded", "failed", "cancelled"].contains(&row["status"].as_str().unwrap_or("")) {
-            Ok(row)
-        } else {
-            Err(row.to_string())
-        }
-    })
-    .await
 }
 
 /// The database's clock, as epoch seconds.

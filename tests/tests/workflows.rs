@@ -36,26 +36,6 @@ async fn run(client: &Client, name: &str, input: Value) -> i64 {
         .get(0)
 }
 
-/// Waits until the run is no longer running; returns its sluice.runs row as JSON.
-async fn wait_run(client: &Client, run_id: i64, timeout: Duration) -> Value {
-    wait_until(timeout, &format!("run {run_id} to finish"), || async {
-        let row: Value = client
-            .query_one(
-                "SELECT to_jsonb(r) FROM sluice.runs r WHERE r.id = $1",
-                &[&run_id],
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0);
-        if ["succeeded", "failed", "cancelled"].contains(&row["status"].as_str().unwrap_or("")) {
-            Ok(row)
-        } else {
-            Err(row.to_string())
-        }
-    })
-    .await
-}
-
 /// Waits until every step of the run has a final status (after the run itself finished, the
 /// cancellations of its other steps are applied by the scheduler).
 async fn wait_steps_final(client: &Client, run_id: i64) -> Value {

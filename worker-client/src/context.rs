@@ -314,33 +314,47 @@ impl TaskContext {
                 return Ok(());
             }
         }
+        self.wait_or_suspend(
+            "SELECT sluice.durable_wait_children($1, $2, $3, $4, $5, $6)",
+            seq,
+            &[(&task_ids, Type::INT8_ARRAY), (&run_ids, Type::INT8_ARRAY)],
+            "waiting for its children",
+            "until its children finish",
+        )
+        .await
+    }
+
+    /// Calls a durable wait (`sql`: the worker, task, attempt and step number, then `extra`)
+    /// that answers 'continue' (the wait is over), 'suspended' or 'stale'.
+    async fn wait_or_suspend(
+        &self,
+        sql: &str,
+        seq: i32,
+        extra: &[(&(dyn ToSql + Sync), Type)],
+        doing: &str,
+        until: &str,
+    ) -> Result<(), Error> {
+        let (worker_id, task_id, attempt) = (self.worker_id(), self.task_id(), self.attempt());
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&worker_id, Type::INT8),
+            (&task_id, Type::INT8),
+            (&attempt, Type::INT4),
+            (&seq, Type::INT4),
+        ];
+        params.extend_from_slice(extra);
         let connection = self.shared.pool.checkout().await?;
         let row = connection
             .client()
-            .query_typed_one(
-                "SELECT sluice.durable_wait_children($1, $2, $3, $4, $5, $6)",
-                &[
-                    (&self.worker_id(), Type::INT8),
-                    (&self.task_id(), Type::INT8),
-                    (&self.attempt(), Type::INT4),
-                    (&seq, Type::INT4),
-                    (&task_ids, Type::INT8_ARRAY),
-                    (&run_ids, Type::INT8_ARRAY),
-                ],
-            )
+            .query_typed_one(sql, &params)
             .await
-            .map_err(|e| Error::postgres("waiting for children failed", e))?;
+            .map_err(|e| Error::postgres(format!("{doing} failed"), e))?;
         let outcome: String = row
             .try_get(0)
-            .map_err(|e| Error::postgres("reading the wait result", e))?;
+            .map_err(|e| Error::postgres(format!("reading the result of {doing}"), e))?;
         match outcome.as_str() {
             "continue" => Ok(()),
-            "suspended" => Err(self.suspend("until its children finish")),
-            _ => Err(Error::attempt_stopped(
-                self.task_id(),
-                self.attempt(),
-                "waiting for its children",
-            )),
+            "suspended" => Err(self.suspend(until)),
+            _ => Err(Error::attempt_stopped(task_id, attempt, doing)),
         }
     }
 
@@ -430,34 +444,14 @@ impl TaskContext {
             }
         }
         let duration = micros.map(|m| format!("{m} microseconds"));
-        let connection = self.shared.pool.checkout().await?;
-        let row = connection
-            .client()
-            .query_typed_one(
-                "SELECT sluice.durable_sleep($1, $2, $3, $4, $5, $6::interval)",
-                &[
-                    (&self.worker_id(), Type::INT8),
-                    (&self.task_id(), Type::INT8),
-                    (&self.attempt(), Type::INT4),
-                    (&seq, Type::INT4),
-                    (&until, Type::TIMESTAMPTZ),
-                    (&duration, Type::TEXT),
-                ],
-            )
-            .await
-            .map_err(|e| Error::postgres("recording a durable sleep failed", e))?;
-        let outcome: String = row
-            .try_get(0)
-            .map_err(|e| Error::postgres("reading the sleep result", e))?;
-        match outcome.as_str() {
-            "continue" => Ok(()),
-            "suspended" => Err(self.suspend("until its sleep is over")),
-            _ => Err(Error::attempt_stopped(
-                self.task_id(),
-                self.attempt(),
-                "sleeping",
-            )),
-        }
+        self.wait_or_suspend(
+            "SELECT sluice.durable_sleep($1, $2, $3, $4, $5, $6::interval)",
+            seq,
+            &[(&until, Type::TIMESTAMPTZ), (&duration, Type::TEXT)],
+            "sleeping",
+            "until its sleep is over",
+        )
+        .await
     }
 
     /// Waits for an event `key` whose payload matches `filter` (a jsonpath, as for
