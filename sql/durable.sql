@@ -89,6 +89,22 @@ BEGIN
 END
 $$;
 
+-- Makes suspended tasks runnable now (an event or their children came before their wake
+-- time); tasks not suspended are left alone.
+CREATE OR REPLACE FUNCTION sluice._resume_now(task_ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE sluice.task_run t
+       SET run_at = now(),
+           schedule_deadline = now() + coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
+                                                  WHERE d.name = t.task_name), interval '5 minutes')
+     WHERE t.id = ANY(task_ids) AND t.status = 'queued' AND t.run_at > now();
+    IF FOUND THEN
+        PERFORM sluice._wake_scheduler(now());
+    END IF;
+END
+$$;
+
 -- The task's record, in order (what a new attempt replays).
 CREATE OR REPLACE FUNCTION sluice.durable_record(task_id bigint)
 RETURNS TABLE (seq int, kind text, name text, state text, value jsonb, wake_at timestamptz)
@@ -220,12 +236,7 @@ BEGIN
     END IF;
     -- A task still running (it recorded the wait and has not suspended yet, or is replaying)
     -- finds the event on its step.
-    UPDATE sluice.task_run t
-       SET run_at = now(),
-           schedule_deadline = now() + coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
-                                                  WHERE d.name = t.task_name), interval '5 minutes')
-     WHERE t.id = ANY(woke) AND t.status = 'queued' AND t.run_at > now();
-    PERFORM sluice._wake_scheduler(now());
+    PERFORM sluice._resume_now(woke);
     RETURN woke;
 END
 $$;
@@ -284,15 +295,10 @@ BEGIN
                     WHERE c.parent_id = NEW.parent_id AND c.status IN ('queued', 'running'))
        AND NOT EXISTS (SELECT 1 FROM sluice.workflow_run r
                         WHERE r.parent_id = NEW.parent_id AND r.status IN ('queued', 'running')) THEN
-        UPDATE sluice.task_run p
-           SET run_at = now(),
-               schedule_deadline = now() + coalesce((SELECT d.schedule_timeout FROM sluice.task_definition d
-                                                      WHERE d.name = p.task_name), interval '5 minutes')
-         WHERE p.id = NEW.parent_id AND p.status = 'queued' AND p.run_at > now()
-           AND EXISTS (SELECT 1 FROM sluice.durable_step w
-                        WHERE w.task_id = p.id AND w.kind = 'wait_children' AND w.state = 'waiting');
-        IF FOUND THEN
-            PERFORM sluice._wake_scheduler(now());
+        IF EXISTS (SELECT 1 FROM sluice.durable_step w
+                    WHERE w.task_id = NEW.parent_id AND w.kind = 'wait_children'
+                      AND w.state = 'waiting') THEN
+            PERFORM sluice._resume_now(ARRAY[NEW.parent_id]);
         END IF;
     END IF;
     RETURN NULL;
