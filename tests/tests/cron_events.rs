@@ -1614,3 +1614,110 @@ async fn bad_event_input_is_rejected_with_specific_sqlstates() {
         0
     );
 }
+
+/// Targets deleted after they were subscribed or scheduled break nothing else: a push still
+/// commits (the stale subscription is skipped, the live one starts its task), a scheduled run
+/// whose step task is gone fails naming why when its time comes, and a cron whose task is gone
+/// records the error and keeps its schedule.
+#[tokio::test]
+async fn deleted_targets_are_skipped_or_fail_with_a_reason_without_stopping_anything() {
+    let client = connect(&shared_dsn()).await;
+    let live = define_unique_task(&client, "ev_live", "").await;
+    let gone = define_unique_task(&client, "ev_gone", "").await;
+    let key = unique("ev_deleted");
+    for task in [&live, &gone] {
+        sluice_client::subscribe(&client, &key, &format!("task:{task}"), None)
+            .await
+            .expect("subscribing");
+    }
+    let workflow = unique("wf_gone");
+    define_workflow(&client, &workflow, one_step(&gone)).await;
+    let run: i64 = client
+        .query_one(
+            "SELECT sluice.run_workflow($1, '{}', now() + interval '1 second')",
+            &[&workflow],
+        )
+        .await
+        .expect("scheduling a run")
+        .get(0);
+    let schedule = unique("cron_gone");
+    client
+        .execute(
+            "SELECT sluice.schedule_cron($1, '* * * * * *', $2)",
+            &[&schedule, &format!("task:{gone}")],
+        )
+        .await
+        .expect("scheduling the cron");
+    client
+        .execute(
+            "DELETE FROM sluice.task_definition WHERE name = $1",
+            &[&gone],
+        )
+        .await
+        .expect("deleting the definition");
+
+    let event = sluice_client::push_event(&client, &key, &json!({"n": 1}))
+        .await
+        .expect("a push with a stale subscription still commits");
+    let started: Vec<i64> = client
+        .query_one(
+            "SELECT task_ids FROM sluice.events WHERE id = $1",
+            &[&event],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        started.len(),
+        1,
+        "only the live subscription started a task"
+    );
+    assert_eq!(task_count(&client, &live).await, 1);
+    assert_eq!(task_count(&client, &gone).await, 0);
+
+    let row = wait_run(&client, run, Duration::from_secs(30)).await;
+    assert_eq!(row["status"], "failed", "{row}");
+    let error = row["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("scheduled run could not start") && error.contains(&gone),
+        "the run names why it failed: {row}"
+    );
+
+    let last_error: String = wait_until(
+        Duration::from_secs(30),
+        "the cron to record its error",
+        || async {
+            let row = client
+                .query_one(
+                    "SELECT last_error FROM sluice.crons WHERE name = $1",
+                    &[&schedule],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            row.get::<_, Option<String>>(0)
+                .ok_or_else(|| "no error yet".to_string())
+        },
+    )
+    .await;
+    assert!(last_error.contains(&gone), "{last_error}");
+    let next_fire_in: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM next_fire_at - now())::float8 FROM sluice.crons WHERE name = $1",
+            &[&schedule],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        next_fire_in > 0.0,
+        "the schedule goes on, later: {next_fire_in}"
+    );
+    assert!(
+        fires(&client, &schedule).await.is_empty(),
+        "no tick fired for a missing task"
+    );
+    sluice_client::unschedule_cron(&client, &schedule)
+        .await
+        .unwrap();
+    cancel_queued(&client, &live).await;
+}

@@ -558,35 +558,51 @@ async fn woke_task_ids(client: &Client, event_id: i64) -> Option<Vec<i64>> {
         .map(|r| r.get(0))
 }
 
+/// Defines `T` and starts a one-slot worker named `<prefix>_...` serving it with `wait_for_it`,
+/// counting its handler calls in `calls`.
+async fn start_waiter<T>(client: &Client, prefix: &str, calls: &Arc<AtomicUsize>) -> InProcessWorker
+where
+    T: TaskDefinition<Input = WaitInput, Output = WaitOutput>,
+{
+    define_task(client, T::name(), &TaskOptions::default())
+        .await
+        .expect("defining the task");
+    let handler_calls = Arc::clone(calls);
+    let (builder, name) = worker_builder(prefix, 1);
+    let builder = builder
+        .task::<T, _, _>(move |ctx, input| wait_for_it(Arc::clone(&handler_calls), ctx, input));
+    start_worker(client, builder, name).await
+}
+
+/// Enqueues one task of `T` waiting for `key` (and `filter`) for at most `timeout_ms`.
+async fn enqueue_wait<T>(client: &Client, key: &str, filter: Option<&str>, timeout_ms: u64) -> i64
+where
+    T: TaskDefinition<Input = WaitInput>,
+{
+    enqueue::<T>(
+        client,
+        &WaitInput {
+            key: key.to_string(),
+            filter: filter.map(str::to_string),
+            timeout_ms: Some(timeout_ms),
+        },
+        &EnqueueOptions::default(),
+    )
+    .await
+    .expect("enqueuing the waiting task")
+}
+
 task_type!(WaitFiltered, "durable_wait_filtered", WaitInput, WaitOutput);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_task_ignores_a_non_matching_event_and_resumes_with_the_matching_ones_payload() {
     let client = connect(&shared_dsn()).await;
-    define_task(&client, WaitFiltered::name(), &TaskOptions::default())
-        .await
-        .expect("defining the task");
     let calls = counter();
-    let handler_calls = Arc::clone(&calls);
-    let (builder, name) = worker_builder("durable_waiter", 1);
-    let builder = builder.task::<WaitFiltered, _, _>(move |ctx, input| {
-        wait_for_it(Arc::clone(&handler_calls), ctx, input)
-    });
-    let worker = start_worker(&client, builder, name).await;
+    let worker = start_waiter::<WaitFiltered>(&client, "durable_waiter", &calls).await;
 
     let key = unique("durable_evt");
     let filter = r#"$.kind == "go""#;
-    let c = enqueue::<WaitFiltered>(
-        &client,
-        &WaitInput {
-            key: key.clone(),
-            filter: Some(filter.into()),
-            timeout_ms: Some(30_000),
-        },
-        &EnqueueOptions::default(),
-    )
-    .await
-    .expect("enqueuing C");
+    let c = enqueue_wait::<WaitFiltered>(&client, &key, Some(filter), 30_000).await;
     let (suspended, step) = wait_suspended(&client, c, 0, "wait_event").await;
     assert_eq!(step.name, key, "the step is named by its event key");
     assert_eq!(step.filter.as_deref(), Some(filter));
@@ -680,28 +696,10 @@ task_type!(WaitTimeout, "durable_wait_timeout", WaitInput, WaitOutput);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_without_its_event_times_out_with_none() {
     let client = connect(&shared_dsn()).await;
-    define_task(&client, WaitTimeout::name(), &TaskOptions::default())
-        .await
-        .expect("defining the task");
     let calls = counter();
-    let handler_calls = Arc::clone(&calls);
-    let (builder, name) = worker_builder("durable_timeout", 1);
-    let builder = builder.task::<WaitTimeout, _, _>(move |ctx, input| {
-        wait_for_it(Arc::clone(&handler_calls), ctx, input)
-    });
-    let worker = start_worker(&client, builder, name).await;
+    let worker = start_waiter::<WaitTimeout>(&client, "durable_timeout", &calls).await;
 
-    let d = enqueue::<WaitTimeout>(
-        &client,
-        &WaitInput {
-            key: unique("durable_never"),
-            filter: None,
-            timeout_ms: Some(2000),
-        },
-        &EnqueueOptions::default(),
-    )
-    .await
-    .expect("enqueuing D");
+    let d = enqueue_wait::<WaitTimeout>(&client, &unique("durable_never"), None, 2000).await;
     let (_, step) = wait_suspended(&client, d, 0, "wait_event").await;
     let row = wait_done(&client, d, Duration::from_secs(30)).await;
     assert_eq!(
@@ -751,29 +749,11 @@ task_type!(WaitRollback, "durable_wait_rollback", WaitInput, WaitOutput);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_pushed_in_a_rolled_back_transaction_wakes_nothing() {
     let mut client = connect(&shared_dsn()).await;
-    define_task(&client, WaitRollback::name(), &TaskOptions::default())
-        .await
-        .expect("defining the task");
     let calls = counter();
-    let handler_calls = Arc::clone(&calls);
-    let (builder, name) = worker_builder("durable_rollback", 1);
-    let builder = builder.task::<WaitRollback, _, _>(move |ctx, input| {
-        wait_for_it(Arc::clone(&handler_calls), ctx, input)
-    });
-    let worker = start_worker(&client, builder, name).await;
+    let worker = start_waiter::<WaitRollback>(&client, "durable_rollback", &calls).await;
 
     let key = unique("durable_rb");
-    let e = enqueue::<WaitRollback>(
-        &client,
-        &WaitInput {
-            key: key.clone(),
-            filter: None,
-            timeout_ms: Some(30_000),
-        },
-        &EnqueueOptions::default(),
-    )
-    .await
-    .expect("enqueuing the waiting task");
+    let e = enqueue_wait::<WaitRollback>(&client, &key, None, 30_000).await;
     let (before, _) = wait_suspended(&client, e, 0, "wait_event").await;
 
     let rolled_back = {
@@ -860,32 +840,10 @@ task_type!(WaitLate, "durable_wait_late", WaitInput, WaitOutput);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_pushed_after_the_waits_timeout_does_not_end_the_wait() {
     let client = connect(&shared_dsn()).await;
-    define_task(&client, WaitLate::name(), &TaskOptions::default())
-        .await
-        .expect("defining the task");
     let calls = counter();
-    let make_worker = |prefix: &str| {
-        let handler_calls = Arc::clone(&calls);
-        let (builder, name) = worker_builder(prefix, 1);
-        let builder = builder.task::<WaitLate, _, _>(move |ctx, input| {
-            wait_for_it(Arc::clone(&handler_calls), ctx, input)
-        });
-        (builder, name)
-    };
-    let (builder, name) = make_worker("durable_late_first");
-    let first = start_worker(&client, builder, name).await;
+    let first = start_waiter::<WaitLate>(&client, "durable_late_first", &calls).await;
     let key = unique("durable_late");
-    let id = enqueue::<WaitLate>(
-        &client,
-        &WaitInput {
-            key: key.clone(),
-            filter: None,
-            timeout_ms: Some(1000),
-        },
-        &EnqueueOptions::default(),
-    )
-    .await
-    .expect("enqueuing");
+    let id = enqueue_wait::<WaitLate>(&client, &key, None, 1000).await;
     let (_, step) = wait_suspended(&client, id, 0, "wait_event").await;
     // No worker for the task while its timeout passes.
     first.stop().await;
@@ -919,8 +877,7 @@ async fn an_event_pushed_after_the_waits_timeout_does_not_end_the_wait() {
         step_rows(&client, id).await
     );
 
-    let (builder, name) = make_worker("durable_late_second");
-    let second = start_worker(&client, builder, name).await;
+    let second = start_waiter::<WaitLate>(&client, "durable_late_second", &calls).await;
     let row = wait_done(&client, id, Duration::from_secs(20)).await;
     let output: WaitOutput =
         serde_json::from_value(row.output.clone().expect("an output")).expect("the output");
@@ -954,28 +911,10 @@ task_type!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_does_not_wake_a_cancelled_waiting_task() {
     let client = connect(&shared_dsn()).await;
-    define_task(&client, WaitCancelled::name(), &TaskOptions::default())
-        .await
-        .expect("defining the task");
     let calls = counter();
-    let handler_calls = Arc::clone(&calls);
-    let (builder, name) = worker_builder("durable_cancelled", 1);
-    let builder = builder.task::<WaitCancelled, _, _>(move |ctx, input| {
-        wait_for_it(Arc::clone(&handler_calls), ctx, input)
-    });
-    let worker = start_worker(&client, builder, name).await;
+    let worker = start_waiter::<WaitCancelled>(&client, "durable_cancelled", &calls).await;
     let key = unique("durable_cx");
-    let id = enqueue::<WaitCancelled>(
-        &client,
-        &WaitInput {
-            key: key.clone(),
-            filter: None,
-            timeout_ms: Some(30_000),
-        },
-        &EnqueueOptions::default(),
-    )
-    .await
-    .expect("enqueuing");
+    let id = enqueue_wait::<WaitCancelled>(&client, &key, None, 30_000).await;
     wait_suspended(&client, id, 0, "wait_event").await;
     assert!(
         sluice_client::cancel(&client, id).await.expect("cancel"),
@@ -1276,5 +1215,66 @@ async fn a_workflow_step_waits_for_an_event_without_a_slot_and_the_run_goes_on()
     })
     .await;
     assert_eq!(output, json!({"approved_by": "ann"}));
+    worker.stop().await;
+}
+
+// 7. Sleeping until a point in time --------------------------------------------------------------
+
+#[derive(Serialize, Deserialize, Clone)]
+struct SleepUntilInput {
+    /// Epoch seconds.
+    until: f64,
+}
+
+task_type!(SleepUntil, "durable_sleep_until", SleepUntilInput, Value);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_until_suspends_until_that_time_and_then_continues() {
+    let client = connect(&shared_dsn()).await;
+    define_task(&client, SleepUntil::name(), &TaskOptions::default())
+        .await
+        .expect("defining the task");
+    let (builder, name) = worker_builder("durable_sleep_until", 1);
+    let builder = builder.task::<SleepUntil, _, _>(|ctx, input| async move {
+        let until = std::time::UNIX_EPOCH + Duration::from_secs_f64(input.until);
+        ctx.sleep_until(until).await?;
+        Ok(json!({"attempt": ctx.attempt()}))
+    });
+    let worker = start_worker(&client, builder, name).await;
+
+    let now: f64 = client
+        .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let until = now + 1.5;
+    let id = enqueue::<SleepUntil>(
+        &client,
+        &SleepUntilInput { until },
+        &EnqueueOptions::default(),
+    )
+    .await
+    .expect("enqueuing");
+    let (suspended, step) = wait_suspended(&client, id, 0, "sleep").await;
+    let wake_at = step.wake_at.expect("a sleep has an end");
+    assert!(
+        (wake_at - until).abs() < 0.001,
+        "the sleep ends at the given time: {step:?}"
+    );
+    assert!(
+        (suspended.run_at - until).abs() < 0.001,
+        "the task waits in the queue until then: {suspended:?}"
+    );
+    let done = wait_done(&client, id, Duration::from_secs(20)).await;
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert!(
+        done.finished_at.expect("finished") >= until,
+        "it continued no earlier than the time it slept until: {done:?}"
+    );
+    assert_eq!(
+        done.output,
+        Some(json!({"attempt": 2})),
+        "one suspension, one resumption"
+    );
     worker.stop().await;
 }

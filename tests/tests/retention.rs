@@ -193,3 +193,180 @@ async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
         cluster.log_tail(30)
     );
 }
+
+/// The history around tasks follows retention too: pushed events after
+/// `sluice.event_retention` (never sooner), fired cron ticks with the succeeded tasks, and a
+/// durable task's record with its task.
+#[tokio::test]
+async fn events_cron_ticks_and_durable_records_are_deleted_after_their_retention() {
+    let cluster = PrivateCluster::start(
+        "history_retention",
+        true,
+        &[
+            ("sluice.event_retention", "3"),
+            ("sluice.succeeded_task_retention", "2"),
+        ],
+    );
+    let client = connect(&cluster.dsn()).await;
+    create_durable_test_tables(&client).await;
+    client
+        .batch_execute(
+            "CREATE TABLE sluice_test.deleted_event (id bigint, pushed_at timestamptz,
+                                                     deleted_at timestamptz);
+             CREATE FUNCTION sluice_test.log_event_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO sluice_test.deleted_event VALUES (OLD.id, OLD.pushed_at, clock_timestamp());
+                 RETURN OLD;
+             END $$;
+             CREATE TRIGGER log_event_delete AFTER DELETE ON sluice.event
+                 FOR EACH ROW EXECUTE FUNCTION sluice_test.log_event_delete();",
+        )
+        .await
+        .unwrap();
+    let task = define_unique_task(&client, "history", "").await;
+    let _worker = WorkerProcess::spawn(WORKER, &cluster.dsn(), &task, 4);
+
+    let events: Vec<i64> = client
+        .query(
+            "SELECT sluice.push_event('history:' || n, '{}') FROM generate_series(1, 5) n",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let durable = enqueue_sql(&client, &task, json!({"durable_memo": {"steps": 2}})).await;
+    let schedule = unique("history_cron");
+    client
+        .execute(
+            "SELECT sluice.schedule_cron($1, '* * * * * *', $2)",
+            &[&schedule, &task],
+        )
+        .await
+        .unwrap();
+    let count = |sql: &'static str, id: i64| {
+        let client = &client;
+        async move {
+            client
+                .query_one(sql, &[&id])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    wait_succeeded(&client, &[durable], 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM sluice.durable_steps WHERE task_id = $1",
+            durable
+        )
+        .await,
+        2,
+        "the durable task's record is kept while the task is"
+    );
+    wait_until(Duration::from_secs(30), "3 cron ticks", || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM sluice.cron_fire WHERE schedule = $1",
+                &[&schedule],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{n} fired"))
+        }
+    })
+    .await;
+    client
+        .execute("SELECT sluice.unschedule_cron($1)", &[&schedule])
+        .await
+        .unwrap();
+
+    wait_until(
+        Duration::from_secs(30),
+        "the events to be deleted",
+        || async {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sluice.events WHERE id = ANY($1)",
+                    &[&events],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} left"))
+            }
+        },
+    )
+    .await;
+    let early: Vec<String> = client
+        .query(
+            "SELECT format('%s pushed %s deleted %s', id, pushed_at, deleted_at)
+               FROM sluice_test.deleted_event WHERE deleted_at < pushed_at + interval '3 s'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "events deleted before their retention: {early:?}"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the durable record to go with its task",
+        || async {
+            let task_left: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sluice.task_run WHERE id = $1",
+                    &[&durable],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let steps_left: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sluice.durable_step WHERE task_id = $1",
+                    &[&durable],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if task_left == 0 && steps_left == 0 {
+                Ok(())
+            } else {
+                Err(format!("task {task_left}, steps {steps_left}"))
+            }
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the fired ticks to be deleted",
+        || async {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sluice.cron_fire WHERE schedule = $1",
+                    &[&schedule],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} left"))
+            }
+        },
+    )
+    .await;
+}
