@@ -424,11 +424,15 @@ BEGIN
         fired := fired + 1;
     END LOOP;
 
+    -- Workflow steps' sleeps (sql/conditions.sql).
+    fired := fired + sluice._meet_due_sleeps(max_fires);
+
     IF fired > 0 THEN
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
     RETURN least((SELECT min(c.next_at) FROM sluice.cron_schedule c),
-                 (SELECT min(r.run_at) FROM sluice.workflow_run r WHERE r.run_at IS NOT NULL));
+                 (SELECT min(r.run_at) FROM sluice.workflow_run r WHERE r.run_at IS NOT NULL),
+                 sluice._next_sleep_due());
 END
 $$;
 

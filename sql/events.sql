@@ -12,7 +12,9 @@ CREATE TABLE sluice.event (
     -- what the push started and woke
     task_ids  bigint[] NOT NULL DEFAULT '{}',
     run_ids   bigint[] NOT NULL DEFAULT '{}',
-    woke_task_ids bigint[] NOT NULL DEFAULT '{}'
+    woke_task_ids bigint[] NOT NULL DEFAULT '{}',
+    -- workflow runs with a step whose wait_for or cancel_if it met (sql/conditions.sql)
+    woke_run_ids  bigint[] NOT NULL DEFAULT '{}'
 );
 -- Retention (sluice.event_retention) deletes the oldest first.
 CREATE INDEX event_pushed_idx ON sluice.event (pushed_at);
@@ -38,19 +40,23 @@ SELECT s.id, s.pattern, s.target_kind, s.target, s.filter, s.declared_by, s.crea
   FROM sluice.event_subscription s;
 
 CREATE VIEW sluice.events AS
-SELECT e.id, e.key, e.payload, e.pushed_at, e.task_ids, e.run_ids, e.woke_task_ids
+SELECT e.id, e.key, e.payload, e.pushed_at, e.task_ids, e.run_ids, e.woke_task_ids,
+       e.woke_run_ids
   FROM sluice.event e;
 
 -- Whether a payload matches a filter: a predicate (`$.size > 100`) must be true; any other
 -- path (`$ ? (@.kind == "video")`, `$.user`) must find something. A predicate whose result is
 -- unknown (a string compared with a number) does not match, nor does a path that errors. A
 -- filter is a predicate when it yields a boolean on an empty object (in lax mode a predicate
--- over missing keys is false, not unknown; a path finds nothing there).
-CREATE OR REPLACE FUNCTION sluice._payload_matches(payload jsonb, filter jsonpath) RETURNS boolean
+-- over missing keys is false, not unknown; a path finds nothing there). `vars` are the
+-- filter's variables (a workflow step's conditions name its input: $input, $parents).
+CREATE OR REPLACE FUNCTION sluice._payload_matches(payload jsonb, filter jsonpath,
+                                                   vars jsonb DEFAULT '{}')
+RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN jsonb_typeof(jsonb_path_query_first('{}', filter, '{}', true)) = 'boolean'
-                THEN coalesce(jsonb_path_match(payload, filter, '{}', true), false)
-                ELSE jsonb_path_exists(payload, filter, '{}', true) END
+    SELECT CASE WHEN jsonb_typeof(jsonb_path_query_first('{}', filter, vars, true)) = 'boolean'
+                THEN coalesce(jsonb_path_match(payload, filter, vars, true), false)
+                ELSE jsonb_path_exists(payload, filter, vars, true) END
 $$;
 
 CREATE OR REPLACE FUNCTION sluice._check_filter(filter text, what text) RETURNS void
@@ -177,8 +183,9 @@ $$;
 
 -- Pushing -------------------------------------------------------------------------------------
 
--- Pushes one event: starts a run of every matching subscription (payload as input) and wakes
--- the durable tasks waiting for it. Returns the event's id (see sluice.events).
+-- Pushes one event: starts a run of every matching subscription (payload as input), wakes
+-- the durable tasks waiting for it and meets the conditions of workflow steps waiting for it
+-- (sql/conditions.sql). Returns the event's id (see sluice.events).
 CREATE OR REPLACE FUNCTION sluice.push_event(key text, payload jsonb DEFAULT '{}') RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -188,6 +195,7 @@ DECLARE
     tasks    bigint[] := '{}';
     runs     bigint[] := '{}';
     woke     bigint[];
+    woke_runs bigint[];
 BEGIN
     PERFORM sluice._require_preloaded();
     PERFORM sluice._check_event_key(key);
@@ -218,8 +226,9 @@ BEGIN
         END IF;
     END LOOP;
     woke := sluice._wake_waiters(event_id, key, payload);
-    INSERT INTO sluice.event (id, key, payload, task_ids, run_ids, woke_task_ids)
-    VALUES (event_id, key, payload, tasks, runs, woke);
+    woke_runs := sluice._meet_event_conditions(event_id, key, payload);
+    INSERT INTO sluice.event (id, key, payload, task_ids, run_ids, woke_task_ids, woke_run_ids)
+    VALUES (event_id, key, payload, tasks, runs, woke, woke_runs);
     RETURN event_id;
 END
 $$;

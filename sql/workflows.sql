@@ -17,7 +17,8 @@ CREATE TABLE sluice.workflow_definition (
     name       text NOT NULL CHECK (name <> ''),
     version    int NOT NULL CHECK (version > 0),
     -- normalized by sluice.define_workflow: {"steps": [{"name", "task", "parents",
-    -- "children", "skip_if", "wait_for"}, ...], "on_failure": task, "on_success": task,
+    -- "children", "skip_if", "wait_for", "cancel_if"}, ...], "on_failure": task,
+    -- "on_success": task,
     -- "concurrency": {"key": jsonpath, "max_runs": n, "strategy": ...}} (the last three
     -- optional)
     spec       jsonb NOT NULL,
@@ -64,16 +65,19 @@ CREATE INDEX workflow_run_concurrency_idx ON sluice.workflow_run (workflow, conc
 CREATE TABLE sluice.workflow_step (
     run_id       bigint NOT NULL REFERENCES sluice.workflow_run (id) ON DELETE CASCADE,
     step         text NOT NULL,
-    -- pending: waiting for parents; started: its task run exists (task_id); then its outcome
+    -- pending: waiting for parents; waiting: for its conditions (sql/conditions.sql);
+    -- started: its task run exists (task_id); then its outcome
     status       text NOT NULL DEFAULT 'pending'
-                 CHECK (status IN ('pending', 'started', 'succeeded', 'failed', 'skipped',
-                                   'cancelled')),
+                 CHECK (status IN ('pending', 'waiting', 'started', 'succeeded', 'failed',
+                                   'skipped', 'cancelled')),
     parents_left int NOT NULL,
     task_id      bigint,
     output       jsonb,
     error        text,
     started_at   timestamptz,
     finished_at  timestamptz,
+    -- while waiting: the input its task will get (its conditions' filters read it too)
+    envelope     jsonb,
     PRIMARY KEY (run_id, step)
 );
 
@@ -83,7 +87,10 @@ CREATE TABLE sluice.workflow_step (
 --   {"steps": [{"name": "validate", "task": "validate_media"},
 --              {"name": "thumbs", "task": "make_thumbnails", "parents": ["validate"]},
 --              {"name": "persist", "task": "persist", "parents": ["thumbs"],
---               "skip_if": "$.parents.thumbs.count == 0", "wait_for": "5 seconds"}],
+--               "skip_if": "$.parents.thumbs.count == 0", "wait_for": "5 seconds"},
+--              {"name": "publish", "task": "publish", "parents": ["persist"],
+--               "wait_for": {"event": "media:approved", "filter": "$.id == $input.id"},
+--               "cancel_if": [{"any": ["2 days", {"event": "media:rejected"}]}]}],
 --    "on_failure": "cleanup_task", "on_success": "notify_task"}
 -- Every task must be defined (sluice.define_task). A spec equal to the latest version's returns
 -- that version; a different one creates the next version (runs in flight keep theirs).
@@ -149,11 +156,11 @@ BEGIN
         step := steps->i;
         step_name := step->>'name';
         SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(step) AS k
-         WHERE k NOT IN ('name', 'task', 'parents', 'skip_if', 'wait_for');
+         WHERE k NOT IN ('name', 'task', 'parents', 'skip_if', 'wait_for', 'cancel_if');
         IF extra IS NOT NULL THEN
             RAISE EXCEPTION 'workflow "%": step "%" has unknown key(s) %', wf, step_name, extra
                 USING ERRCODE = '22023',
-                      HINT = 'Known keys: name, task, parents, skip_if, wait_for.';
+                      HINT = 'Known keys: name, task, parents, skip_if, wait_for, cancel_if.';
         END IF;
         IF jsonb_typeof(step->'task') IS DISTINCT FROM 'string' OR step->>'task' = '' THEN
             RAISE EXCEPTION 'workflow "%": step "%" has no task', wf, step_name
@@ -188,16 +195,17 @@ BEGIN
             END IF;
             PERFORM sluice._workflow_jsonpath(step->>'skip_if', wf, step_name, 'skip_if');
         END IF;
-        IF step ? 'wait_for' THEN
-            PERFORM sluice._workflow_interval(step->'wait_for', wf, step_name);
-        END IF;
+        -- wait_for and cancel_if: sleeps and events, see sql/conditions.sql
         norm := norm || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
             'name', step_name,
             'task', step->>'task',
             'parents', coalesce((SELECT jsonb_agg(DISTINCT p) FROM jsonb_array_elements_text(
                                      step->'parents') p), '[]'),
             'skip_if', step->'skip_if',
-            'wait_for', step->'wait_for')));
+            'wait_for', CASE WHEN step ? 'wait_for' THEN sluice._normalize_conditions(
+                                      step->'wait_for', wf, step_name, 'wait_for') END,
+            'cancel_if', CASE WHEN step ? 'cancel_if' THEN sluice._normalize_conditions(
+                                      step->'cancel_if', wf, step_name, 'cancel_if') END)));
     END LOOP;
 
     -- Cycles: repeatedly take the steps whose parents are all taken (Kahn); what is left
@@ -274,25 +282,27 @@ EXCEPTION WHEN syntax_error OR invalid_text_representation OR invalid_parameter_
 END
 $$;
 
-CREATE OR REPLACE FUNCTION sluice._workflow_interval(v jsonb, wf text, step text)
+-- A sleep of a step's wait_for or cancel_if (`what`).
+CREATE OR REPLACE FUNCTION sluice._workflow_interval(v jsonb, wf text, step text, what text)
 RETURNS interval
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     d interval;
 BEGIN
     IF jsonb_typeof(v) IS DISTINCT FROM 'string' THEN
-        RAISE EXCEPTION 'workflow "%": step "%": wait_for must be a duration such as ''30 seconds'', got %',
-            wf, step, v USING ERRCODE = '22023';
+        RAISE EXCEPTION 'workflow "%": step "%": % sleep must be a duration such as ''30 seconds'', got %',
+            wf, step, what, v USING ERRCODE = '22023';
     END IF;
     BEGIN
         d := (v #>> '{}')::interval;
-    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
-        RAISE EXCEPTION 'workflow "%": step "%": wait_for is not a duration: %', wf, step, v
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow
+                   OR syntax_error THEN
+        RAISE EXCEPTION 'workflow "%": step "%": % sleep is not a duration: %', wf, step, what, v
             USING ERRCODE = '22023';
     END;
     IF d < interval '0' THEN
-        RAISE EXCEPTION 'workflow "%": step "%": wait_for must not be negative, got %', wf, step, v
-            USING ERRCODE = '22023';
+        RAISE EXCEPTION 'workflow "%": step "%": % sleep must not be negative, got %', wf, step,
+            what, v USING ERRCODE = '22023';
     END IF;
     RETURN d;
 END
@@ -486,7 +496,8 @@ END
 $$;
 
 -- Starts the given steps of a running run (their parents are all done): a step whose skip_if
--- holds is skipped (and counts as done for its children), the others become task runs.
+-- holds is skipped (and counts as done for its children), one with wait_for or cancel_if
+-- waits for its conditions (sql/conditions.sql), the others become task runs.
 CREATE OR REPLACE FUNCTION sluice._start_steps(run sluice.workflow_run, spec jsonb, names text[])
 RETURNS void
 LANGUAGE plpgsql AS $$
@@ -495,7 +506,6 @@ DECLARE
     envelope jsonb;
     skipped  boolean;
     new_task bigint;
-    start_at timestamptz;
 BEGIN
     FOR s IN SELECT x FROM jsonb_array_elements(spec->'steps') x WHERE x->>'name' = ANY(names)
     LOOP
@@ -518,8 +528,14 @@ BEGIN
             PERFORM sluice._step_done(run, spec, s->>'name');
             CONTINUE;
         END IF;
-        start_at := now() + coalesce((s->>'wait_for')::interval, interval '0');
-        new_task := sluice._enqueue_step(s->>'task', envelope, start_at, run.id, s->>'name');
+        IF s ? 'wait_for' OR s ? 'cancel_if' THEN
+            PERFORM sluice._start_step_with_conditions(run, s, envelope);
+            -- a cancel_if met at once cancels the run: nothing more starts
+            EXIT WHEN (SELECT r.status FROM sluice.workflow_run r WHERE r.id = run.id)
+                      <> 'running';
+            CONTINUE;
+        END IF;
+        new_task := sluice._enqueue_step(s->>'task', envelope, now(), run.id, s->>'name');
         UPDATE sluice.workflow_step
            SET status = 'started', task_id = new_task, started_at = now()
          WHERE run_id = run.id AND step = s->>'name';
@@ -643,8 +659,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     t sluice.task_run;
 BEGIN
-    UPDATE sluice.workflow_step w SET status = 'cancelled', finished_at = now()
-     WHERE w.run_id = _cancel_run_steps.run_id AND w.status = 'pending';
+    UPDATE sluice.workflow_step w SET status = 'cancelled', finished_at = now(), envelope = NULL
+     WHERE w.run_id = _cancel_run_steps.run_id AND w.status IN ('pending', 'waiting');
+    DELETE FROM sluice.step_condition c WHERE c.run_id = _cancel_run_steps.run_id;
     FOR t IN
         SELECT r.* FROM sluice.task_run r
          WHERE r.id = ANY(ARRAY(SELECT w.task_id FROM sluice.workflow_step w
@@ -786,6 +803,11 @@ BEGIN
     END IF;
     SELECT d.spec INTO spec FROM sluice.workflow_definition d
      WHERE d.name = run.workflow AND d.version = run.version;
+    IF jsonb_path_exists(spec, '$.steps[*] ? (@.name == $s).cancel_if', jsonb_build_object('s', step)) THEN
+        -- its cancel_if watched the task until now
+        DELETE FROM sluice.step_condition c
+         WHERE c.run_id = _apply_step_outcome.run_id AND c.step = _apply_step_outcome.step;
+    END IF;
     IF t.status = 'succeeded' THEN
         PERFORM sluice._step_done(run, spec, step);
     ELSE
@@ -891,10 +913,15 @@ BEGIN
        SET status = 'queued', error = NULL, output = NULL, finished_at = NULL
      WHERE r.id = run.id
     RETURNING * INTO run;
-    -- Steps to run again wait for their parents that are not done.
+    -- Steps to run again wait for their parents that are not done (and their conditions
+    -- again once those are).
+    DELETE FROM sluice.step_condition c
+     WHERE c.run_id = run.id
+       AND c.step IN (SELECT w.step FROM sluice.workflow_step w
+                       WHERE w.run_id = run.id AND w.status NOT IN ('succeeded', 'skipped'));
     UPDATE sluice.workflow_step w
        SET status = 'pending', task_id = NULL, output = NULL, error = NULL,
-           started_at = NULL, finished_at = NULL,
+           started_at = NULL, finished_at = NULL, envelope = NULL,
            parents_left = (SELECT count(*) FROM sluice.workflow_step p
                             WHERE p.run_id = w.run_id
                               AND s.spec->'parents' ? p.step

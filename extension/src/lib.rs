@@ -33,6 +33,12 @@ extension_sql_file!(
     name = "durable",
     requires = ["events"]
 );
+// Workflow step conditions (wait_for, cancel_if): events and sleeps.
+extension_sql_file!(
+    "../sql/conditions.sql",
+    name = "conditions",
+    requires = ["durable"]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -14,7 +14,14 @@ use tokio_postgres::Client;
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 /// The SQL sources the upgrade script carries verbatim, in order, each after a marker line
 /// `-- ---- copy of sql/<name>.sql ----` (regenerate with scripts/regen-upgrade.py).
-const COPIED_SOURCES: [&str; 5] = ["api", "workflows", "cron", "events", "durable"];
+const COPIED_SOURCES: [&str; 6] = [
+    "api",
+    "workflows",
+    "cron",
+    "events",
+    "durable",
+    "conditions",
+];
 
 fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

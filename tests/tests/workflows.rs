@@ -331,7 +331,7 @@ async fn invalid_definitions_are_rejected_with_the_reason() {
         (
             json!({"steps": [{"name": "a", "task": task, "wait_for": "soon"}]}),
             "22023",
-            "wait_for is not a duration",
+            "wait_for sleep is not a duration",
         ),
         (json!({"steps": []}), "22023", "non-empty array"),
         (

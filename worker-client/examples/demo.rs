@@ -140,7 +140,7 @@ fn media_workflow() -> (WorkflowBuilder<Upload>, Steps) {
         &[&validate, &thumbnails, &caption],
         StepOptions {
             skip_if: Some("$.parents.validate.duplicate == true".into()),
-            wait_for: None,
+            ..StepOptions::default()
         },
     );
     wf.step::<NotifyUser>("notify", &[&persist]);

@@ -69,8 +69,8 @@ pub use triggers::{
 };
 pub use worker::{Worker, WorkerBuilder};
 pub use workflow::{
-    cancel_run, run_state, run_workflow, FailureInput, RunState, Step, StepInput, StepOptions,
-    StepRef, SuccessInput, WorkflowBuilder,
+    cancel_run, run_state, run_workflow, Condition, Conditions, FailureInput, RunState, Step,
+    StepInput, StepOptions, StepRef, SuccessInput, WorkflowBuilder,
 };
 
 /// Re-exported so callers can name the client types and SQLSTATEs without a version mismatch.

@@ -15,7 +15,8 @@ use tokio_postgres::GenericClient;
 use crate::{Concurrency, Error, TaskDefinition};
 
 /// What a workflow step's task receives: the run's input, the outputs of its parents (by step
-/// name) and the parents that were skipped.
+/// name), the parents that were skipped, and the payloads of the events its `wait_for` waited
+/// for (by event key).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepInput<I> {
     pub input: I,
@@ -23,6 +24,8 @@ pub struct StepInput<I> {
     pub parents: Map<String, Value>,
     #[serde(default)]
     pub skipped: Vec<String>,
+    #[serde(default)]
+    pub events: Map<String, Value>,
 }
 
 impl<I> StepInput<I> {
@@ -41,6 +44,17 @@ impl<I> StepInput<I> {
     /// Whether a parent was skipped (its `skip_if` held).
     pub fn skipped<T>(&self, step: &Step<T>) -> bool {
         self.skipped.contains(&step.name)
+    }
+
+    /// The payload of the event with this key that met the step's `wait_for`, typed; `None`
+    /// if no such event met it (another condition of its or-group did).
+    pub fn event<P: DeserializeOwned>(&self, key: &str) -> Result<Option<P>, Error> {
+        match self.events.get(key) {
+            None => Ok(None),
+            Some(payload) => serde_json::from_value(payload.clone())
+                .map(Some)
+                .map_err(|e| Error::json(format!("reading the payload of event \"{key}\""), e)),
+        }
     }
 }
 
@@ -93,14 +107,125 @@ impl<T> StepRef for Step<T> {
     }
 }
 
+/// One condition of a step's `wait_for` or `cancel_if`, counted from when the step is ready
+/// (its parents are done).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// Met this long after the step is ready.
+    Sleep(Duration),
+    /// Met by the first event with this key pushed after the step is ready whose payload
+    /// matches the filter, if any: a jsonpath over the payload, as a subscription's, which may
+    /// name the step's input as `$input` (the run's input), `$parents` and `$skipped`.
+    Event { key: String, filter: Option<String> },
+}
+
+impl Condition {
+    pub fn sleep(duration: Duration) -> Condition {
+        Condition::Sleep(duration)
+    }
+
+    pub fn event(key: impl Into<String>) -> Condition {
+        Condition::Event {
+            key: key.into(),
+            filter: None,
+        }
+    }
+
+    /// An event condition whose payload must match `filter`, e.g.
+    /// `"$.upload_id == $input.upload_id"`.
+    pub fn event_matching(key: impl Into<String>, filter: impl Into<String>) -> Condition {
+        Condition::Event {
+            key: key.into(),
+            filter: Some(filter.into()),
+        }
+    }
+
+    fn spec(&self) -> Value {
+        match self {
+            Condition::Sleep(d) => json!({"sleep": format!("{} microseconds", d.as_micros())}),
+            Condition::Event { key, filter: None } => json!({"event": key}),
+            Condition::Event {
+                key,
+                filter: Some(filter),
+            } => json!({"event": key, "filter": filter}),
+        }
+    }
+}
+
+/// A step's `wait_for` or `cancel_if`: or-groups, all of which must be met; an or-group is met
+/// when one of its conditions is.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluice_client::{Condition, Conditions};
+///
+/// // the approval, or two days without a rejection; and at least a minute in any case
+/// let wait_for = Conditions::any([Condition::event("approved"),
+///                                 Condition::sleep(Duration::from_secs(2 * 86_400))])
+///     .and(Condition::sleep(Duration::from_secs(60)));
+/// # let _ = wait_for;
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Conditions {
+    groups: Vec<Vec<Condition>>,
+}
+
+impl Conditions {
+    /// Met when every one of `conditions` is.
+    pub fn all(conditions: impl IntoIterator<Item = Condition>) -> Conditions {
+        Conditions {
+            groups: conditions.into_iter().map(|c| vec![c]).collect(),
+        }
+    }
+
+    /// Met when one of `conditions` is (an or-group).
+    pub fn any(conditions: impl IntoIterator<Item = Condition>) -> Conditions {
+        Conditions {
+            groups: vec![conditions.into_iter().collect()],
+        }
+    }
+
+    /// Met when both these and `more` are.
+    pub fn and(mut self, more: impl Into<Conditions>) -> Conditions {
+        self.groups.extend(more.into().groups);
+        self
+    }
+
+    fn spec(&self) -> Value {
+        Value::Array(
+            self.groups
+                .iter()
+                .map(|group| json!({"any": group.iter().map(Condition::spec).collect::<Vec<_>>()}))
+                .collect(),
+        )
+    }
+}
+
+impl From<Condition> for Conditions {
+    fn from(condition: Condition) -> Conditions {
+        Conditions::all([condition])
+    }
+}
+
+impl From<Duration> for Conditions {
+    fn from(duration: Duration) -> Conditions {
+        Conditions::all([Condition::Sleep(duration)])
+    }
+}
+
 /// Conditions of a step.
 #[derive(Debug, Clone, Default)]
 pub struct StepOptions {
     /// A jsonpath predicate over the step's [`StepInput`]; when it holds the step is skipped
     /// and counts as done for its children.
     pub skip_if: Option<String>,
-    /// How long the step waits after its parents are done before it starts.
-    pub wait_for: Option<Duration>,
+    /// What the step waits for after its parents are done before its task is enqueued. The
+    /// payloads of the events it waited for are in its [`StepInput::events`]. A waiting step
+    /// holds no slot.
+    pub wait_for: Option<Conditions>,
+    /// What cancels the step (and so the run, as a cancelled step does) while it waits or its
+    /// task is queued or running: a deadline (a sleep), an event, or both.
+    pub cancel_if: Option<Conditions>,
 }
 
 /// Builds a workflow whose runs take input `I`.
@@ -182,8 +307,11 @@ impl<I: Serialize> WorkflowBuilder<I> {
         if let Some(path) = options.skip_if {
             step["skip_if"] = json!(path);
         }
-        if let Some(wait) = options.wait_for {
-            step["wait_for"] = json!(format!("{} microseconds", wait.as_micros()));
+        if let Some(wait_for) = options.wait_for {
+            step["wait_for"] = wait_for.spec();
+        }
+        if let Some(cancel_if) = options.cancel_if {
+            step["cancel_if"] = cancel_if.spec();
         }
         self.steps.push(step);
         Step {
@@ -378,7 +506,14 @@ mod unit_tests {
             &[&a],
             StepOptions {
                 skip_if: Some("$.parents.a == 0".into()),
-                wait_for: Some(Duration::from_millis(1500)),
+                wait_for: Some(Duration::from_millis(1500).into()),
+                cancel_if: Some(
+                    Conditions::any([
+                        Condition::event_matching("stop", "$.id == $input.media_id"),
+                        Condition::sleep(Duration::from_secs(60)),
+                    ])
+                    .and(Condition::event("really")),
+                ),
             },
         );
         wf.step::<A>("c", &[&a, &b]);
@@ -389,7 +524,11 @@ mod unit_tests {
             json!({"steps": [
                 {"name": "a", "task": "a_task", "parents": []},
                 {"name": "b", "task": "b_task", "parents": ["a"],
-                 "skip_if": "$.parents.a == 0", "wait_for": "1500000 microseconds"},
+                 "skip_if": "$.parents.a == 0",
+                 "wait_for": [{"any": [{"sleep": "1500000 microseconds"}]}],
+                 "cancel_if": [{"any": [{"event": "stop", "filter": "$.id == $input.media_id"},
+                                        {"sleep": "60000000 microseconds"}]},
+                               {"any": [{"event": "really"}]}]},
                 {"name": "c", "task": "a_task", "parents": ["a", "b"]}],
              "on_failure": "cleanup",
              "concurrency": {"key": "$.media_id", "max_runs": 3,
@@ -409,6 +548,15 @@ mod unit_tests {
         assert_eq!(input.parent(&a).unwrap(), Some(42));
         assert_eq!(input.parent(&b).unwrap(), None);
         assert!(input.skipped(&b) && !input.skipped(&a));
+        assert_eq!(input.event::<Value>("approved").unwrap(), None);
+        let waited: StepInput<Upload> = serde_json::from_value(json!({
+            "input": {"media_id": 7}, "events": {"approved": {"by": "ann"}}}))
+        .unwrap();
+        assert_eq!(
+            waited.event::<Value>("approved").unwrap(),
+            Some(json!({"by": "ann"}))
+        );
+        assert!(waited.event::<u32>("approved").is_err());
         let wrong: StepInput<Upload> = serde_json::from_value(json!({
             "input": {"media_id": 7}, "parents": {"a": "not a number"}}))
         .unwrap();
