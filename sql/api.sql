@@ -369,11 +369,16 @@ CREATE OR REPLACE FUNCTION sluice.enqueue(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    def      sluice.task_definition := sluice._definition(task);
+    def      sluice.task_definition;
     start_at timestamptz := coalesce(run_at, now());
     new_id   bigint;
     flow     record;
 BEGIN
+    -- The hot path of a single enqueue: one lookup here, sluice._definition only to raise.
+    SELECT * INTO def FROM sluice.task_definition d WHERE d.name = task;
+    IF NOT FOUND THEN
+        def := sluice._definition(task);
+    END IF;
     IF input IS NULL THEN
         RAISE EXCEPTION 'input must not be NULL (task "%"); use ''{}'' for no input', task
             USING ERRCODE = '22004';
@@ -385,6 +390,19 @@ BEGIN
                NULL::int[] AS rate_limit_units INTO flow;
     END IF;
 
+    IF idempotency_key IS NULL THEN
+        -- A plain insert: ON CONFLICT's speculative insertion costs a second index probe and
+        -- more WAL per row, for a key that is not there.
+        INSERT INTO sluice.task_run
+            (task_name, priority, input, run_at, schedule_deadline,
+             concurrency_key, rate_limit_keys, rate_limit_units)
+        VALUES (task, coalesce(enqueue.priority, def.priority), input, start_at,
+                start_at + def.schedule_timeout,
+                flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units)
+        RETURNING id INTO new_id;
+        PERFORM sluice._wake_scheduler(start_at);
+        RETURN new_id;
+    END IF;
     LOOP
         INSERT INTO sluice.task_run
             (task_name, priority, input, run_at, schedule_deadline, idempotency_key,

@@ -215,7 +215,8 @@ LANGUAGE sql IMMUTABLE AS $$
                 ELSE v END
 $$;
 
--- The step's task is enqueued (to run at run_at) and the step is started.
+-- The step's task is enqueued (to run at run_at) and the step is started. A step with
+-- cancel_if keeps its input while it runs: the filters of its cancel_if may name it.
 CREATE OR REPLACE FUNCTION sluice._enqueue_started_step(run sluice.workflow_run, s jsonb,
                                                         envelope jsonb, run_at timestamptz)
 RETURNS bigint
@@ -226,18 +227,19 @@ BEGIN
     new_task := sluice._enqueue_step(s->>'task', envelope, run_at, run.id, s->>'name');
     UPDATE sluice.workflow_step w
        SET status = 'started', task_id = new_task, started_at = coalesce(w.started_at, now()),
-           envelope = NULL
+           envelope = CASE WHEN s ? 'cancel_if' THEN _enqueue_started_step.envelope END
      WHERE w.run_id = run.id AND w.step = s->>'name';
     RETURN new_task;
 END
 $$;
 
--- Whether every or-group of the step's conditions of one kind has a condition met (false
--- when it has none of that kind).
+-- Whether every or-group of the step's conditions of one kind has a condition met; NULL
+-- when it has none of that kind (no wait_for: nothing to wait for; no cancel_if: nothing
+-- cancels it).
 CREATE OR REPLACE FUNCTION sluice._conditions_met(run_id bigint, step text, kind text)
 RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(bool_and(g.met), false)
+    SELECT bool_and(g.met)
       FROM (SELECT bool_or(c.met_at IS NOT NULL) AS met
               FROM sluice.step_condition c
              WHERE c.run_id = _conditions_met.run_id AND c.step = _conditions_met.step
@@ -260,7 +262,7 @@ DECLARE
 BEGIN
     SELECT * INTO w FROM sluice.workflow_step x
      WHERE x.run_id = run.id AND x.step = _evaluate_step_conditions.step;
-    IF sluice._conditions_met(run.id, step, 'cancel_if') THEN
+    IF coalesce(sluice._conditions_met(run.id, step, 'cancel_if'), false) THEN
         SELECT 'cancel_if met: ' || string_agg(coalesce('event "' || c.event_key || '"',
                                                         'sleep until ' || c.fire_at::text), ', '
                                                ORDER BY c.grp, c.pos)
@@ -286,7 +288,8 @@ BEGIN
         END IF;
         RETURN NULL;
     END IF;
-    IF w.status <> 'waiting' OR NOT sluice._conditions_met(run.id, step, 'wait_for') THEN
+    IF w.status <> 'waiting'
+       OR NOT coalesce(sluice._conditions_met(run.id, step, 'wait_for'), true) THEN
         RETURN NULL;
     END IF;
     SELECT x INTO s FROM sluice.workflow_definition d
@@ -333,9 +336,15 @@ BEGIN
            AND (c.kind = 'cancel_if' OR w.status = 'waiting')
            AND (c.filter IS NULL
                 OR sluice._payload_matches(_meet_event_conditions.payload, c.filter::jsonpath,
-                                           coalesce(w.envelope, '{}')));
+                                           -- (never NULL while waiting or watched; a filter
+                                           -- missing a variable would fail the push)
+                                           coalesce(w.envelope, jsonb_build_object(
+                                               'input', run.input, 'parents', '{}'::jsonb,
+                                               'skipped', '[]'::jsonb))));
         CONTINUE WHEN NOT FOUND;
-        runs := runs || run.id;
+        IF NOT run.id = ANY(runs) THEN
+            runs := runs || run.id;
+        END IF;
         PERFORM sluice._evaluate_step_conditions(run, w.step);
     END LOOP;
     RETURN runs;

@@ -543,11 +543,16 @@ CREATE OR REPLACE FUNCTION sluice.enqueue(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    def      sluice.task_definition := sluice._definition(task);
+    def      sluice.task_definition;
     start_at timestamptz := coalesce(run_at, now());
     new_id   bigint;
     flow     record;
 BEGIN
+    -- The hot path of a single enqueue: one lookup here, sluice._definition only to raise.
+    SELECT * INTO def FROM sluice.task_definition d WHERE d.name = task;
+    IF NOT FOUND THEN
+        def := sluice._definition(task);
+    END IF;
     IF input IS NULL THEN
         RAISE EXCEPTION 'input must not be NULL (task "%"); use ''{}'' for no input', task
             USING ERRCODE = '22004';
@@ -559,6 +564,19 @@ BEGIN
                NULL::int[] AS rate_limit_units INTO flow;
     END IF;
 
+    IF idempotency_key IS NULL THEN
+        -- A plain insert: ON CONFLICT's speculative insertion costs a second index probe and
+        -- more WAL per row, for a key that is not there.
+        INSERT INTO sluice.task_run
+            (task_name, priority, input, run_at, schedule_deadline,
+             concurrency_key, rate_limit_keys, rate_limit_units)
+        VALUES (task, coalesce(enqueue.priority, def.priority), input, start_at,
+                start_at + def.schedule_timeout,
+                flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units)
+        RETURNING id INTO new_id;
+        PERFORM sluice._wake_scheduler(start_at);
+        RETURN new_id;
+    END IF;
     LOOP
         INSERT INTO sluice.task_run
             (task_name, priority, input, run_at, schedule_deadline, idempotency_key,
@@ -1913,7 +1931,8 @@ BEGIN
     SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id;
     IF run.status <> 'running' OR EXISTS (
            SELECT 1 FROM sluice.workflow_step w
-            WHERE w.run_id = _finish_run_if_done.run_id AND w.status IN ('pending', 'started')) THEN
+            WHERE w.run_id = _finish_run_if_done.run_id
+              AND w.status IN ('pending', 'waiting', 'started')) THEN
         RETURN;
     END IF;
     SELECT d.spec INTO spec FROM sluice.workflow_definition d
@@ -2109,7 +2128,7 @@ BEGIN
     END IF;
     UPDATE sluice.workflow_step w
        SET status = t.status::text, output = t.output, error = t.last_error,
-           finished_at = coalesce(t.finished_at, now())
+           finished_at = coalesce(t.finished_at, now()), envelope = NULL
      WHERE w.run_id = _apply_step_outcome.run_id AND w.step = _apply_step_outcome.step
        AND w.task_id = t.id AND w.status = 'started';
     IF NOT FOUND OR run.status <> 'running' THEN
@@ -3744,7 +3763,8 @@ LANGUAGE sql IMMUTABLE AS $$
                 ELSE v END
 $$;
 
--- The step's task is enqueued (to run at run_at) and the step is started.
+-- The step's task is enqueued (to run at run_at) and the step is started. A step with
+-- cancel_if keeps its input while it runs: the filters of its cancel_if may name it.
 CREATE OR REPLACE FUNCTION sluice._enqueue_started_step(run sluice.workflow_run, s jsonb,
                                                         envelope jsonb, run_at timestamptz)
 RETURNS bigint
@@ -3755,18 +3775,19 @@ BEGIN
     new_task := sluice._enqueue_step(s->>'task', envelope, run_at, run.id, s->>'name');
     UPDATE sluice.workflow_step w
        SET status = 'started', task_id = new_task, started_at = coalesce(w.started_at, now()),
-           envelope = NULL
+           envelope = CASE WHEN s ? 'cancel_if' THEN _enqueue_started_step.envelope END
      WHERE w.run_id = run.id AND w.step = s->>'name';
     RETURN new_task;
 END
 $$;
 
--- Whether every or-group of the step's conditions of one kind has a condition met (false
--- when it has none of that kind).
+-- Whether every or-group of the step's conditions of one kind has a condition met; NULL
+-- when it has none of that kind (no wait_for: nothing to wait for; no cancel_if: nothing
+-- cancels it).
 CREATE OR REPLACE FUNCTION sluice._conditions_met(run_id bigint, step text, kind text)
 RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(bool_and(g.met), false)
+    SELECT bool_and(g.met)
       FROM (SELECT bool_or(c.met_at IS NOT NULL) AS met
               FROM sluice.step_condition c
              WHERE c.run_id = _conditions_met.run_id AND c.step = _conditions_met.step
@@ -3789,7 +3810,7 @@ DECLARE
 BEGIN
     SELECT * INTO w FROM sluice.workflow_step x
      WHERE x.run_id = run.id AND x.step = _evaluate_step_conditions.step;
-    IF sluice._conditions_met(run.id, step, 'cancel_if') THEN
+    IF coalesce(sluice._conditions_met(run.id, step, 'cancel_if'), false) THEN
         SELECT 'cancel_if met: ' || string_agg(coalesce('event "' || c.event_key || '"',
                                                         'sleep until ' || c.fire_at::text), ', '
                                                ORDER BY c.grp, c.pos)
@@ -3815,7 +3836,8 @@ BEGIN
         END IF;
         RETURN NULL;
     END IF;
-    IF w.status <> 'waiting' OR NOT sluice._conditions_met(run.id, step, 'wait_for') THEN
+    IF w.status <> 'waiting'
+       OR NOT coalesce(sluice._conditions_met(run.id, step, 'wait_for'), true) THEN
         RETURN NULL;
     END IF;
     SELECT x INTO s FROM sluice.workflow_definition d
@@ -3862,9 +3884,15 @@ BEGIN
            AND (c.kind = 'cancel_if' OR w.status = 'waiting')
            AND (c.filter IS NULL
                 OR sluice._payload_matches(_meet_event_conditions.payload, c.filter::jsonpath,
-                                           coalesce(w.envelope, '{}')));
+                                           -- (never NULL while waiting or watched; a filter
+                                           -- missing a variable would fail the push)
+                                           coalesce(w.envelope, jsonb_build_object(
+                                               'input', run.input, 'parents', '{}'::jsonb,
+                                               'skipped', '[]'::jsonb))));
         CONTINUE WHEN NOT FOUND;
-        runs := runs || run.id;
+        IF NOT run.id = ANY(runs) THEN
+            runs := runs || run.id;
+        END IF;
         PERFORM sluice._evaluate_step_conditions(run, w.step);
     END LOOP;
     RETURN runs;

@@ -599,7 +599,8 @@ BEGIN
     SELECT * INTO run FROM sluice.workflow_run r WHERE r.id = run_id;
     IF run.status <> 'running' OR EXISTS (
            SELECT 1 FROM sluice.workflow_step w
-            WHERE w.run_id = _finish_run_if_done.run_id AND w.status IN ('pending', 'started')) THEN
+            WHERE w.run_id = _finish_run_if_done.run_id
+              AND w.status IN ('pending', 'waiting', 'started')) THEN
         RETURN;
     END IF;
     SELECT d.spec INTO spec FROM sluice.workflow_definition d
@@ -795,7 +796,7 @@ BEGIN
     END IF;
     UPDATE sluice.workflow_step w
        SET status = t.status::text, output = t.output, error = t.last_error,
-           finished_at = coalesce(t.finished_at, now())
+           finished_at = coalesce(t.finished_at, now()), envelope = NULL
      WHERE w.run_id = _apply_step_outcome.run_id AND w.step = _apply_step_outcome.step
        AND w.task_id = t.id AND w.status = 'started';
     IF NOT FOUND OR run.status <> 'running' THEN
