@@ -374,11 +374,21 @@ DECLARE
     new_id   bigint;
     flow     record;
 BEGIN
-    -- The hot path of a single enqueue: one lookup here, sluice._definition only to raise.
-    SELECT * INTO def FROM sluice.task_definition d WHERE d.name = task;
-    IF NOT FOUND THEN
-        def := sluice._definition(task);
+    -- The common case in one statement (each statement of a plpgsql function costs an executor
+    -- start): no idempotency key, no flow control, a non-NULL input.
+    IF idempotency_key IS NULL AND input IS NOT NULL THEN
+        INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+        SELECT d.name, coalesce(enqueue.priority, d.priority), input, start_at,
+               start_at + d.schedule_timeout
+          FROM sluice.task_definition d
+         WHERE d.name = task AND d.concurrency_key IS NULL AND d.rate_limits = '[]'
+        RETURNING id INTO new_id;
+        IF new_id IS NOT NULL THEN
+            PERFORM sluice._wake_scheduler(start_at);
+            RETURN new_id;
+        END IF;
     END IF;
+    def := sluice._definition(task);  -- raises for a NULL or unknown name
     IF input IS NULL THEN
         RAISE EXCEPTION 'input must not be NULL (task "%"); use ''{}'' for no input', task
             USING ERRCODE = '22004';
@@ -391,8 +401,8 @@ BEGIN
     END IF;
 
     IF idempotency_key IS NULL THEN
-        -- A plain insert: ON CONFLICT's speculative insertion costs a second index probe and
-        -- more WAL per row, for a key that is not there.
+        -- With flow control. A plain insert: ON CONFLICT's speculative insertion costs a
+        -- second index probe and more WAL per row, for a key that is not there.
         INSERT INTO sluice.task_run
             (task_name, priority, input, run_at, schedule_deadline,
              concurrency_key, rate_limit_keys, rate_limit_units)

@@ -36,6 +36,8 @@ STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'posted_assignments_sql_wrapper';
 
 CREATE FUNCTION sluice._config_changed() RETURNS void
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'config_changed_sql_wrapper';
+CREATE FUNCTION sluice._outcome_recorded() RETURNS void
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'outcome_recorded_sql_wrapper';
 CREATE FUNCTION sluice._cron_next(cron text, after timestamp) RETURNS timestamp
 IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'cron_next_sql_wrapper';
 
@@ -548,11 +550,21 @@ DECLARE
     new_id   bigint;
     flow     record;
 BEGIN
-    -- The hot path of a single enqueue: one lookup here, sluice._definition only to raise.
-    SELECT * INTO def FROM sluice.task_definition d WHERE d.name = task;
-    IF NOT FOUND THEN
-        def := sluice._definition(task);
+    -- The common case in one statement (each statement of a plpgsql function costs an executor
+    -- start): no idempotency key, no flow control, a non-NULL input.
+    IF idempotency_key IS NULL AND input IS NOT NULL THEN
+        INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+        SELECT d.name, coalesce(enqueue.priority, d.priority), input, start_at,
+               start_at + d.schedule_timeout
+          FROM sluice.task_definition d
+         WHERE d.name = task AND d.concurrency_key IS NULL AND d.rate_limits = '[]'
+        RETURNING id INTO new_id;
+        IF new_id IS NOT NULL THEN
+            PERFORM sluice._wake_scheduler(start_at);
+            RETURN new_id;
+        END IF;
     END IF;
+    def := sluice._definition(task);  -- raises for a NULL or unknown name
     IF input IS NULL THEN
         RAISE EXCEPTION 'input must not be NULL (task "%"); use ''{}'' for no input', task
             USING ERRCODE = '22004';
@@ -565,8 +577,8 @@ BEGIN
     END IF;
 
     IF idempotency_key IS NULL THEN
-        -- A plain insert: ON CONFLICT's speculative insertion costs a second index probe and
-        -- more WAL per row, for a key that is not there.
+        -- With flow control. A plain insert: ON CONFLICT's speculative insertion costs a
+        -- second index probe and more WAL per row, for a key that is not there.
         INSERT INTO sluice.task_run
             (task_name, priority, input, run_at, schedule_deadline,
              concurrency_key, rate_limit_keys, rate_limit_units)
@@ -1743,7 +1755,7 @@ CREATE OR REPLACE FUNCTION sluice._request_admission(run_id bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO sluice.step_outcome (run_id) VALUES (run_id);
-    PERFORM sluice._wake_scheduler();
+    PERFORM sluice._outcome_recorded();
 END
 $$;
 
@@ -2026,7 +2038,7 @@ CREATE OR REPLACE FUNCTION sluice._step_task_finished() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO sluice.step_outcome (run_id, step, task_id) VALUES (NEW.run_id, NEW.step, NEW.id);
-    PERFORM sluice._wake_scheduler();
+    PERFORM sluice._outcome_recorded();
     RETURN NULL;
 END
 $$;

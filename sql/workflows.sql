@@ -411,7 +411,7 @@ CREATE OR REPLACE FUNCTION sluice._request_admission(run_id bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO sluice.step_outcome (run_id) VALUES (run_id);
-    PERFORM sluice._wake_scheduler();
+    PERFORM sluice._outcome_recorded();
 END
 $$;
 
@@ -694,7 +694,7 @@ CREATE OR REPLACE FUNCTION sluice._step_task_finished() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO sluice.step_outcome (run_id, step, task_id) VALUES (NEW.run_id, NEW.step, NEW.id);
-    PERFORM sluice._wake_scheduler();
+    PERFORM sluice._outcome_recorded();
     RETURN NULL;
 END
 $$;

@@ -98,6 +98,14 @@ fn wake_scheduler_sql(runnable_from: default!(Option<TimestampWithTimeZone>, "NU
     wake::wake_at_commit(runnable_from.map(pg_sys::TimestampTz::from));
 }
 
+/// Tells the scheduler, once the current transaction commits, that it recorded workflow step
+/// outcomes (sluice.step_outcome) to apply.
+#[pg_extern(name = "_outcome_recorded")]
+fn outcome_recorded_sql() {
+    wake::require_scheduler();
+    wake::outcomes_at_commit();
+}
+
 /// Tells the scheduler, once the current transaction commits, to reload task definitions and
 /// rate limits before its next assignment.
 #[pg_extern(name = "_config_changed")]

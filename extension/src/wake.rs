@@ -100,6 +100,13 @@ static CONFIG_GENERATION: PgAtomic<AtomicU64> =
 /// This backend's current transaction changed the configuration.
 static CONFIG_CHANGED_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 
+/// Bumped by every commit that recorded workflow step outcomes (sluice.step_outcome): the
+/// scheduler applies outcomes only when it changed, instead of querying for them every tick.
+static OUTCOMES_GENERATION: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"sluice_outcomes_generation") };
+/// This backend's current transaction recorded step outcomes.
+static OUTCOMES_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
 /// Set in `_PG_init` when loaded through shared_preload_libraries (per process).
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 /// This backend's current transaction asked for a wake-up at commit.
@@ -113,6 +120,7 @@ pub fn init_shared_memory() {
     pg_shmem_init!(SCHEDULER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(COMMITTED_RUNNABLE_FROM = AtomicI64::new(i64::MAX));
     pg_shmem_init!(CONFIG_GENERATION = AtomicU64::new(0));
+    pg_shmem_init!(OUTCOMES_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(ENDED);
     pg_shmem_init!(ASSIGNMENTS);
     PRELOADED.store(true, Ordering::Relaxed);
@@ -140,6 +148,22 @@ pub fn wake_at_commit(runnable_from: Option<pg_sys::TimestampTz>) {
 pub fn config_changed_at_commit() {
     CONFIG_CHANGED_AT_COMMIT.store(true, Ordering::Relaxed);
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// This transaction recorded workflow step outcomes: the scheduler applies them after commit.
+pub fn outcomes_at_commit() {
+    OUTCOMES_AT_COMMIT.store(true, Ordering::Relaxed);
+    WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// Commits that recorded step outcomes so far. Read before the statement that takes them: the
+/// commit callback runs once the transaction is visible, so a commit this read misses bumps
+/// the generation again for the next tick.
+pub fn outcomes_generation() -> u64 {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return 0;
+    }
+    OUTCOMES_GENERATION.get().load(Ordering::SeqCst)
 }
 
 /// Changes committed so far (compare with the value at the last reload).
@@ -379,6 +403,11 @@ unsafe extern "C-unwind" fn on_xact_event(
             {
                 CONFIG_GENERATION.get().fetch_add(1, Ordering::SeqCst);
             }
+            if OUTCOMES_AT_COMMIT.swap(false, Ordering::Relaxed)
+                && PRELOADED.load(Ordering::Relaxed)
+            {
+                OUTCOMES_GENERATION.get().fetch_add(1, Ordering::SeqCst);
+            }
             let runnable_from = RUNNABLE_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
             let ended =
                 std::mem::take(&mut *ENDED_AT_COMMIT.lock().unwrap_or_else(|e| e.into_inner()));
@@ -415,6 +444,7 @@ unsafe extern "C-unwind" fn on_xact_event(
             }
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             CONFIG_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);
+            OUTCOMES_AT_COMMIT.store(false, Ordering::Relaxed);
             RUNNABLE_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
             ENDED_AT_COMMIT
                 .lock()

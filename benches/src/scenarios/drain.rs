@@ -42,6 +42,22 @@ struct Run {
 
 pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let n = ctx.scale.tasks(100_000);
+    // For profiling one shape over and over (not a result: no baselines, nothing recorded):
+    // SLUICE_BENCH_DRAIN_ONLY=<workers>x<slots>, e.g. 8x100.
+    if let Ok(only) = std::env::var("SLUICE_BENCH_DRAIN_ONLY") {
+        let (workers, slots) = only
+            .split_once('x')
+            .and_then(|(w, s)| Some((w.parse().ok()?, s.parse().ok()?)))
+            .ok_or(format!(
+                "SLUICE_BENCH_DRAIN_ONLY={only}: expected <workers>x<slots>"
+            ))?;
+        let (rate, seconds, check) = sluice_drain(ctx, n, workers, Some(slots), None).await?;
+        println!(
+            "  drain only {only}: {rate:.0} tasks/s in {seconds:.2} s, check ok: {}",
+            check.ok
+        );
+        return Ok(());
+    }
     let mut runs = Vec::new();
     for (workers, slots) in SLUICE_SHAPES {
         let shape = super::sluice_shape(workers, slots);
