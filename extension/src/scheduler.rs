@@ -1198,6 +1198,7 @@ fn post(
                 worker_id: a.worker_id,
                 task_id: c.task_id,
                 attempt,
+                execution_timeout_us: timeout,
             });
         }
     }

@@ -67,6 +67,9 @@ pub struct Posted {
     pub worker_id: i64,
     pub task_id: i64,
     pub attempt: i32,
+    /// The task's execution timeout in microseconds, from the definitions the scheduler
+    /// holds: the claim takes it from here instead of joining task_definition per row.
+    pub execution_timeout_us: i64,
 }
 /// Tasks assigned but not yet fetched, fleet-wide; more wait in the scheduler's memory.
 pub const ASSIGNMENTS_CAPACITY: usize = 65_536;
