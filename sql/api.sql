@@ -752,9 +752,9 @@ LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     ids      bigint[];
     attempts int[];
-    timeouts bigint[];
+    timeouts int[];
 BEGIN
-    SELECT array_agg(a.task_id), array_agg(a.attempt), array_agg(a.execution_timeout_us)
+    SELECT array_agg(a.task_id), array_agg(a.attempt), array_agg(a.execution_timeout_ms)
       INTO ids, attempts, timeouts
       FROM sluice._take_assigned(_claim_assigned.worker_id, max_tasks) AS a;
     IF ids IS NULL THEN
@@ -768,7 +768,10 @@ BEGIN
     UPDATE sluice.task_run t
        SET status = 'running', attempt = t.attempt + 1, worker_id = _claim_assigned.worker_id,
            assigned_at = now(), picked_at = now(),
-           timeout_at = now() + timeouts[array_position(ids, t.id)] * interval '1 microsecond'
+           timeout_at = now() + coalesce(
+               nullif(timeouts[array_position(ids, t.id)], -1) * interval '1 millisecond',
+               (SELECT d.execution_timeout FROM sluice.task_definition d
+                 WHERE d.name = t.task_name))
      WHERE t.id = ANY(ids) AND t.attempt = attempts[array_position(ids, t.id)] - 1
        AND t.status::text = 'queued'
     RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at;

@@ -28,7 +28,7 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'wake_scheduler_sql_wrapper';
 CREATE FUNCTION sluice._attempts_ended(task_ids bigint[], attempts int[]) RETURNS void
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'attempts_ended_sql_wrapper';
 CREATE FUNCTION sluice._take_assigned(worker_id bigint, max_tasks int)
-RETURNS TABLE (task_id bigint, attempt int, execution_timeout_us bigint)
+RETURNS TABLE (task_id bigint, attempt int, execution_timeout_ms int)
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'take_assigned_sql_wrapper';
 CREATE FUNCTION sluice.posted_assignments()
 RETURNS TABLE (worker_id bigint, task_id bigint, attempt int)
@@ -928,9 +928,9 @@ LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     ids      bigint[];
     attempts int[];
-    timeouts bigint[];
+    timeouts int[];
 BEGIN
-    SELECT array_agg(a.task_id), array_agg(a.attempt), array_agg(a.execution_timeout_us)
+    SELECT array_agg(a.task_id), array_agg(a.attempt), array_agg(a.execution_timeout_ms)
       INTO ids, attempts, timeouts
       FROM sluice._take_assigned(_claim_assigned.worker_id, max_tasks) AS a;
     IF ids IS NULL THEN
@@ -944,7 +944,10 @@ BEGIN
     UPDATE sluice.task_run t
        SET status = 'running', attempt = t.attempt + 1, worker_id = _claim_assigned.worker_id,
            assigned_at = now(), picked_at = now(),
-           timeout_at = now() + timeouts[array_position(ids, t.id)] * interval '1 microsecond'
+           timeout_at = now() + coalesce(
+               nullif(timeouts[array_position(ids, t.id)], -1) * interval '1 millisecond',
+               (SELECT d.execution_timeout FROM sluice.task_definition d
+                 WHERE d.name = t.task_name))
      WHERE t.id = ANY(ids) AND t.attempt = attempts[array_position(ids, t.id)] - 1
        AND t.status::text = 'queued'
     RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at;

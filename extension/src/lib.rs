@@ -121,7 +121,7 @@ fn attempts_ended_sql(task_ids: Vec<i64>, attempts: Vec<i32>) {
 }
 
 /// Takes up to `max_tasks` of the assignments the scheduler posted for this worker (see
-/// `crate::wake`), each with its task's execution timeout in microseconds;
+/// `crate::wake`), each with its task's execution timeout in milliseconds (-1: look it up);
 /// `sluice.fetch_tasks` claims them. Put back if the transaction aborts.
 #[pg_extern(name = "_take_assigned")]
 fn take_assigned_sql(
@@ -132,7 +132,7 @@ fn take_assigned_sql(
     (
         name!(task_id, i64),
         name!(attempt, i32),
-        name!(execution_timeout_us, i64),
+        name!(execution_timeout_ms, i32),
     ),
 > {
     wake::require_scheduler();
@@ -140,7 +140,7 @@ fn take_assigned_sql(
     TableIterator::new(
         taken
             .into_iter()
-            .map(|p| (p.task_id, p.attempt, p.execution_timeout_us)),
+            .map(|p| (p.task_id, p.attempt, p.execution_timeout_ms)),
     )
 }
 

@@ -1198,7 +1198,7 @@ fn post(
                 worker_id: a.worker_id,
                 task_id: c.task_id,
                 attempt,
-                execution_timeout_us: timeout,
+                execution_timeout_ms: wake::Posted::timeout_ms(timeout),
             });
         }
     }

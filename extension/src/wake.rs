@@ -67,9 +67,19 @@ pub struct Posted {
     pub worker_id: i64,
     pub task_id: i64,
     pub attempt: i32,
-    /// The task's execution timeout in microseconds, from the definitions the scheduler
-    /// holds: the claim takes it from here instead of joining task_definition per row.
-    pub execution_timeout_us: i64,
+    /// The task's execution timeout in milliseconds, from the definitions the scheduler holds
+    /// (the claim takes it from here instead of joining task_definition per row), or -1 for
+    /// one too long for an i32 (the claim looks those up). 32 bits keep an entry at 24 bytes:
+    /// the board is built on the stack before it is copied into shared memory, and a debug
+    /// build's postmaster overflowed its stack with 32-byte entries.
+    pub execution_timeout_ms: i32,
+}
+
+impl Posted {
+    /// The `execution_timeout_ms` for a timeout in microseconds.
+    pub fn timeout_ms(timeout_us: i64) -> i32 {
+        i32::try_from(timeout_us.div_euclid(1000)).unwrap_or(-1)
+    }
 }
 /// Tasks assigned but not yet fetched, fleet-wide; more wait in the scheduler's memory.
 pub const ASSIGNMENTS_CAPACITY: usize = 65_536;
