@@ -6,9 +6,12 @@
 //!   `media:uploaded` in the same transaction as its INSERT (one upload rolls back: no row, no
 //!   event, no run).
 //! * The workflow `media` subscribes to that event: validate → (thumbnails ∥ caption) →
-//!   persist → notify, at most 3 runs per user at once (group round robin). A duplicate upload
-//!   skips persist; an unsupported file fails validation and `media_cleanup` (on_failure)
-//!   marks it rejected.
+//!   persist → publish → notify, at most 3 runs per user at once (group round robin). A
+//!   duplicate upload skips persist and publish; an unsupported file fails validation and
+//!   `media_cleanup` (on_failure) marks it rejected.
+//! * publish waits for a moderator (step conditions): `wait_for` the event `media:approved`
+//!   for its media, `cancel_if` `media:rejected` for it or 30 s without a decision. The
+//!   demo's moderator finds the waiting steps in `sluice.runs` and rejects dave's meme.png.
 //! * `ai_caption` uses the fleet-wide rate limit `ai-caption` (5 per second) and up to 5
 //!   retries: the simulated AI API answers 503 to the first attempt for uploads over 5 MB and
 //!   to the first two over 20 MB.
@@ -27,13 +30,24 @@ use serde_json::Value;
 use sluice_client::tokio_postgres::{self, Client, NoTls};
 use sluice_client::{
     define_task, enqueue, push_event, set_rate_limit, set_task_triggers, Concurrency,
-    ConcurrencyStrategy, Cron, EnqueueOptions, FailureInput, RateLimitUse, Step, StepInput,
-    StepOptions, TaskContext, TaskDefinition, TaskError, TaskOptions, Units, Worker,
-    WorkflowBuilder,
+    ConcurrencyStrategy, Condition, Conditions, Cron, EnqueueOptions, FailureInput, RateLimitUse,
+    Step, StepInput, StepOptions, TaskContext, TaskDefinition, TaskError, TaskOptions, Units,
+    Worker, WorkflowBuilder,
 };
 
 const DEFAULT_DSN: &str = "host=127.0.0.1 port=28815 user=postgres dbname=sluice";
 const EVENT: &str = "media:uploaded";
+const APPROVED: &str = "media:approved";
+const REJECTED: &str = "media:rejected";
+/// What the moderator pushes: approved or rejected, by media id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Moderation {
+    media_id: i64,
+    by: String,
+    reason: Option<String>,
+}
+/// The one upload the demo's moderator rejects.
+const REJECTED_FILE: &str = "meme.png";
 const CAPTION_LIMIT: i32 = 5; // per second, fleet-wide
 const RUNS_PER_USER: i32 = 3;
 
@@ -84,6 +98,13 @@ impl TaskDefinition for PersistMedia {
     const NAME: &'static str = "persist_media";
     type Input = StepInput<Upload>;
     type Output = i64;
+}
+
+struct PublishMedia;
+impl TaskDefinition for PublishMedia {
+    const NAME: &'static str = "publish_media";
+    type Input = StepInput<Upload>;
+    type Output = String;
 }
 
 struct NotifyUser;
@@ -143,7 +164,24 @@ fn media_workflow() -> (WorkflowBuilder<Upload>, Steps) {
             ..StepOptions::default()
         },
     );
-    wf.step::<NotifyUser>("notify", &[&persist]);
+    // A moderator decides: publish starts on the approval of this media, and is cancelled
+    // (and so the run: on_failure marks the upload rejected) by a rejection or by 30 s
+    // without a decision. A duplicate has nothing to publish.
+    let this_media = "$.media_id == $input.media_id";
+    let publish = wf.step_with::<PublishMedia>(
+        "publish",
+        &[&persist],
+        StepOptions {
+            skip_if: Some("$.skipped[*] == \"persist\"".into()),
+            wait_for: Some(Condition::event_matching(APPROVED, this_media).into()),
+            cancel_if: Some(Conditions::any([
+                Condition::event_matching(REJECTED, this_media),
+                Condition::sleep(Duration::from_secs(30)),
+            ])),
+        },
+    );
+    // persist is a parent too: notify tells a duplicate (persist skipped) apart.
+    wf.step::<NotifyUser>("notify", &[&persist, &publish]);
     wf.on_failure::<MediaCleanup>()
         .concurrency(
             Concurrency::new("$.user", RUNS_PER_USER)
@@ -255,6 +293,21 @@ async fn persist_media(
     Ok(step.input.media_id)
 }
 
+async fn publish_media(ctx: TaskContext, step: StepInput<Upload>) -> Result<String, TaskError> {
+    let moderation: Option<Moderation> = step.event(APPROVED)?;
+    let by = moderation.map_or_else(|| "?".to_owned(), |m| m.by);
+    let tx = ctx.transaction().await?;
+    tx.client()
+        .execute(
+            "UPDATE demo_media SET status = 'published' WHERE id = $1",
+            &[&step.input.media_id],
+        )
+        .await?;
+    let note = format!("approved by {by}");
+    tx.commit_with(&note).await?;
+    Ok(note)
+}
+
 async fn notify_user(
     _ctx: TaskContext,
     step: StepInput<Upload>,
@@ -349,6 +402,7 @@ async fn define_everything(client: &Client, wf: &WorkflowBuilder<Upload>) -> Res
     };
     define_task(client, AiCaption::NAME, &caption).await?;
     define_task(client, PersistMedia::NAME, &plain).await?;
+    define_task(client, PublishMedia::NAME, &plain).await?;
     define_task(client, NotifyUser::NAME, &plain).await?;
     define_task(client, MediaCleanup::NAME, &plain).await?;
     define_task(client, NightlyCleanup::NAME, &plain).await?;
@@ -379,6 +433,7 @@ const UPLOADS: &[(&str, &str, f64)] = &[
     ("carol", "notes.pdf", 0.4),
     ("bob", "dog.png", 7.5),
     ("dave", "avatar.png", 0.3),
+    ("dave", REJECTED_FILE, 1.2),
     ("carol", "sunset.heic", 5.9),
     ("bob", "party.mov", 31.0),
 ];
@@ -442,6 +497,50 @@ async fn push_uploads(client: &mut Client, batch: i64) -> Result<Pushed, DynErro
         event_ids,
         rolled_back_event,
     })
+}
+
+// ---- Moderator ---------------------------------------------------------------------------
+
+/// The moderation queue is plain SQL over sluice.runs: the runs whose publish step waits.
+/// Approves each (rejects REJECTED_FILE) with an event, until `done` fires.
+async fn moderate(
+    dsn: String,
+    run_ids: Vec<i64>,
+    mut done: tokio::sync::oneshot::Receiver<()>,
+) -> Result<usize, DynError> {
+    let (client, connection) = tokio_postgres::connect(&dsn, NoTls).await?;
+    tokio::spawn(connection);
+    let mut decided = std::collections::HashSet::new();
+    loop {
+        let waiting = client
+            .query(
+                "SELECT (input->>'media_id')::bigint, input->>'file' FROM sluice.runs
+                  WHERE id = ANY($1) AND steps->'publish'->>'status' = 'waiting'",
+                &[&run_ids],
+            )
+            .await?;
+        for row in waiting {
+            let (media_id, file): (i64, String) = (row.get(0), row.get(1));
+            if !decided.insert(media_id) {
+                continue;
+            }
+            let (key, reason) = if file == REJECTED_FILE {
+                (REJECTED, Some("not family-friendly".to_owned()))
+            } else {
+                (APPROVED, None)
+            };
+            let decision = Moderation {
+                media_id,
+                by: "moderator-mia".into(),
+                reason,
+            };
+            push_event(&client, key, &decision).await?;
+        }
+        tokio::select! {
+            _ = &mut done => return Ok(decided.len()),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
 }
 
 // ---- Summary -----------------------------------------------------------------------------
@@ -578,11 +677,11 @@ fn max_overlap(intervals: &[(f64, f64)]) -> usize {
 fn print_runs(runs: &[Run]) {
     println!(
         "\n  run user  upload          MB status     wait  took  validate thumbnails caption   \
-         persist   notify"
+         persist   publish   notify"
     );
     for r in runs {
         println!(
-            "{:>5} {:<6}{:<13}{:>5.1} {:<10}{:>4.1}s {:>4.1}s  {:<9}{:<11}{:<10}{:<10}{}",
+            "{:>5} {:<6}{:<13}{:>5.1} {:<10}{:>4.1}s {:>4.1}s  {:<9}{:<11}{:<10}{:<10}{:<10}{}",
             r.id,
             r.user,
             r.file,
@@ -596,6 +695,7 @@ fn print_runs(runs: &[Run]) {
             step_cell(r, "thumbnails"),
             step_cell(r, "caption"),
             step_cell(r, "persist"),
+            step_cell(r, "publish"),
             step_cell(r, "notify"),
         );
     }
@@ -608,7 +708,10 @@ async fn print_totals(
     throttled: i64,
 ) -> Result<(), DynError> {
     let succeeded = runs.iter().filter(|r| r.status == "succeeded").count();
-    let failed: Vec<&Run> = runs.iter().filter(|r| r.status == "failed").collect();
+    let failed: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.status == "failed" || r.status == "cancelled")
+        .collect();
     let retried = runs
         .iter()
         .filter(|r| r.steps.get("caption").is_some_and(|(_, a)| *a > 1))
@@ -618,8 +721,8 @@ async fn print_totals(
         .filter(|r| r.steps.get("persist").is_some_and(|(s, _)| s == "skipped"))
         .count();
     println!(
-        "\n{} runs: {succeeded} succeeded, {} failed; {retried} captions retried (×n: \
-         attempts), {skipped} duplicate (persist skipped)",
+        "\n{} runs: {succeeded} succeeded, {} failed or cancelled; {retried} captions retried \
+         (×n: attempts), {skipped} duplicate (persist skipped)",
         runs.len(),
         failed.len()
     );
@@ -813,7 +916,7 @@ async fn main() -> Result<(), DynError> {
     let stale = cancel_stale_runs(&client).await?;
     println!(
         "workflow media v{version}: on {EVENT}, validate -> (thumbnails | caption) -> persist \
-         -> notify,"
+         -> publish (waits for {APPROVED}) -> notify,"
     );
     println!(
         "  at most {RUNS_PER_USER} runs per user (group round robin); ai_caption: rate limit \
@@ -842,6 +945,7 @@ async fn main() -> Result<(), DynError> {
             .task::<NotifyUser, _, _>(move |ctx, input| {
                 notify_user(ctx, input, notify_steps.clone())
             })
+            .task::<PublishMedia, _, _>(publish_media)
             .task::<MediaCleanup, _, _>(media_cleanup)
             .task::<NightlyCleanup, _, _>(nightly_cleanup)
             .build()?;
@@ -896,7 +1000,11 @@ async fn main() -> Result<(), DynError> {
         }
     );
 
+    let (moderation_done, moderation_stop) = tokio::sync::oneshot::channel();
+    let moderator = tokio::spawn(moderate(dsn.clone(), run_ids.clone(), moderation_stop));
     let outcome = wait_for_runs(&client, &run_ids, Duration::from_secs(45)).await;
+    let _ = moderation_done.send(());
+    let moderated = moderator.await??;
     let elapsed = started.elapsed();
     let runs = read_runs(&client, &run_ids).await?;
     print_runs(&runs);
@@ -908,6 +1016,10 @@ async fn main() -> Result<(), DynError> {
         Err(e) => println!("{e}"),
     }
     print_totals(&client, &runs, &run_ids, *outcome.as_ref().unwrap_or(&0)).await?;
+    println!(
+        "moderator-mia decided {moderated} publish step(s) waiting in sluice.runs: \
+         {APPROVED} for all but {REJECTED_FILE} ({REJECTED}: cancel_if cancelled that run)"
+    );
     println!();
     print_cron(&client).await?;
     let cleanup = run_cleanup_now(&client).await;
