@@ -648,7 +648,9 @@ BEGIN
     VALUES (name, (SELECT array_agg(DISTINCT n ORDER BY n) FROM unnest(task_names) n), slots,
             labels, pg_backend_pid(), coalesce(started, now()))
     RETURNING id INTO new_id;
-    PERFORM sluice._wake_scheduler();
+    -- Not just a wake-up: the scheduler skips wake-ups while no worker has a free slot, and a
+    -- new worker brings some (a changed configuration always makes it tick).
+    PERFORM sluice._config_changed();
     RETURN new_id;
 END
 $$;
@@ -674,7 +676,7 @@ DECLARE
 BEGIN
     PERFORM sluice._check_labels(labels, format('worker %s', worker_id));
     UPDATE sluice.worker SET labels = set_worker_labels.labels WHERE id = w.id;
-    PERFORM sluice._wake_scheduler();
+    PERFORM sluice._config_changed();  -- may open slots to tasks (see register_worker)
 END
 $$;
 

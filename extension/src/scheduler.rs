@@ -113,6 +113,8 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
     let mut warned_version: Option<String> = None;
     let mut last_tick: Option<(Instant, Duration)> = None;
     let mut stats = TickStats::new();
+    // When the next tick is due by itself (timers, maintenance, the poll interval).
+    let mut due_at = Instant::now();
     while BackgroundWorker::wait_latch(Some(sleep)) {
         if let Some((ended, spacing)) = last_tick {
             // The latch stays set meanwhile; a signal is handled right after.
@@ -120,6 +122,16 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        // Woken early by commits that can change nothing yet: enqueues while no worker has a
+        // free slot. Their arrivals are read by the next tick that can assign (a completion,
+        // a registration or a definition change wakes one at once) or at the due time. In a
+        // producer-only run the scheduler otherwise ticked on every enqueue commit and used a
+        // third of a core doing so.
+        let early = due_at.saturating_duration_since(Instant::now());
+        if !early.is_zero() && scheduler.wake_changes_nothing() {
+            sleep = early;
+            continue;
         }
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
         // Before the tick's snapshot: see crate::wake for why the order matters.
@@ -174,6 +186,7 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
                 poll
             }
         };
+        due_at = Instant::now() + sleep;
     }
     wake::publish_scheduler(-1);
     log!("sluice scheduler exiting");
@@ -280,6 +293,8 @@ struct Scheduler {
     /// whether to apply again anyway (the last call took some: more, or some put back).
     outcomes_seen: u64,
     advance_again: bool,
+    /// After the last tick's assignments no live worker had a free slot.
+    no_free_slot: bool,
     /// Task definitions and rate limits, reloaded with maintenance and after every committed
     /// change (`wake::config_generation`).
     definitions: Definitions,
@@ -475,6 +490,26 @@ impl Statements {
 }
 
 impl Scheduler {
+    /// Whether a wake-up can be left for the next due tick: no worker has a free slot, so
+    /// new arrivals cannot be assigned, and nothing else that a tick acts on at once has
+    /// happened (an ended attempt frees a slot; registrations, definitions, limits and crons
+    /// bump the configuration generation; step outcomes their own). A definition with a
+    /// cancelling concurrency strategy judges each arrival as it comes, so then every wake
+    /// ticks.
+    fn wake_changes_nothing(&self) -> bool {
+        self.no_free_slot
+            && !self.advance_again
+            && self.sweep_from.is_none()
+            && !wake::ended_attempts_pending()
+            && wake::config_generation() == self.config_generation
+            && wake::outcomes_generation() == self.outcomes_seen
+            && self
+                .definitions
+                .rules
+                .values()
+                .all(|rule| rule.strategy == Strategy::GroupRoundRobin)
+    }
+
     fn new() -> Self {
         Scheduler {
             queue: QueueState::new(),
@@ -494,6 +529,7 @@ impl Scheduler {
             timers_due: None,
             outcomes_seen: 0,
             advance_again: true,
+            no_free_slot: false,
             definitions: Definitions::default(),
             config_generation: u64::MAX,
             limits: RateLimits::default(),
@@ -705,6 +741,12 @@ impl Scheduler {
                 }
             }
         }
+
+        let free_slots: i64 = capacity
+            .iter()
+            .map(|w| i64::from(w.free_slots.max(0)))
+            .sum();
+        self.no_free_slot = free_slots <= planned as i64;
 
         let statements = self.statements.as_ref().expect("prepared above");
         if !notify.is_empty() {

@@ -207,6 +207,12 @@ pub fn take_ended_attempts() -> Option<Vec<(i64, i32)>> {
     out
 }
 
+/// Whether attempts ended since the scheduler last took them (without taking them).
+pub fn ended_attempts_pending() -> bool {
+    let ended = ENDED.share();
+    ended.len > 0 || ended.overflowed
+}
+
 fn publish_ended(pending: &[(i64, i32)]) {
     let mut ended = ENDED.exclusive();
     for &(task_id, attempt) in pending {
