@@ -576,19 +576,6 @@ BEGIN
                NULL::int[] AS rate_limit_units INTO flow;
     END IF;
 
-    IF idempotency_key IS NULL THEN
-        -- With flow control. A plain insert: ON CONFLICT's speculative insertion costs a
-        -- second index probe and more WAL per row, for a key that is not there.
-        INSERT INTO sluice.task_run
-            (task_name, priority, input, run_at, schedule_deadline,
-             concurrency_key, rate_limit_keys, rate_limit_units)
-        VALUES (task, coalesce(enqueue.priority, def.priority), input, start_at,
-                start_at + def.schedule_timeout,
-                flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units)
-        RETURNING id INTO new_id;
-        PERFORM sluice._wake_scheduler(start_at);
-        RETURN new_id;
-    END IF;
     LOOP
         INSERT INTO sluice.task_run
             (task_name, priority, input, run_at, schedule_deadline, idempotency_key,
@@ -1858,7 +1845,6 @@ DECLARE
     s        jsonb;
     envelope jsonb;
     skipped  boolean;
-    new_task bigint;
 BEGIN
     FOR s IN SELECT x FROM jsonb_array_elements(spec->'steps') x WHERE x->>'name' = ANY(names)
     LOOP
@@ -1888,10 +1874,7 @@ BEGIN
                       <> 'running';
             CONTINUE;
         END IF;
-        new_task := sluice._enqueue_step(s->>'task', envelope, now(), run.id, s->>'name');
-        UPDATE sluice.workflow_step
-           SET status = 'started', task_id = new_task, started_at = now()
-         WHERE run_id = run.id AND step = s->>'name';
+        PERFORM sluice._enqueue_started_step(run, s, envelope, now());
     END LOOP;
 END
 $$;

@@ -505,7 +505,6 @@ DECLARE
     s        jsonb;
     envelope jsonb;
     skipped  boolean;
-    new_task bigint;
 BEGIN
     FOR s IN SELECT x FROM jsonb_array_elements(spec->'steps') x WHERE x->>'name' = ANY(names)
     LOOP
@@ -535,10 +534,7 @@ BEGIN
                       <> 'running';
             CONTINUE;
         END IF;
-        new_task := sluice._enqueue_step(s->>'task', envelope, now(), run.id, s->>'name');
-        UPDATE sluice.workflow_step
-           SET status = 'started', task_id = new_task, started_at = now()
-         WHERE run_id = run.id AND step = s->>'name';
+        PERFORM sluice._enqueue_started_step(run, s, envelope, now());
     END LOOP;
 END
 $$;

@@ -726,3 +726,40 @@ pub async fn wait_run(client: &Client, run_id: i64, timeout: Duration) -> serde_
     })
     .await
 }
+
+/// `sluice.define_workflow(name, spec)`; panics naming the spec if it is rejected.
+pub async fn define_workflow(client: &Client, name: &str, spec: serde_json::Value) -> i32 {
+    client
+        .query_one("SELECT sluice.define_workflow($1, $2)", &[&name, &spec])
+        .await
+        .unwrap_or_else(|e| panic!("define_workflow({name}, {spec}): {e}"))
+        .get(0)
+}
+
+/// `sluice.run_workflow(name, input)`; returns the run id.
+pub async fn run_workflow(client: &Client, name: &str, input: serde_json::Value) -> i64 {
+    client
+        .query_one("SELECT sluice.run_workflow($1, $2)", &[&name, &input])
+        .await
+        .unwrap_or_else(|e| panic!("run_workflow({name}, {input}): {e}"))
+        .get(0)
+}
+
+/// Declares a task type whose wire name is `<prefix>_<unique suffix>`, fixed at first use, so
+/// that tests running at once on the shared cluster never share a task. The caller imports
+/// `TaskDefinition`, `OnceLock` and `unique`.
+#[macro_export]
+macro_rules! task_type {
+    ($ty:ident, $prefix:literal, $input:ty, $output:ty) => {
+        struct $ty;
+        impl TaskDefinition for $ty {
+            const NAME: &'static str = $prefix;
+            type Input = $input;
+            type Output = $output;
+            fn name() -> &'static str {
+                static NAME: OnceLock<String> = OnceLock::new();
+                NAME.get_or_init(|| unique($prefix))
+            }
+        }
+    };
+}

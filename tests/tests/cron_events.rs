@@ -108,14 +108,6 @@ async fn cancel_queued(client: &Client, task: &str) {
         .expect("cancelling leftover tasks");
 }
 
-async fn define_workflow(client: &Client, name: &str, spec: Value) -> i32 {
-    client
-        .query_one("SELECT sluice.define_workflow($1, $2)", &[&name, &spec])
-        .await
-        .unwrap_or_else(|e| panic!("define_workflow({name}, {spec}): {e}"))
-        .get(0)
-}
-
 /// One step running `task`.
 fn one_step(task: &str) -> Value {
     json!({"steps": [{"name": "a", "task": task}]})

@@ -22,23 +22,6 @@ use tokio_postgres::Client;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
 
-/// Declares a task type whose wire name is `<prefix>_<unique suffix>`, fixed at first use, so
-/// that tests running at once on the shared cluster never share a task.
-macro_rules! task_type {
-    ($ty:ident, $prefix:literal, $input:ty, $output:ty) => {
-        struct $ty;
-        impl TaskDefinition for $ty {
-            const NAME: &'static str = $prefix;
-            type Input = $input;
-            type Output = $output;
-            fn name() -> &'static str {
-                static NAME: OnceLock<String> = OnceLock::new();
-                NAME.get_or_init(|| unique($prefix))
-            }
-        }
-    };
-}
-
 // Worker helpers ---------------------------------------------------------------------------------
 
 /// An in-process worker running on its own tokio task until [`InProcessWorker::stop`].

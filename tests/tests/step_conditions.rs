@@ -29,22 +29,6 @@ const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
 
 // Helpers --------------------------------------------------------------------------------------
 
-async fn define(client: &Client, name: &str, spec: Value) -> i32 {
-    client
-        .query_one("SELECT sluice.define_workflow($1, $2)", &[&name, &spec])
-        .await
-        .unwrap_or_else(|e| panic!("define_workflow({name}, {spec}): {e}"))
-        .get(0)
-}
-
-async fn run(client: &Client, name: &str, input: Value) -> i64 {
-    client
-        .query_one("SELECT sluice.run_workflow($1, $2)", &[&name, &input])
-        .await
-        .unwrap_or_else(|e| panic!("run_workflow({name}, {input}): {e}"))
-        .get(0)
-}
-
 /// Pushes an event in its own transaction; returns its id.
 async fn push(client: &Client, key: &str, payload: Value) -> i64 {
     push_event(client, key, &payload)
@@ -211,23 +195,6 @@ async fn define_error(client: &Client, name: &str, spec: &Value) -> (String, Str
     (db.code().code().to_string(), db.message().to_string())
 }
 
-/// Declares a step task type whose wire name is `<prefix>_<unique suffix>`, fixed at first
-/// use, so tests running at once on the shared cluster never share a task.
-macro_rules! task_type {
-    ($ty:ident, $prefix:literal, $input:ty, $output:ty) => {
-        struct $ty;
-        impl TaskDefinition for $ty {
-            const NAME: &'static str = $prefix;
-            type Input = $input;
-            type Output = $output;
-            fn name() -> &'static str {
-                static NAME: OnceLock<String> = OnceLock::new();
-                NAME.get_or_init(|| unique($prefix))
-            }
-        }
-    };
-}
-
 // Waiting for events ----------------------------------------------------------------------------
 
 /// Two runs of one workflow wait for the same event key, each for the payload with its own id:
@@ -241,15 +208,15 @@ async fn an_event_filtered_on_the_run_input_starts_only_its_own_runs_waiting_ste
     let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 1);
     let paid = unique("cond_paid");
     let wf = unique("cond_filtered");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "ship", "task": task,
                           "wait_for": {"event": paid, "filter": "$.id == $input.id"}}]}),
     )
     .await;
-    let first = run(&client, &wf, json!({"id": 1})).await;
-    let second = run(&client, &wf, json!({"id": 2})).await;
+    let first = run_workflow(&client, &wf, json!({"id": 1})).await;
+    let second = run_workflow(&client, &wf, json!({"id": 2})).await;
     for run_id in [first, second] {
         let run = run_view(&client, run_id).await;
         assert_eq!(run["status"], "running", "{run}");
@@ -361,7 +328,7 @@ async fn an_or_group_of_an_event_and_a_sleep_starts_the_step_on_whichever_comes_
     let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 4);
     let nudge = unique("cond_nudge");
     let wf = unique("cond_or_group");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "remind", "task": task,
@@ -370,7 +337,7 @@ async fn an_or_group_of_an_event_and_a_sleep_starts_the_step_on_whichever_comes_
     .await;
 
     // The nudged run first, so that its push (no filter) cannot meet the other run.
-    let nudged = run(&client, &wf, json!({"run": "nudged"})).await;
+    let nudged = run_workflow(&client, &wf, json!({"run": "nudged"})).await;
     assert_eq!(
         step_view(&client, nudged, "remind").await["status"],
         "waiting"
@@ -378,7 +345,7 @@ async fn an_or_group_of_an_event_and_a_sleep_starts_the_step_on_whichever_comes_
     let payload = json!({"by": "ops"});
     let event = push(&client, &nudge, payload.clone()).await;
     assert_eq!(woke_run_ids(&client, event).await, vec![nudged]);
-    let slept = run(&client, &wf, json!({"run": "slept"})).await;
+    let slept = run_workflow(&client, &wf, json!({"run": "slept"})).await;
     assert_eq!(
         step_view(&client, slept, "remind").await["status"],
         "waiting"
@@ -439,7 +406,7 @@ async fn an_and_of_two_events_starts_the_step_only_when_both_came() {
     let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 2);
     let (paid, stocked) = (unique("cond_paid"), unique("cond_stocked"));
     let wf = unique("cond_and");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "pack", "task": task,
@@ -459,7 +426,7 @@ async fn an_and_of_two_events_starts_the_step_only_when_both_came() {
         json!([[{"event": paid}], [{"event": stocked}]]),
         "an array is an AND of one-condition or-groups"
     );
-    let run_id = run(&client, &wf, json!({})).await;
+    let run_id = run_workflow(&client, &wf, json!({})).await;
 
     let paid_event = push(&client, &paid, json!({"amount": 30})).await;
     // Had it started, the push's transaction would have enqueued the task: no need to wait.
@@ -506,7 +473,7 @@ async fn a_cancel_if_deadline_cancels_the_waiting_step_and_the_run_and_runs_on_f
     ];
     let never = unique("cond_never");
     let wf = unique("cond_deadline");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "approve", "task": task,
@@ -514,7 +481,7 @@ async fn a_cancel_if_deadline_cancels_the_waiting_step_and_the_run_and_runs_on_f
                "on_failure": cleanup}),
     )
     .await;
-    let run_id = run(&client, &wf, json!({"order": 9})).await;
+    let run_id = run_workflow(&client, &wf, json!({"order": 9})).await;
     assert_eq!(
         step_view(&client, run_id, "approve").await["status"],
         "waiting"
@@ -581,13 +548,13 @@ async fn a_cancel_if_event_cancels_the_running_task_and_the_run() {
     let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 1);
     let stop = unique("cond_stop");
     let wf = unique("cond_stop_running");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "work", "task": task, "cancel_if": {"event": stop, "filter": "$.id == 7"}}]}),
     )
     .await;
-    let run_id = run(
+    let run_id = run_workflow(
         &client,
         &wf,
         json!({"id": 7, task.clone(): {"sleep_ms": 30000}}),
@@ -644,13 +611,13 @@ async fn a_cancel_if_deadline_cancels_the_steps_queued_task() {
     let client = connect(&shared_dsn()).await;
     let task = define_unique_task(&client, "cond_unserved", "").await;
     let wf = unique("cond_queued_deadline");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "late", "task": task, "cancel_if": {"sleep": "1 second"}}]}),
     )
     .await;
-    let run_id = run(&client, &wf, json!({})).await;
+    let run_id = run_workflow(&client, &wf, json!({})).await;
     let task_id = step_task(&client, run_id, "late")
         .await
         .expect("a met wait_for enqueues the task at once");
@@ -693,7 +660,7 @@ async fn a_replayed_run_cancelled_by_cancel_if_waits_again_and_completes_on_its_
     let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 1);
     let (approved, rejected) = (unique("cond_approved"), unique("cond_rejected"));
     let wf = unique("cond_replay");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "publish", "task": task,
@@ -701,7 +668,7 @@ async fn a_replayed_run_cancelled_by_cancel_if_waits_again_and_completes_on_its_
                           "cancel_if": {"event": rejected, "filter": "$.post == $input.post"}}]}),
     )
     .await;
-    let run_id = run(&client, &wf, json!({"post": 3})).await;
+    let run_id = run_workflow(&client, &wf, json!({"post": 3})).await;
     let rejection = push(&client, &rejected, json!({"post": 3})).await;
     assert_eq!(woke_run_ids(&client, rejection).await, vec![run_id]);
     // The push cancelled the run in its own transaction.
@@ -761,7 +728,7 @@ async fn a_replayed_run_cancelled_by_cancel_if_waits_again_and_completes_on_its_
 async fn two_steps_waiting_for(client: &Client, key: &str) -> String {
     let task = define_unique_task(client, "cond_twin", "").await;
     let wf = unique("cond_twins");
-    define(
+    define_workflow(
         client,
         &wf,
         json!({"steps": [{"name": "left", "task": task, "wait_for": {"event": key}},
@@ -777,7 +744,7 @@ async fn one_event_starts_every_step_of_a_run_that_waits_for_it() {
     let client = connect(&shared_dsn()).await;
     let key = unique("cond_both");
     let wf = two_steps_waiting_for(&client, &key).await;
-    let run_id = run(&client, &wf, json!({})).await;
+    let run_id = run_workflow(&client, &wf, json!({})).await;
     let event = push(&client, &key, json!({"n": 1})).await;
     let woke = woke_run_ids(&client, event).await;
     assert!(
@@ -1076,7 +1043,7 @@ async fn a_step_waiting_after_its_parent_keeps_the_run_running_until_its_event()
     let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 2);
     let go = unique("cond_go");
     let wf = unique("cond_chain");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "a", "task": task},
@@ -1084,7 +1051,7 @@ async fn a_step_waiting_after_its_parent_keeps_the_run_running_until_its_event()
                           "wait_for": {"event": go}}]}),
     )
     .await;
-    let run_id = run(&client, &wf, json!({})).await;
+    let run_id = run_workflow(&client, &wf, json!({})).await;
     wait_until(Duration::from_secs(20), "b to wait", || async {
         let run = run_view(&client, run_id).await;
         if run["steps"]["b"]["status"] == "waiting" {
@@ -1117,13 +1084,13 @@ async fn a_step_with_only_cancel_if_starts_at_once_and_is_watched() {
     let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 1);
     let stop = unique("cond_stop");
     let wf = unique("cond_cancel_only");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "work", "task": task, "cancel_if": {"event": stop}}]}),
     )
     .await;
-    let run_id = run(&client, &wf, json!({task.clone(): {"sleep_ms": 30000}})).await;
+    let run_id = run_workflow(&client, &wf, json!({task.clone(): {"sleep_ms": 30000}})).await;
     let step = step_view(&client, run_id, "work").await;
     if step["status"] == "waiting" {
         // The run would wait forever: end it before failing.
@@ -1151,14 +1118,14 @@ async fn a_cancel_if_filter_naming_the_input_watches_the_running_step() {
     let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 1);
     let stop = unique("cond_stop");
     let wf = unique("cond_stop_input");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "work", "task": task, "wait_for": "0 seconds",
                           "cancel_if": {"event": stop, "filter": "$.id == $input.id"}}]}),
     )
     .await;
-    let run_id = run(
+    let run_id = run_workflow(
         &client,
         &wf,
         json!({"id": 7, task.clone(): {"sleep_ms": 30000}}),
@@ -1192,7 +1159,7 @@ async fn woke_run_ids_lists_a_run_once_however_many_of_its_steps_an_event_met() 
     let client = connect(&shared_dsn()).await;
     let key = unique("cond_both");
     let wf = two_steps_waiting_for(&client, &key).await;
-    let run_id = run(&client, &wf, json!({})).await;
+    let run_id = run_workflow(&client, &wf, json!({})).await;
     let event = push(&client, &key, json!({"n": 1})).await;
     let woke = woke_run_ids(&client, event).await;
     client

@@ -20,22 +20,6 @@ async fn step_tasks(client: &Client, prefixes: &[&str]) -> (Vec<String>, Vec<Wor
     (names, workers)
 }
 
-async fn define(client: &Client, name: &str, spec: Value) -> i32 {
-    client
-        .query_one("SELECT sluice.define_workflow($1, $2)", &[&name, &spec])
-        .await
-        .unwrap_or_else(|e| panic!("define_workflow({name}, {spec}): {e}"))
-        .get(0)
-}
-
-async fn run(client: &Client, name: &str, input: Value) -> i64 {
-    client
-        .query_one("SELECT sluice.run_workflow($1, $2)", &[&name, &input])
-        .await
-        .unwrap_or_else(|e| panic!("run_workflow({name}): {e}"))
-        .get(0)
-}
-
 /// Waits until every step of the run has a final status (after the run itself finished, the
 /// cancellations of its other steps are applied by the scheduler).
 async fn wait_steps_final(client: &Client, run_id: i64) -> Value {
@@ -119,10 +103,13 @@ async fn the_media_pipeline_runs_its_middle_steps_in_parallel_and_fans_in() {
     )
     .await;
     let wf = unique("media");
-    assert_eq!(define(&client, &wf, pipeline_spec(&t, None)).await, 1);
+    assert_eq!(
+        define_workflow(&client, &wf, pipeline_spec(&t, None)).await,
+        1
+    );
     let input =
         json!({"media_id": 7, t[1].clone(): {"sleep_ms": 600}, t[2].clone(): {"sleep_ms": 600}});
-    let run_id = run(&client, &wf, input.clone()).await;
+    let run_id = run_workflow(&client, &wf, input.clone()).await;
     let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["input"], input);
@@ -168,10 +155,10 @@ async fn a_failing_step_fails_the_run_cancels_its_descendants_and_runs_on_failur
     )
     .await;
     let wf = unique("media_fail");
-    define(&client, &wf, pipeline_spec(&t, Some(&t[5]))).await;
+    define_workflow(&client, &wf, pipeline_spec(&t, Some(&t[5]))).await;
     let input =
         json!({t[2].clone(): {"fail_attempts": 9, "fatal": true}, t[1].clone(): {"sleep_ms": 100}});
-    let run_id = run(&client, &wf, input).await;
+    let run_id = run_workflow(&client, &wf, input).await;
     let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "failed", "{run}");
     let error = run["error"].as_str().unwrap_or_default();
@@ -212,7 +199,7 @@ async fn skip_if_skips_a_step_its_children_see_it_and_wait_for_delays_one() {
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(&client, &["wf_a", "wf_b", "wf_c"]).await;
     let wf = unique("conditions");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [
@@ -223,7 +210,7 @@ async fn skip_if_skips_a_step_its_children_see_it_and_wait_for_delays_one() {
         ]}),
     )
     .await;
-    let run_id = run(&client, &wf, json!({})).await;
+    let run_id = run_workflow(&client, &wf, json!({})).await;
     let run = wait_run(&client, run_id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["steps"]["b"]["status"], "skipped", "{run}");
@@ -247,14 +234,14 @@ async fn cancel_run_signals_running_steps_and_cancels_the_rest() {
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(&client, &["wf_slow", "wf_after"]).await;
     let wf = unique("cancel");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "slow", "task": t[0]},
                          {"name": "after", "task": t[1], "parents": ["slow"]}]}),
     )
     .await;
-    let run_id = run(&client, &wf, json!({t[0].clone(): {"sleep_ms": 20000}})).await;
+    let run_id = run_workflow(&client, &wf, json!({t[0].clone(): {"sleep_ms": 20000}})).await;
     let slow_task: i64 = wait_until(
         Duration::from_secs(15),
         "the slow step to start",
@@ -374,15 +361,15 @@ async fn versions_rollback_and_unknown_workflows() {
     let wf = unique("versions");
     let one = json!({"steps": [{"name": "a", "task": task}]});
     let two = json!({"steps": [{"name": "a", "task": task}, {"name": "b", "task": task}]});
-    assert_eq!(define(&client, &wf, one.clone()).await, 1);
+    assert_eq!(define_workflow(&client, &wf, one.clone()).await, 1);
     assert_eq!(
-        define(&client, &wf, one.clone()).await,
+        define_workflow(&client, &wf, one.clone()).await,
         1,
         "same spec, same version"
     );
-    let first = run(&client, &wf, json!({})).await;
-    assert_eq!(define(&client, &wf, two).await, 2);
-    let second = run(&client, &wf, json!({})).await;
+    let first = run_workflow(&client, &wf, json!({})).await;
+    assert_eq!(define_workflow(&client, &wf, two).await, 2);
+    let second = run_workflow(&client, &wf, json!({})).await;
     let versions: Vec<i32> = client
         .query(
             "SELECT version FROM sluice.workflow_run WHERE id = ANY($1) ORDER BY id",
@@ -397,7 +384,7 @@ async fn versions_rollback_and_unknown_workflows() {
 
     // A run started in a transaction that rolls back never appears.
     client.batch_execute("BEGIN").await.unwrap();
-    let rolled_back = run(&client, &wf, json!({})).await;
+    let rolled_back = run_workflow(&client, &wf, json!({})).await;
     client.batch_execute("ROLLBACK").await.unwrap();
     let seen: i64 = client
         .query_one(
@@ -426,7 +413,7 @@ async fn replay_reruns_a_failed_run_from_the_failed_step_keeping_earlier_outputs
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(&client, &["wf_first", "wf_flaky", "wf_last"]).await;
     let wf = unique("replay");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "first", "task": t[0]},
@@ -435,7 +422,7 @@ async fn replay_reruns_a_failed_run_from_the_failed_step_keeping_earlier_outputs
     )
     .await;
     let flag = unique("flag");
-    let run_id = run(
+    let run_id = run_workflow(
         &client,
         &wf,
         json!({t[1].clone(): {"fail_unless_flag": flag}}),
@@ -482,7 +469,7 @@ async fn runs_start_in_bulk_and_cancel_in_bulk_by_workflow() {
     let (t, _workers) = step_tasks(&client, &["wf_bulk"]).await;
     let (slow_wf, other_wf) = (unique("bulk_slow"), unique("bulk_other"));
     for wf in [&slow_wf, &other_wf] {
-        define(
+        define_workflow(
             &client,
             wf,
             json!({"steps": [{"name": "only", "task": t[0]}]}),
@@ -501,7 +488,7 @@ async fn runs_start_in_bulk_and_cancel_in_bulk_by_workflow() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(ids.len(), 3);
-    let other = run(&client, &other_wf, slow.clone()).await;
+    let other = run_workflow(&client, &other_wf, slow.clone()).await;
     let mut cancelled: Vec<i64> = client
         .query("SELECT sluice.cancel_runs(workflow => $1)", &[&slow_wf])
         .await
@@ -547,7 +534,7 @@ async fn workflow_concurrency_limits_runs_per_key() {
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(&client, &["wf_limited"]).await;
     let wf = unique("per_user");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "only", "task": t[0]}],
@@ -559,7 +546,7 @@ async fn workflow_concurrency_limits_runs_per_key() {
     for user in ["a", "a", "a", "a", "a", "a", "b", "b"] {
         runs.push((
             user,
-            run(&client, &wf, json!({"user": user, t[0].clone(): work})).await,
+            run_workflow(&client, &wf, json!({"user": user, t[0].clone(): work})).await,
         ));
     }
     for (_, id) in &runs {
@@ -599,14 +586,14 @@ async fn workflow_concurrency_limits_runs_per_key() {
     }
 
     let newest_wf = unique("newest");
-    define(
+    define_workflow(
         &client,
         &newest_wf,
         json!({"steps": [{"name": "only", "task": t[0]}],
                "concurrency": {"key": "$.user", "max_runs": 1, "strategy": "cancel_newest"}}),
     )
     .await;
-    let first = run(
+    let first = run_workflow(
         &client,
         &newest_wf,
         json!({"user": "c", t[0].clone(): {"sleep_ms": 2000}}),
@@ -633,7 +620,7 @@ async fn workflow_concurrency_limits_runs_per_key() {
         },
     )
     .await;
-    let second = run(&client, &newest_wf, json!({"user": "c"})).await;
+    let second = run_workflow(&client, &newest_wf, json!({"user": "c"})).await;
     let state = wait_run(&client, second, Duration::from_secs(10)).await;
     assert_eq!(state["status"], "cancelled", "{state}");
     assert!(
@@ -750,7 +737,7 @@ async fn a_task_spawns_child_workflow_runs_and_waits_for_them() {
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(&client, &["wf_spawner", "wf_child_step"]).await;
     let wf = unique("child_runs");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "one", "task": t[1]},
@@ -799,21 +786,21 @@ async fn a_run_that_cannot_advance_fails_with_the_reason_and_others_go_on() {
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(&client, &["wf_before", "wf_doomed", "wf_fine"]).await;
     let (doomed_wf, fine_wf) = (unique("doomed"), unique("fine"));
-    define(
+    define_workflow(
         &client,
         &doomed_wf,
         json!({"steps": [{"name": "a", "task": t[0]}, {"name": "b", "task": t[1], "parents": ["a"]}]}),
     )
     .await;
-    define(
+    define_workflow(
         &client,
         &fine_wf,
         json!({"steps": [{"name": "a", "task": t[0]}, {"name": "b", "task": t[2], "parents": ["a"]}]}),
     )
     .await;
     let slow = json!({t[0].clone(): {"sleep_ms": 800}});
-    let doomed = run(&client, &doomed_wf, slow.clone()).await;
-    let fine = run(&client, &fine_wf, slow).await;
+    let doomed = run_workflow(&client, &doomed_wf, slow.clone()).await;
+    let fine = run_workflow(&client, &fine_wf, slow).await;
     client
         .execute(
             "DELETE FROM sluice.task_definition WHERE name = $1",
@@ -840,7 +827,7 @@ async fn on_success_cancel_in_progress_and_bulk_replay() {
     create_test_tables(&client).await;
     let (t, _workers) = step_tasks(&client, &["wf_work", "wf_done"]).await;
     let wf = unique("newest_wins");
-    define(
+    define_workflow(
         &client,
         &wf,
         json!({"steps": [{"name": "work", "task": t[0]}],
@@ -848,7 +835,7 @@ async fn on_success_cancel_in_progress_and_bulk_replay() {
                "concurrency": {"key": "$.user", "max_runs": 1, "strategy": "cancel_in_progress"}}),
     )
     .await;
-    let first = run(
+    let first = run_workflow(
         &client,
         &wf,
         json!({"user": "u", t[0].clone(): {"sleep_ms": 3000}}),
@@ -872,7 +859,7 @@ async fn on_success_cancel_in_progress_and_bulk_replay() {
         },
     )
     .await;
-    let second = run(&client, &wf, json!({"user": "u"})).await;
+    let second = run_workflow(&client, &wf, json!({"user": "u"})).await;
     let state = wait_run(&client, first, Duration::from_secs(15)).await;
     assert_eq!(state["status"], "cancelled", "{state}");
     assert!(
