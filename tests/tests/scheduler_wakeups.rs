@@ -1,0 +1,81 @@
+//! The scheduler leaves wake-ups for its next due tick while no worker has a free slot (enqueue
+//! commits then change nothing it could act on). What must still wake it at once does: a
+//! worker registering. A private cluster with a 30 s poll interval, so a wake-up that went
+//! missing would show as a 30 s wait, and no other test's workers to give it free slots.
+//!
+//! Also on this cluster: a claim takes the execution timeout the scheduler posted with the
+//! assignment, including one too long for the posted 32-bit milliseconds (looked up instead).
+
+use serde_json::json;
+use sluice_tests::*;
+use std::time::{Duration, Instant};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
+
+#[tokio::test]
+async fn tasks_enqueued_while_no_worker_has_a_slot_start_as_soon_as_one_registers() {
+    let cluster = PrivateCluster::start("wakeups", true, &[("sluice.poll_interval", "30000")]);
+    let client = connect(&cluster.dsn()).await;
+    create_test_tables(&client).await;
+
+    // No worker at all: these commits find the scheduler with no free slot anywhere.
+    let task = define_unique_task(&client, "wakeup", "").await;
+    let ids = enqueue_copies(&client, &task, json!({}), 5).await;
+    // Past the ticks a newly started scheduler schedules for itself (a second load of running
+    // attempts 2 s after its start), which would hide a missed wake-up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(status_summary(&client, &ids).await, "queued=5");
+
+    let registered = Instant::now();
+    let _worker = WorkerProcess::spawn(WORKER, &cluster.dsn(), &task, 2);
+    wait_succeeded(&client, &ids, 5, Duration::from_secs(20)).await;
+    let waited = registered.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "the registration woke the scheduler: all ran {waited:?} after the worker started \
+         (a missed wake-up waits for the 30 s poll)"
+    );
+
+    // Execution timeouts travel with the assignment: a short one as posted, one longer than
+    // 2^31 ms (about 24.8 days) looked up by the claim.
+    let long =
+        define_unique_task(&client, "long_timeout", ", execution_timeout => '30 days'").await;
+    let short = define_unique_task(
+        &client,
+        "short_timeout",
+        ", execution_timeout => '2 seconds'",
+    )
+    .await;
+    let _workers = [
+        WorkerProcess::spawn(WORKER, &cluster.dsn(), &long, 1),
+        WorkerProcess::spawn(WORKER, &cluster.dsn(), &short, 1),
+    ];
+    let long_id = enqueue_sql(&client, &long, json!({"sleep_ms": 1500})).await;
+    let short_id = enqueue_sql(&client, &short, json!({"sleep_ms": 1500})).await;
+    for (id, expected) in [(long_id, "30 days"), (short_id, "00:00:02")] {
+        let timeout: String = wait_until(
+            Duration::from_secs(15),
+            "the task to be claimed",
+            || async {
+                let row = client
+                    .query_one(
+                        "SELECT status::text, (timeout_at - picked_at)::text FROM sluice.task_run
+                          WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match (
+                    row.get::<_, String>(0).as_str(),
+                    row.get::<_, Option<String>>(1),
+                ) {
+                    ("running", Some(timeout)) => Ok(timeout),
+                    (status, _) => Err(format!("task {id} is {status}")),
+                }
+            },
+        )
+        .await;
+        assert_eq!(timeout, expected, "task {id}'s execution timeout");
+    }
+    wait_succeeded(&client, &[long_id, short_id], 2, Duration::from_secs(15)).await;
+}
