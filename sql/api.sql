@@ -408,7 +408,7 @@ BEGIN
                 start_at + def.schedule_timeout, idempotency_key,
                 flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units)
         ON CONFLICT (task_name, idempotency_key)
-            WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
+            WHERE idempotency_key IS NOT NULL AND finished_at IS NULL
             DO NOTHING
         RETURNING id INTO new_id;
         IF new_id IS NOT NULL THEN
@@ -419,7 +419,7 @@ BEGIN
         -- and this read, the key is free again and the insert is retried.
         SELECT t.id INTO new_id FROM sluice.task_run t
          WHERE t.task_name = task AND t.idempotency_key = enqueue.idempotency_key
-           AND t.status IN ('queued', 'running');
+           AND t.finished_at IS NULL;
         IF new_id IS NOT NULL THEN
             RETURN new_id;
         END IF;
@@ -757,6 +757,9 @@ BEGIN
     UPDATE sluice.task_run t
        SET status = 'running', attempt = t.attempt + 1, worker_id = _claim_assigned.worker_id,
            assigned_at = now(), picked_at = now(),
+           -- left alone (NULL) without rate limits: no indexed column changes (HOT)
+           rate_limited_at = CASE WHEN t.rate_limit_keys IS NOT NULL THEN now()
+                                  ELSE t.rate_limited_at END,
            timeout_at = now() + coalesce(
                nullif(timeouts[array_position(ids, t.id)], -1) * interval '1 millisecond',
                (SELECT d.execution_timeout FROM sluice.task_definition d
@@ -855,21 +858,18 @@ LANGUAGE sql AS $$
                                                    ARRAY[error], ARRAY[retryable]))
 $$;
 
--- Gives back the worker's unfinished tasks (as lost attempts) and stops it.
+-- Stops the worker. Its unfinished tasks are given back (as lost attempts) by the scheduler,
+-- which knows them from memory, within its next maintenance pass (100 ms), as for a worker
+-- whose session ended: task_run has no index by worker (it would make every claim write index
+-- entries; see sql/schema.sql), so finding them here would read every unfinished task.
 CREATE OR REPLACE FUNCTION sluice.deregister_worker(worker_id bigint) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
-DECLARE
-    t sluice.task_run;
+LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE sluice.worker w SET stopped_at = now(), stop_reason = 'deregistered'
      WHERE w.id = worker_id AND w.stopped_at IS NULL;
-    FOR t IN SELECT * FROM sluice.task_run r
-              WHERE r.worker_id = deregister_worker.worker_id AND r.status = 'running'
-             FOR UPDATE
-    LOOP
-        PERFORM sluice._end_attempt(t, 'lost', format('worker %s deregistered', worker_id), true);
-    END LOOP;
-    PERFORM sluice._wake_scheduler();
+    IF FOUND THEN
+        PERFORM sluice._config_changed();
+    END IF;
 END
 $$;
 
@@ -878,10 +878,9 @@ $$;
 -- and full, and statistics taken while it was empty make a sequential scan look cheaper than
 -- one primary-key lookup per id, which it is not once a bulk enqueue has refilled it.
 --
--- Lookups by task id compare `status::text`, not `status`: the plain comparison lets the
--- planner prove a partial index's predicate (task_run_worker_idx is `WHERE status =
--- 'running'`) and walk that whole index, including every entry vacuum has not removed yet,
--- instead of doing one primary-key lookup per id.
+-- Lookups by task id compare `status::text`, not `status`: a plain comparison once let the
+-- planner prove a partial index's predicate on `status` and walk that whole index, including
+-- every entry vacuum had not removed yet, instead of doing one primary-key lookup per id.
 
 -- Scheduler maintenance -----------------------------------------------------------------------
 --
@@ -1015,10 +1014,13 @@ BEGIN
     -- 3. Forget workers stopped long ago (their tasks were requeued in phase 1).
     IF purge_workers THEN
         BEGIN
+            -- (the check reads the unfinished tasks, but only for the few workers stopped
+            -- more than a day ago and not yet forgotten)
             DELETE FROM sluice.worker x
              WHERE x.stopped_at < now() - interval '1 day'
                AND NOT EXISTS (SELECT 1 FROM sluice.task_run r
-                                WHERE r.worker_id = x.id AND r.status = 'running');
+                                WHERE r.finished_at IS NULL AND r.worker_id = x.id
+                                  AND r.status = 'running');
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'sluice scheduler: purging stopped workers failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
         END;
@@ -1070,8 +1072,10 @@ $$;
 -- `after` on (its element: succeeded, failed, cancelled), where the scheduler's previous call
 -- ended: under a held xmin horizon the rows deleted before stay in the index until vacuum can
 -- remove them, and starting from the oldest every time would walk them all, every call. Rows
--- someone holds are left for the next pass. Returns, per status, how many went and the
--- finish time of the last one.
+-- someone holds are left for the next pass. Returns, per status, how many went and where the
+-- next call may start: the finish time of the last one, or the cutoff when fewer than max_rows
+-- were due (every row of that status before it is gone; rows of other statuses in between, such
+-- as failed tasks kept longer than succeeded ones, are not walked again).
 --
 -- No row locks before the delete (FOR UPDATE would write every row twice): the delete locks
 -- each row itself, and a row someone else holds makes it give up after lock_timeout (the
@@ -1095,18 +1099,26 @@ BEGIN
         CONTINUE WHEN before IS NULL;
         BEGIN
             -- Attempt rows exist only for attempts that ended without success.
-            SELECT array_agg(x.id), max(x.finished_at),
+            SELECT array_agg(x.id), max(x.finished_at), count(*),
                    array_agg(x.id) FILTER (WHERE x.failures + x.lost_attempts > 0
                                               OR x.status <> 'succeeded')
-              INTO ids, last, with_attempts FROM (
+              INTO ids, last, n, with_attempts FROM (
                 SELECT t.id, t.finished_at, t.failures, t.lost_attempts, t.status
                   FROM sluice.task_run t
-                 WHERE t.status = kinds[i] AND t.finished_at < before
+                 WHERE t.finished_at IS NOT NULL AND t.finished_at < before
                    AND t.finished_at >= coalesce(after[i], '-infinity')
-                   -- the index's predicate, spelled out: a generic plan cannot know kinds[i]
-                   AND t.status IN ('succeeded', 'failed', 'cancelled')
-                 ORDER BY t.status, t.finished_at LIMIT max_rows) x;
-            CONTINUE WHEN ids IS NULL;  -- never `id = ANY('{}')`: see _maintain
+                   AND t.status = kinds[i]
+                 ORDER BY t.finished_at LIMIT max_rows) x;
+            IF n < max_rows THEN
+                last := before;
+            END IF;
+            IF ids IS NULL THEN  -- never `id = ANY('{}')`: see _maintain
+                status := kinds[i]::text;
+                deleted := 0;
+                reached := last;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
             IF with_attempts IS NOT NULL THEN
                 DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(with_attempts);
             END IF;
@@ -1151,7 +1163,7 @@ BEGIN
        SET status = 'failed', finished_at = now(),
            last_error = format('task definition "%s" no longer exists', t.task_name)
       FROM deleted d
-     WHERE t.task_name = d.name AND t.status = 'queued';
+     WHERE t.task_name = d.name AND t.finished_at IS NULL AND t.status = 'queued';
     PERFORM sluice._config_changed();
     RETURN NULL;
 END

@@ -81,7 +81,8 @@ SELECT c.name,
 CREATE VIEW sluice.scheduled AS
 SELECT 'task'::text AS kind, t.id, t.task_name AS name, t.input, t.run_at, t.enqueued_at AS created_at
   FROM sluice.task_run t
- WHERE t.status = 'queued' AND t.run_at > now() AND t.attempt = 0 AND t.run_id IS NULL
+ WHERE t.finished_at IS NULL AND t.status = 'queued' AND t.run_at > now()
+   AND t.attempt = 0 AND t.run_id IS NULL
 UNION ALL
 SELECT 'workflow', r.id, r.workflow, r.input, r.run_at, r.created_at
   FROM sluice.workflow_run r

@@ -87,41 +87,56 @@ CREATE TABLE sluice.task_run (
     -- A child spawned by a running task (sluice.spawn): the parent and the child's key, unique
     -- per parent, so a retried parent spawning again gets the same children.
     parent_id         bigint,
-    child_key         text
+    child_key         text,
+    -- When the current or last attempt of a rate-limited task started (NULL for tasks without
+    -- rate limits): the starts the limits count. Apart from assigned_at so that claiming a task
+    -- without rate limits changes no indexed column (see the indexes below). Kept when an
+    -- attempt ends: its start still counts in the window.
+    rate_limited_at   timestamptz,
+    -- finished_at is set exactly when the task reached its final status; the indexes rely on it
+    CONSTRAINT task_run_finished_at_check
+        CHECK ((finished_at IS NULL) = (status IN ('queued', 'running')))
 ) WITH (
-    -- room for a row's next versions (claimed, finished) on its own page
-    fillfactor = 80,
+    -- Room on its own page for a row's claimed version, so that a claim is a HOT update (no
+    -- index entries; see below): at 80 only about a quarter of claims found room, and a drain
+    -- of 100,000 tasks ran about 8% slower (benches/README.md). Queued tasks take twice the
+    -- pages they would take packed; the versions a claim and completion leave are pruned and
+    -- their room reused.
+    fillfactor = 50,
     -- dead versions of finished transitions pile up fast: vacuum early and without throttling
     autovacuum_vacuum_scale_factor = 0.02,
     autovacuum_vacuum_cost_delay = 0
 );
 
--- Indexes are few on purpose: every queued -> running -> finished transition changes `status`,
--- which is in each partial index's predicate, so no such update is HOT and each index costs a
--- write per transition. And each scan below starts from a position the scheduler remembers, so
--- index entries of finished tasks that vacuum cannot remove yet (a long transaction holding the
--- xmin horizon) are never walked over again (see extension/src/queue.rs).
+-- Indexes are few, and none mentions `status`, `attempt`, `worker_id`, `assigned_at`,
+-- `picked_at` or `timeout_at`: a claim (queued -> running) changes only those, so it is a HOT
+-- update that writes no index entry at all, in the page fillfactor keeps room on. Completion
+-- sets `finished_at` and costs one entry in the primary key and one in the retention index.
+-- (Partial indexes on `status` cost a claim two index writes and made it non-HOT, a fifth of
+-- the drain's time.) Running tasks by worker have no index: the scheduler knows them from
+-- memory (it posted them), and reads them from the table only when it starts and as it
+-- sweeps. Each scan below starts from a position the scheduler remembers, so index entries of
+-- finished tasks that vacuum cannot remove yet (a long transaction holding the xmin horizon)
+-- are not walked over again (see extension/src/queue.rs).
 --
--- Arrivals: the scheduler reads tasks that became runnable since its last read, in
--- (run_at, id) order, and keeps the runnable queue in memory; also the next delayed task.
-CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at, id) WHERE status = 'queued';
--- A worker's running attempts (deregistration, the workers view).
-CREATE INDEX task_run_worker_idx ON sluice.task_run (worker_id) WHERE status = 'running';
+-- Unfinished tasks by (run_at, id): the scheduler reads tasks that became runnable since its
+-- last read (queued ones; running ones are passed over on the heap: at most one per slot),
+-- and keeps the runnable queue in memory; also the next delayed task.
+CREATE INDEX task_run_unfinished_idx ON sluice.task_run (run_at, id) WHERE finished_at IS NULL;
 -- Rate-limited starts by time: a restarted scheduler rebuilds its windows from the starts of
--- the last window, and the sluice.rate_limits view counts them; rate-limited tasks only, from
--- their claim on (nothing to write at enqueue).
-CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
-    WHERE rate_limit_keys IS NOT NULL AND assigned_at IS NOT NULL;
--- Finished tasks by status and age: the scheduler deletes those past their retention
+-- the last window, and the sluice.rate_limits view counts them.
+CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (rate_limited_at)
+    WHERE rate_limited_at IS NOT NULL;
+-- Finished tasks by age: the scheduler deletes those past their retention
 -- (sluice.succeeded_task_retention, sluice.failed_task_retention), oldest first.
-CREATE INDEX task_run_finished_idx ON sluice.task_run (status, finished_at)
-    WHERE status IN ('succeeded', 'failed', 'cancelled');
+CREATE INDEX task_run_finished_idx ON sluice.task_run (finished_at)
+    WHERE finished_at IS NOT NULL;
 -- Children of a parent task, by key (sluice.spawn is idempotent through it).
 CREATE UNIQUE INDEX task_run_child_idx ON sluice.task_run (parent_id, child_key)
     WHERE parent_id IS NOT NULL;
 -- An idempotency key is unique among the unfinished tasks of one task name.
 CREATE UNIQUE INDEX task_run_idempotency_idx ON sluice.task_run (task_name, idempotency_key)
-    WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running');
+    WHERE idempotency_key IS NOT NULL AND finished_at IS NULL;
 
 -- Attempts that ended without success: failed, timed out, lost with their worker, cancelled.
 CREATE TABLE sluice.task_attempt (
@@ -204,15 +219,18 @@ SELECT w.id,
        w.name,
        w.task_names,
        w.slots,
-       (SELECT count(*) FROM sluice.task_run t
-         WHERE t.worker_id = w.id AND t.status = 'running') AS running,
+       coalesce(r.running, 0) AS running,
        w.labels,
        w.backend_pid,
        w.registered_at,
        w.last_heartbeat,
        w.stopped_at,
        w.stop_reason
-FROM sluice.worker w;
+FROM sluice.worker w
+-- one pass over the unfinished tasks for all workers (no index by worker: see task_run)
+LEFT JOIN (SELECT t.worker_id, count(*) AS running FROM sluice.task_run t
+            WHERE t.finished_at IS NULL AND t.status = 'running'
+            GROUP BY t.worker_id) r ON r.worker_id = w.id;
 
 -- Every attempt of every task: the ended ones from sluice.task_attempt plus each task's
 -- current or final attempt from sluice.task_run.
@@ -237,13 +255,10 @@ SELECT t.task_name,
        d.concurrency_strategy AS strategy,
        count(*) FILTER (WHERE t.status = 'running') AS running,
        count(*) FILTER (WHERE t.status = 'queued')  AS waiting
-FROM (-- two parts, each through its status's partial index (no index of its own: it would
-      -- cost every keyed task two more index writes)
+FROM (-- through the unfinished tasks' index (no index of its own: it would cost every
+      -- keyed task more index writes)
       SELECT r.task_name, r.concurrency_key, r.status FROM sluice.task_run r
-       WHERE r.status = 'running' AND r.concurrency_key IS NOT NULL
-      UNION ALL
-      SELECT q.task_name, q.concurrency_key, q.status FROM sluice.task_run q
-       WHERE q.status = 'queued' AND q.concurrency_key IS NOT NULL) t
+       WHERE r.finished_at IS NULL AND r.concurrency_key IS NOT NULL) t
 LEFT JOIN sluice.task_definition d ON d.name = t.task_name
 GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;
 
@@ -261,17 +276,17 @@ WITH dynamic_spec AS (
                             (SELECT max(ds.per) FROM dynamic_spec ds),
                             interval '0') AS since
 ), started AS (
-    SELECT u.key, u.units, u.pos, t.task_name, t.assigned_at
+    SELECT u.key, u.units, u.pos, t.task_name, t.rate_limited_at AS started_at
       FROM sluice.task_run t
      CROSS JOIN LATERAL unnest(t.rate_limit_keys, t.rate_limit_units)
            WITH ORDINALITY AS u(key, units, pos)
-     WHERE t.rate_limit_keys IS NOT NULL AND t.assigned_at > (SELECT since FROM horizon)
+     WHERE t.rate_limited_at > (SELECT since FROM horizon)
 ), per_key AS (
-    SELECT l.key, 'static' AS kind, l.max_units, l.per, s.units, s.assigned_at
+    SELECT l.key, 'static' AS kind, l.max_units, l.per, s.units, s.started_at
       FROM sluice.rate_limit l
       LEFT JOIN started s ON s.key = l.key
     UNION ALL
-    SELECT s.key, 'dynamic', ds.max_units, ds.per, s.units, s.assigned_at
+    SELECT s.key, 'dynamic', ds.max_units, ds.per, s.units, s.started_at
       FROM started s
       JOIN dynamic_spec ds ON ds.task_name = s.task_name AND ds.pos = s.pos
      WHERE NOT EXISTS (SELECT 1 FROM sluice.rate_limit l WHERE l.key = s.key)
@@ -280,9 +295,9 @@ SELECT p.key,
        p.kind,
        p.max_units,
        p.per,
-       greatest(p.max_units - coalesce(sum(p.units) FILTER (WHERE p.assigned_at > now() - p.per), 0),
+       greatest(p.max_units - coalesce(sum(p.units) FILTER (WHERE p.started_at > now() - p.per), 0),
                 0)::int AS units_left,
-       min(p.assigned_at) FILTER (WHERE p.assigned_at > now() - p.per) + p.per AS refills_at
+       min(p.started_at) FILTER (WHERE p.started_at > now() - p.per) + p.per AS refills_at
 FROM per_key p
 GROUP BY p.key, p.kind, p.max_units, p.per
-HAVING p.kind = 'static' OR count(p.assigned_at) FILTER (WHERE p.assigned_at > now() - p.per) > 0;
+HAVING p.kind = 'static' OR count(p.started_at) FILTER (WHERE p.started_at > now() - p.per) > 0;

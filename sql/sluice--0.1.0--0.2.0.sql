@@ -1,24 +1,33 @@
 -- Upgrade 0.1.0 -> 0.2.0: the scheduler keeps the runnable queue in memory (see
 -- extension/src/queue.rs) and posts assignments in shared memory, where a worker's fetch
--- claims them; the queue-head and timeout indexes go, and arrivals are read by (run_at, id).
+-- claims them; the queue-head and timeout indexes go, arrivals are read by (run_at, id), and no
+-- index mentions a column a claim changes (claims are HOT updates).
 --
 -- Everything after the first marker line below is a copy of sql/api.sql (its functions are
 -- all CREATE OR REPLACE), then, each after its own marker line, of sql/workflows.sql,
 -- sql/cron.sql, sql/events.sql and sql/durable.sql (new in 0.2.0: their tables are created
 -- here); tests/tests/upgrade.rs checks that every copy is exact.
 
-ALTER TABLE sluice.task_run SET (autovacuum_vacuum_scale_factor = 0.02,
+ALTER TABLE sluice.task_run SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.02,
                                  autovacuum_vacuum_cost_delay = 0);
 
 DROP INDEX sluice.task_run_queued_idx;
 DROP INDEX sluice.task_run_timeout_idx;
 -- Schedule deadlines come from the scheduler's memory (sluice._expire_queued).
 DROP INDEX sluice.task_run_schedule_deadline_idx;
+-- No index mentions the columns a claim changes, so claims are HOT updates (see
+-- sql/schema.sql): unfinished tasks by (run_at, id), finished ones by age, no index by worker.
 DROP INDEX sluice.task_run_run_at_idx;
-CREATE INDEX task_run_run_at_idx ON sluice.task_run (run_at, id) WHERE status = 'queued';
+DROP INDEX sluice.task_run_worker_idx;
+DROP INDEX sluice.task_run_idempotency_idx;
+ALTER TABLE sluice.task_run ADD CONSTRAINT task_run_finished_at_check
+    CHECK ((finished_at IS NULL) = (status IN ('queued', 'running')));
+CREATE INDEX task_run_unfinished_idx ON sluice.task_run (run_at, id) WHERE finished_at IS NULL;
 -- Retention: the scheduler deletes finished tasks past sluice.*_task_retention.
-CREATE INDEX task_run_finished_idx ON sluice.task_run (status, finished_at)
-    WHERE status IN ('succeeded', 'failed', 'cancelled');
+CREATE INDEX task_run_finished_idx ON sluice.task_run (finished_at)
+    WHERE finished_at IS NOT NULL;
+CREATE UNIQUE INDEX task_run_idempotency_idx ON sluice.task_run (task_name, idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND finished_at IS NULL;
 
 -- Signatures that changed, and new functions of the library.
 DROP FUNCTION sluice._maintain(interval);
@@ -64,11 +73,12 @@ ALTER TABLE sluice.task_run
     ADD COLUMN run_id bigint,
     ADD COLUMN step text,
     ADD COLUMN parent_id bigint,
-    ADD COLUMN child_key text;
+    ADD COLUMN child_key text,
+    ADD COLUMN rate_limited_at timestamptz;
 CREATE UNIQUE INDEX task_run_child_idx ON sluice.task_run (parent_id, child_key)
     WHERE parent_id IS NOT NULL;
-CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (assigned_at)
-    WHERE rate_limit_keys IS NOT NULL AND assigned_at IS NOT NULL;
+CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (rate_limited_at)
+    WHERE rate_limited_at IS NOT NULL;
 -- sluice.tasks gains the workflow and parent columns (at the end: replaced in place).
 CREATE OR REPLACE VIEW sluice.tasks AS
 SELECT t.id,
@@ -106,15 +116,18 @@ SELECT w.id,
        w.name,
        w.task_names,
        w.slots,
-       (SELECT count(*) FROM sluice.task_run t
-         WHERE t.worker_id = w.id AND t.status = 'running') AS running,
+       coalesce(r.running, 0) AS running,
        w.labels,
        w.backend_pid,
        w.registered_at,
        w.last_heartbeat,
        w.stopped_at,
        w.stop_reason
-FROM sluice.worker w;
+FROM sluice.worker w
+-- one pass over the unfinished tasks for all workers (no index by worker: see task_run)
+LEFT JOIN (SELECT t.worker_id, count(*) AS running FROM sluice.task_run t
+            WHERE t.finished_at IS NULL AND t.status = 'running'
+            GROUP BY t.worker_id) r ON r.worker_id = w.id;
 -- Per concurrency key with unfinished tasks: how many run and how many wait.
 CREATE VIEW sluice.concurrency AS
 SELECT t.task_name,
@@ -123,13 +136,10 @@ SELECT t.task_name,
        d.concurrency_strategy AS strategy,
        count(*) FILTER (WHERE t.status = 'running') AS running,
        count(*) FILTER (WHERE t.status = 'queued')  AS waiting
-FROM (-- two parts, each through its status's partial index (no index of its own: it would
-      -- cost every keyed task two more index writes)
+FROM (-- through the unfinished tasks' index (no index of its own: it would cost every
+      -- keyed task more index writes)
       SELECT r.task_name, r.concurrency_key, r.status FROM sluice.task_run r
-       WHERE r.status = 'running' AND r.concurrency_key IS NOT NULL
-      UNION ALL
-      SELECT q.task_name, q.concurrency_key, q.status FROM sluice.task_run q
-       WHERE q.status = 'queued' AND q.concurrency_key IS NOT NULL) t
+       WHERE r.finished_at IS NULL AND r.concurrency_key IS NOT NULL) t
 LEFT JOIN sluice.task_definition d ON d.name = t.task_name
 GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;
 
@@ -147,17 +157,17 @@ WITH dynamic_spec AS (
                             (SELECT max(ds.per) FROM dynamic_spec ds),
                             interval '0') AS since
 ), started AS (
-    SELECT u.key, u.units, u.pos, t.task_name, t.assigned_at
+    SELECT u.key, u.units, u.pos, t.task_name, t.rate_limited_at AS started_at
       FROM sluice.task_run t
      CROSS JOIN LATERAL unnest(t.rate_limit_keys, t.rate_limit_units)
            WITH ORDINALITY AS u(key, units, pos)
-     WHERE t.rate_limit_keys IS NOT NULL AND t.assigned_at > (SELECT since FROM horizon)
+     WHERE t.rate_limited_at > (SELECT since FROM horizon)
 ), per_key AS (
-    SELECT l.key, 'static' AS kind, l.max_units, l.per, s.units, s.assigned_at
+    SELECT l.key, 'static' AS kind, l.max_units, l.per, s.units, s.started_at
       FROM sluice.rate_limit l
       LEFT JOIN started s ON s.key = l.key
     UNION ALL
-    SELECT s.key, 'dynamic', ds.max_units, ds.per, s.units, s.assigned_at
+    SELECT s.key, 'dynamic', ds.max_units, ds.per, s.units, s.started_at
       FROM started s
       JOIN dynamic_spec ds ON ds.task_name = s.task_name AND ds.pos = s.pos
      WHERE NOT EXISTS (SELECT 1 FROM sluice.rate_limit l WHERE l.key = s.key)
@@ -166,12 +176,12 @@ SELECT p.key,
        p.kind,
        p.max_units,
        p.per,
-       greatest(p.max_units - coalesce(sum(p.units) FILTER (WHERE p.assigned_at > now() - p.per), 0),
+       greatest(p.max_units - coalesce(sum(p.units) FILTER (WHERE p.started_at > now() - p.per), 0),
                 0)::int AS units_left,
-       min(p.assigned_at) FILTER (WHERE p.assigned_at > now() - p.per) + p.per AS refills_at
+       min(p.started_at) FILTER (WHERE p.started_at > now() - p.per) + p.per AS refills_at
 FROM per_key p
 GROUP BY p.key, p.kind, p.max_units, p.per
-HAVING p.kind = 'static' OR count(p.assigned_at) FILTER (WHERE p.assigned_at > now() - p.per) > 0;
+HAVING p.kind = 'static' OR count(p.started_at) FILTER (WHERE p.started_at > now() - p.per) > 0;
 
 -- ---- copy of sql/api.sql ----
 -- Sluice SQL API: task definitions, enqueue, cancel, and the worker protocol.
@@ -584,7 +594,7 @@ BEGIN
                 start_at + def.schedule_timeout, idempotency_key,
                 flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units)
         ON CONFLICT (task_name, idempotency_key)
-            WHERE idempotency_key IS NOT NULL AND status IN ('queued', 'running')
+            WHERE idempotency_key IS NOT NULL AND finished_at IS NULL
             DO NOTHING
         RETURNING id INTO new_id;
         IF new_id IS NOT NULL THEN
@@ -595,7 +605,7 @@ BEGIN
         -- and this read, the key is free again and the insert is retried.
         SELECT t.id INTO new_id FROM sluice.task_run t
          WHERE t.task_name = task AND t.idempotency_key = enqueue.idempotency_key
-           AND t.status IN ('queued', 'running');
+           AND t.finished_at IS NULL;
         IF new_id IS NOT NULL THEN
             RETURN new_id;
         END IF;
@@ -933,6 +943,9 @@ BEGIN
     UPDATE sluice.task_run t
        SET status = 'running', attempt = t.attempt + 1, worker_id = _claim_assigned.worker_id,
            assigned_at = now(), picked_at = now(),
+           -- left alone (NULL) without rate limits: no indexed column changes (HOT)
+           rate_limited_at = CASE WHEN t.rate_limit_keys IS NOT NULL THEN now()
+                                  ELSE t.rate_limited_at END,
            timeout_at = now() + coalesce(
                nullif(timeouts[array_position(ids, t.id)], -1) * interval '1 millisecond',
                (SELECT d.execution_timeout FROM sluice.task_definition d
@@ -1031,21 +1044,18 @@ LANGUAGE sql AS $$
                                                    ARRAY[error], ARRAY[retryable]))
 $$;
 
--- Gives back the worker's unfinished tasks (as lost attempts) and stops it.
+-- Stops the worker. Its unfinished tasks are given back (as lost attempts) by the scheduler,
+-- which knows them from memory, within its next maintenance pass (100 ms), as for a worker
+-- whose session ended: task_run has no index by worker (it would make every claim write index
+-- entries; see sql/schema.sql), so finding them here would read every unfinished task.
 CREATE OR REPLACE FUNCTION sluice.deregister_worker(worker_id bigint) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
-DECLARE
-    t sluice.task_run;
+LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE sluice.worker w SET stopped_at = now(), stop_reason = 'deregistered'
      WHERE w.id = worker_id AND w.stopped_at IS NULL;
-    FOR t IN SELECT * FROM sluice.task_run r
-              WHERE r.worker_id = deregister_worker.worker_id AND r.status = 'running'
-             FOR UPDATE
-    LOOP
-        PERFORM sluice._end_attempt(t, 'lost', format('worker %s deregistered', worker_id), true);
-    END LOOP;
-    PERFORM sluice._wake_scheduler();
+    IF FOUND THEN
+        PERFORM sluice._config_changed();
+    END IF;
 END
 $$;
 
@@ -1054,10 +1064,9 @@ $$;
 -- and full, and statistics taken while it was empty make a sequential scan look cheaper than
 -- one primary-key lookup per id, which it is not once a bulk enqueue has refilled it.
 --
--- Lookups by task id compare `status::text`, not `status`: the plain comparison lets the
--- planner prove a partial index's predicate (task_run_worker_idx is `WHERE status =
--- 'running'`) and walk that whole index, including every entry vacuum has not removed yet,
--- instead of doing one primary-key lookup per id.
+-- Lookups by task id compare `status::text`, not `status`: a plain comparison once let the
+-- planner prove a partial index's predicate on `status` and walk that whole index, including
+-- every entry vacuum had not removed yet, instead of doing one primary-key lookup per id.
 
 -- Scheduler maintenance -----------------------------------------------------------------------
 --
@@ -1191,10 +1200,13 @@ BEGIN
     -- 3. Forget workers stopped long ago (their tasks were requeued in phase 1).
     IF purge_workers THEN
         BEGIN
+            -- (the check reads the unfinished tasks, but only for the few workers stopped
+            -- more than a day ago and not yet forgotten)
             DELETE FROM sluice.worker x
              WHERE x.stopped_at < now() - interval '1 day'
                AND NOT EXISTS (SELECT 1 FROM sluice.task_run r
-                                WHERE r.worker_id = x.id AND r.status = 'running');
+                                WHERE r.finished_at IS NULL AND r.worker_id = x.id
+                                  AND r.status = 'running');
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'sluice scheduler: purging stopped workers failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
         END;
@@ -1246,8 +1258,10 @@ $$;
 -- `after` on (its element: succeeded, failed, cancelled), where the scheduler's previous call
 -- ended: under a held xmin horizon the rows deleted before stay in the index until vacuum can
 -- remove them, and starting from the oldest every time would walk them all, every call. Rows
--- someone holds are left for the next pass. Returns, per status, how many went and the
--- finish time of the last one.
+-- someone holds are left for the next pass. Returns, per status, how many went and where the
+-- next call may start: the finish time of the last one, or the cutoff when fewer than max_rows
+-- were due (every row of that status before it is gone; rows of other statuses in between, such
+-- as failed tasks kept longer than succeeded ones, are not walked again).
 --
 -- No row locks before the delete (FOR UPDATE would write every row twice): the delete locks
 -- each row itself, and a row someone else holds makes it give up after lock_timeout (the
@@ -1271,18 +1285,26 @@ BEGIN
         CONTINUE WHEN before IS NULL;
         BEGIN
             -- Attempt rows exist only for attempts that ended without success.
-            SELECT array_agg(x.id), max(x.finished_at),
+            SELECT array_agg(x.id), max(x.finished_at), count(*),
                    array_agg(x.id) FILTER (WHERE x.failures + x.lost_attempts > 0
                                               OR x.status <> 'succeeded')
-              INTO ids, last, with_attempts FROM (
+              INTO ids, last, n, with_attempts FROM (
                 SELECT t.id, t.finished_at, t.failures, t.lost_attempts, t.status
                   FROM sluice.task_run t
-                 WHERE t.status = kinds[i] AND t.finished_at < before
+                 WHERE t.finished_at IS NOT NULL AND t.finished_at < before
                    AND t.finished_at >= coalesce(after[i], '-infinity')
-                   -- the index's predicate, spelled out: a generic plan cannot know kinds[i]
-                   AND t.status IN ('succeeded', 'failed', 'cancelled')
-                 ORDER BY t.status, t.finished_at LIMIT max_rows) x;
-            CONTINUE WHEN ids IS NULL;  -- never `id = ANY('{}')`: see _maintain
+                   AND t.status = kinds[i]
+                 ORDER BY t.finished_at LIMIT max_rows) x;
+            IF n < max_rows THEN
+                last := before;
+            END IF;
+            IF ids IS NULL THEN  -- never `id = ANY('{}')`: see _maintain
+                status := kinds[i]::text;
+                deleted := 0;
+                reached := last;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
             IF with_attempts IS NOT NULL THEN
                 DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(with_attempts);
             END IF;
@@ -1327,7 +1349,7 @@ BEGIN
        SET status = 'failed', finished_at = now(),
            last_error = format('task definition "%s" no longer exists', t.task_name)
       FROM deleted d
-     WHERE t.task_name = d.name AND t.status = 'queued';
+     WHERE t.task_name = d.name AND t.finished_at IS NULL AND t.status = 'queued';
     PERFORM sluice._config_changed();
     RETURN NULL;
 END
@@ -2597,7 +2619,8 @@ SELECT c.name,
 CREATE VIEW sluice.scheduled AS
 SELECT 'task'::text AS kind, t.id, t.task_name AS name, t.input, t.run_at, t.enqueued_at AS created_at
   FROM sluice.task_run t
- WHERE t.status = 'queued' AND t.run_at > now() AND t.attempt = 0 AND t.run_id IS NULL
+ WHERE t.finished_at IS NULL AND t.status = 'queued' AND t.run_at > now()
+   AND t.attempt = 0 AND t.run_id IS NULL
 UNION ALL
 SELECT 'workflow', r.id, r.workflow, r.input, r.run_at, r.created_at
   FROM sluice.workflow_run r

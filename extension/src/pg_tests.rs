@@ -158,6 +158,8 @@ fn only_fetched_attempts_count_as_lost() {
         ))
         .unwrap();
         Spi::run(&format!("SELECT sluice.deregister_worker({w})")).unwrap();
+        // what the scheduler does for the running attempts of a stopped worker it knows of
+        Spi::run(&format!("SELECT sluice._maintain(ARRAY[{t}]::bigint[], '{{}}', false)")).unwrap();
     };
     let lost = || {
         Spi::get_two::<String, i32>(&format!("SELECT status::text, lost_attempts FROM sluice.task_run WHERE id = {t}"))

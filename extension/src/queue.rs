@@ -1004,6 +1004,11 @@ impl QueueState {
         self.running.iter().map(|(id, a)| (*id, a.attempt)).unzip()
     }
 
+    /// Whether the task has a running (or posted, not yet claimed) attempt in memory.
+    pub fn is_running(&self, task_id: i64) -> bool {
+        self.running.contains_key(&task_id)
+    }
+
     pub fn running_len(&self) -> usize {
         self.running.len()
     }

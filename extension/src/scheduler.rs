@@ -28,7 +28,8 @@ const RETRY_SOON: Duration = Duration::from_millis(5);
 /// Lost workers, timeouts and cancel signals are checked at most this often.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(100);
 /// The runnable queue in memory is compared with the table this often, a slice per tick (see
-/// `QueueState::sweep`); running attempts are reloaded and long-stopped workers forgotten.
+/// `QueueState::sweep`); running attempts memory lacks are loaded as the sweep meets them, and
+/// long-stopped workers are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Rows compared per tick while a sweep is under way (about 2 µs each), and the longest wait
 /// between its ticks: 1,000,000 queued tasks are swept in about 4 s at a few % of a core.
@@ -186,6 +187,11 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
                 poll
             }
         };
+        // Enqueues leave the latch alone while arrivals alone change nothing; clearing that
+        // reports arrivals committed meanwhile, which then need a tick now.
+        if wake::set_arrivals_idle(scheduler.arrivals_change_nothing()) {
+            sleep = Duration::ZERO;
+        }
         due_at = Instant::now() + sleep;
     }
     wake::publish_scheduler(-1);
@@ -262,7 +268,7 @@ struct Scheduler {
     queue: QueueState,
     /// Prepared once the extension is installed at the library's version (see `Statements`).
     statements: Option<Statements>,
-    /// Running attempts must be (re)loaded from the table: at start and with each sweep.
+    /// Running attempts must be (re)loaded from the table: at start.
     load_running: bool,
     /// A second load shortly after start: a fetch that took assignments from the board before
     /// this scheduler cleared it may commit its claims after the first load.
@@ -433,7 +439,8 @@ impl Statements {
                 "SELECT id, task_name, priority, run_at, attempt,
                         concurrency_key, rate_limit_keys, rate_limit_units, schedule_deadline
                    FROM sluice.task_run
-                  WHERE status = 'queued' AND (run_at, id) > ($1, $2) AND run_at <= now()
+                  WHERE finished_at IS NULL AND status = 'queued'
+                    AND (run_at, id) > ($1, $2) AND run_at <= now()
                   ORDER BY run_at, id
                   LIMIT $3",
                 &[
@@ -444,9 +451,10 @@ impl Statements {
             ),
             sweep: prepare(
                 "SELECT id, task_name, priority, run_at, attempt,
-                        concurrency_key, rate_limit_keys, rate_limit_units, schedule_deadline
+                        concurrency_key, rate_limit_keys, rate_limit_units, schedule_deadline,
+                        status::text, worker_id, timeout_at
                    FROM sluice.task_run
-                  WHERE status = 'queued' AND (run_at, id) > ($1, $2) AND (run_at, id) <= ($3, $4)
+                  WHERE finished_at IS NULL AND (run_at, id) > ($1, $2) AND (run_at, id) <= ($3, $4)
                     AND run_at <= now()
                   ORDER BY run_at, id
                   LIMIT $5",
@@ -477,7 +485,8 @@ impl Statements {
             // the deadline index, a millisecond per tick).
             next_delayed: prepare(
                 "SELECT run_at FROM sluice.task_run
-                  WHERE status = 'queued' AND (run_at, id) > (now(), 9223372036854775807)
+                  WHERE finished_at IS NULL AND status = 'queued'
+                    AND (run_at, id) > (now(), 9223372036854775807)
                   ORDER BY run_at, id LIMIT 1",
                 &[],
             ),
@@ -497,12 +506,18 @@ impl Scheduler {
     /// cancelling concurrency strategy judges each arrival as it comes, so then every wake
     /// ticks.
     fn wake_changes_nothing(&self) -> bool {
-        self.no_free_slot
+        self.arrivals_change_nothing()
             && !self.advance_again
-            && self.sweep_from.is_none()
             && !wake::ended_attempts_pending()
             && wake::config_generation() == self.config_generation
             && wake::outcomes_generation() == self.outcomes_seen
+    }
+
+    /// The part of `wake_changes_nothing` that new arrivals cannot change: published in shared
+    /// memory so that an enqueue's commit need not set the latch at all (see crate::wake).
+    fn arrivals_change_nothing(&self) -> bool {
+        self.no_free_slot
+            && self.sweep_from.is_none()
             && self
                 .definitions
                 .rules
@@ -571,7 +586,6 @@ impl Scheduler {
             self.sweep_from = Some(FROM_START);
             self.purge_after = [i64::MIN; 6];
             self.last_sweep = Instant::now();
-            self.load_running = true;
         }
         if self
             .reload_running_at
@@ -953,10 +967,9 @@ fn rebuild_rate_windows(
     }
     let rows = client
         .update(
-            "SELECT t.task_name, t.rate_limit_keys, t.rate_limit_units, t.assigned_at
+            "SELECT t.task_name, t.rate_limit_keys, t.rate_limit_units, t.rate_limited_at
                FROM sluice.task_run t
-              WHERE t.rate_limit_keys IS NOT NULL
-                AND t.assigned_at > now() - make_interval(secs => $1::float8 / 1000000)",
+              WHERE t.rate_limited_at > now() - make_interval(secs => $1::float8 / 1000000)",
             None,
             &[(window as f64).into()],
         )
@@ -976,15 +989,16 @@ fn rebuild_rate_windows(
     }
 }
 
-/// The claimed running attempts as the table has them (at start, and with each sweep to
-/// repair any drift between memory and the table).
+/// The claimed running attempts as the table has them, at start (this reads every unfinished
+/// task: there is no index of running ones, see sql/schema.sql; the periodic sweep repairs any
+/// later drift slice by slice).
 fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
     queue.forget_claimed();
     let rows = client
         .update(
             "SELECT id, worker_id, attempt, timeout_at, task_name, concurrency_key
                FROM sluice.task_run
-              WHERE status = 'running'",
+              WHERE finished_at IS NULL AND status = 'running'",
             None,
             &[],
         )
@@ -1116,13 +1130,34 @@ fn read_arrivals(
     full
 }
 
-/// Queued rows as read by `read_arrivals` and `sweep` (same columns), and the place of the
-/// last one in the arrivals index.
+/// Queued rows as read by `read_arrivals` and `sweep` (same first columns), and the place of
+/// the last one in the arrivals index.
 fn queued_rows(
     rows: pgrx::spi::SpiTupleTable<'_>,
     definitions: &Definitions,
 ) -> (Vec<Arrival>, Option<Cursor>) {
+    let (arrivals, _, last) = unfinished_rows(rows, definitions, false);
+    (arrivals, last)
+}
+
+/// A running attempt as the sweep read it.
+struct RunningRow {
+    task_id: i64,
+    task_name: String,
+    concurrency_key: Option<String>,
+    attempt: RunningAttempt,
+}
+
+/// Unfinished rows: the queued ones as arrivals and, when `with_running` (the sweep's read,
+/// whose columns 10 to 12 are status, worker and timeout), the running ones apart; and the
+/// place of the last row of either kind in the arrivals index.
+fn unfinished_rows(
+    rows: pgrx::spi::SpiTupleTable<'_>,
+    definitions: &Definitions,
+    with_running: bool,
+) -> (Vec<Arrival>, Vec<RunningRow>, Option<Cursor>) {
     let mut arrivals = Vec::with_capacity(rows.len());
+    let mut running = Vec::new();
     let mut last = None;
     for row in rows {
         let (
@@ -1143,6 +1178,25 @@ fn queued_rows(
         };
         let run_at = pg_sys::TimestampTz::from(run_at);
         last = Some((run_at, task_id));
+        if with_running && row.get::<String>(10).ok().flatten().as_deref() == Some("running") {
+            if let Ok(Some(worker_id)) = row.get::<i64>(11) {
+                running.push(RunningRow {
+                    task_id,
+                    task_name,
+                    concurrency_key: row.get::<String>(6).ok().flatten(),
+                    attempt: RunningAttempt {
+                        worker_id,
+                        attempt,
+                        timeout_at: row
+                            .get::<TimestampWithTimeZone>(12)
+                            .ok()
+                            .flatten()
+                            .map_or(i64::MAX, pg_sys::TimestampTz::from),
+                    },
+                });
+            }
+            continue;
+        }
         let schedule_deadline = row
             .get::<TimestampWithTimeZone>(9)
             .ok()
@@ -1164,7 +1218,7 @@ fn queued_rows(
             flow,
         });
     }
-    (arrivals, last)
+    (arrivals, running, last)
 }
 
 /// One slice of the sweep: compares the ready tasks in memory placed after `from` (and not
@@ -1194,12 +1248,26 @@ fn sweep(
             ],
         )
         .expect("sweeping the queue failed");
-    let (rows, last) = queued_rows(rows, definitions);
+    let read = rows.len();
+    let (queued, running, last) = unfinished_rows(rows, definitions, true);
     let slice_end = match last {
-        Some(last) if rows.len() >= SWEEP_ROWS_PER_TICK => last,
+        Some(last) if read >= SWEEP_ROWS_PER_TICK => last,
         _ => to,
     };
-    let (gone, reached) = queue.sweep(rows, from, slice_end, SWEEP_ROWS_PER_TICK * 4);
+    let (gone, reached) = queue.sweep(queued, from, slice_end, SWEEP_ROWS_PER_TICK * 4);
+    // A running attempt memory does not know (claimed from a board an earlier scheduler
+    // posted, or set running by hand) is loaded, so that its timeout and its worker's
+    // liveness are watched. Attempts memory has but the table does not are found by
+    // check_running.
+    for r in running {
+        if !queue.is_running(r.task_id) {
+            let flow = r.concurrency_key.map(|k| TaskFlow {
+                concurrency_key: Some(k),
+                rates: Vec::new(),
+            });
+            queue.load_running(r.task_id, &r.task_name, flow, r.attempt);
+        }
+    }
     let next = (reached < to).then_some(reached);
     (next, gone)
 }

@@ -12,6 +12,14 @@
 //! back far enough. It is published only after the commit is visible, and the scheduler takes
 //! it before its snapshot, so a row is always either in the snapshot or behind the watermark.
 //!
+//! A commit whose only news is arrivals (it queued tasks; nothing ended, no configuration or
+//! outcome changed) does not even set the latch while the scheduler has published that
+//! arrivals alone change nothing for it (`ARRIVALS_IDLE`: no worker has a free slot). The
+//! watermark is still published, first; the scheduler clears the flag and then looks at the
+//! watermark before it sleeps, so an arrival either sees the flag cleared and sets the latch,
+//! or is seen by that look. Setting the latch cost every enqueue a signal and the scheduler a
+//! wake-up, which on two cores took CPU from the producers.
+//!
 //! Assignments travel through shared memory too (`Assignments`): the scheduler posts
 //! (worker, task, attempt) triples and a worker's `sluice.fetch_tasks` takes its own and claims
 //! the rows itself (queued -> running). The scheduler writes nothing per task, so one process
@@ -106,6 +114,9 @@ static SCHEDULER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"sluice_s
 static COMMITTED_RUNNABLE_FROM: PgAtomic<AtomicI64> =
     unsafe { PgAtomic::new(c"sluice_committed_runnable_from") };
 
+/// The scheduler would leave a wake-up that only brings arrivals for its next due tick.
+static ARRIVALS_IDLE: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"sluice_arrivals_idle") };
+
 /// Bumped by every commit that changed a definition or a rate limit: the scheduler reloads
 /// them before its next assignment instead of on its next maintenance pass.
 static CONFIG_GENERATION: PgAtomic<AtomicU64> =
@@ -124,6 +135,9 @@ static OUTCOMES_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 /// This backend's current transaction asked for a wake-up at commit.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// ... for a reason other than arrivals (`_wake_scheduler()` without a time: an attempt ended,
+/// a task was cancelled).
+static PLAIN_WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// Earliest `run_at` made queued by this backend's current transaction, `i64::MAX` when none.
 static RUNNABLE_FROM_AT_COMMIT: AtomicI64 = AtomicI64::new(i64::MAX);
 /// This backend already checked that the scheduler serves its database.
@@ -131,6 +145,7 @@ static DATABASE_CHECKED: AtomicBool = AtomicBool::new(false);
 
 pub fn init_shared_memory() {
     pg_shmem_init!(SCHEDULER_PROCNO = AtomicI32::new(-1));
+    pg_shmem_init!(ARRIVALS_IDLE = AtomicBool::new(false));
     pg_shmem_init!(COMMITTED_RUNNABLE_FROM = AtomicI64::new(i64::MAX));
     pg_shmem_init!(CONFIG_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(OUTCOMES_GENERATION = AtomicU64::new(0));
@@ -145,15 +160,28 @@ pub fn register_commit_callback() {
 
 /// Called by the scheduler once it runs, so committing backends can find its latch.
 pub fn publish_scheduler(procno: i32) {
+    ARRIVALS_IDLE.get().store(false, Ordering::SeqCst);
     SCHEDULER_PROCNO.get().store(procno, Ordering::SeqCst);
+}
+
+/// Publishes whether arrivals alone change nothing for the scheduler (see the module comment).
+/// Returns whether arrivals were committed meanwhile and not taken yet: after clearing the
+/// flag the caller must then tick without sleeping, since their commits may have seen the flag
+/// set and left the latch alone.
+pub fn set_arrivals_idle(idle: bool) -> bool {
+    ARRIVALS_IDLE.get().store(idle, Ordering::SeqCst);
+    !idle && COMMITTED_RUNNABLE_FROM.get().load(Ordering::SeqCst) != i64::MAX
 }
 
 /// Wakes the scheduler at commit; `runnable_from`: the earliest `run_at` of tasks this
 /// transaction made queued, if any.
 pub fn wake_at_commit(runnable_from: Option<pg_sys::TimestampTz>) {
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
-    if let Some(at) = runnable_from {
-        RUNNABLE_FROM_AT_COMMIT.fetch_min(at, Ordering::Relaxed);
+    match runnable_from {
+        Some(at) => {
+            RUNNABLE_FROM_AT_COMMIT.fetch_min(at, Ordering::Relaxed);
+        }
+        None => PLAIN_WAKE_AT_COMMIT.store(true, Ordering::Relaxed),
     }
 }
 
@@ -417,14 +445,13 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Clear the request first, whatever happens next: it belongs to this transaction.
             let requested = WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
-            if CONFIG_CHANGED_AT_COMMIT.swap(false, Ordering::Relaxed)
-                && PRELOADED.load(Ordering::Relaxed)
-            {
+            let plain = PLAIN_WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
+            let config_changed = CONFIG_CHANGED_AT_COMMIT.swap(false, Ordering::Relaxed);
+            if config_changed && PRELOADED.load(Ordering::Relaxed) {
                 CONFIG_GENERATION.get().fetch_add(1, Ordering::SeqCst);
             }
-            if OUTCOMES_AT_COMMIT.swap(false, Ordering::Relaxed)
-                && PRELOADED.load(Ordering::Relaxed)
-            {
+            let outcomes = OUTCOMES_AT_COMMIT.swap(false, Ordering::Relaxed);
+            if outcomes && PRELOADED.load(Ordering::Relaxed) {
                 OUTCOMES_GENERATION.get().fetch_add(1, Ordering::SeqCst);
             }
             let runnable_from = RUNNABLE_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
@@ -444,7 +471,11 @@ unsafe extern "C-unwind" fn on_xact_event(
                         .get()
                         .fetch_min(runnable_from, Ordering::SeqCst);
                 }
-                set_scheduler_latch();
+                // Read after the watermark is published (see the module comment).
+                let arrivals_only = !plain && !config_changed && !outcomes && ended.is_empty();
+                if !(arrivals_only && ARRIVALS_IDLE.get().load(Ordering::SeqCst)) {
+                    set_scheduler_latch();
+                }
             }
         }
         // A prepared transaction commits later in another session; the scheduler's timer and
@@ -462,6 +493,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                 put_back_taken();
             }
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            PLAIN_WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             CONFIG_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);
             OUTCOMES_AT_COMMIT.store(false, Ordering::Relaxed);
             RUNNABLE_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
