@@ -599,7 +599,7 @@ BEGIN
         RETURNING id INTO new_id;
         IF new_id IS NOT NULL THEN
             PERFORM sluice._wake_scheduler(start_at);
-            RETURN new_id;
+                    RETURN new_id;
         END IF;
         -- An unfinished task holds this key: return it. If it finished between the conflict
         -- and this read, the key is free again and the insert is retried.

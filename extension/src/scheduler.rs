@@ -511,18 +511,19 @@ impl Scheduler {
             && !wake::ended_attempts_pending()
             && wake::config_generation() == self.config_generation
             && wake::outcomes_generation() == self.outcomes_seen
-    }
-
-    /// The part of `wake_changes_nothing` that new arrivals cannot change: published in shared
-    /// memory so that an enqueue's commit need not set the latch at all (see crate::wake).
-    fn arrivals_change_nothing(&self) -> bool {
-        self.no_free_slot
-            && self.sweep_from.is_none()
             && self
                 .definitions
                 .rules
                 .values()
                 .all(|rule| rule.strategy == Strategy::GroupRoundRobin)
+    }
+
+    /// The part of `wake_changes_nothing` that new arrivals cannot change: published in shared
+    /// memory so that an enqueue's commit need not set the latch at all (see crate::wake).
+    /// Cancelling strategies stay out of it: what they cancel on arrival is running or
+    /// assigned, and while anything is, maintenance ticks every 100 ms anyway.
+    fn arrivals_change_nothing(&self) -> bool {
+        self.no_free_slot && self.sweep_from.is_none()
     }
 
     fn new() -> Self {

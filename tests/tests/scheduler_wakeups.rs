@@ -79,3 +79,37 @@ async fn tasks_enqueued_while_no_worker_has_a_slot_start_as_soon_as_one_register
     }
     wait_succeeded(&client, &[long_id, short_id], 2, Duration::from_secs(15)).await;
 }
+
+/// Enqueues leave the scheduler asleep while no worker has a free slot (crate::wake's
+/// ARRIVALS_IDLE). A task whose definition cancels on arrival is still judged at once: with
+/// the only slot busy, a cancel_in_progress newcomer cancels the running task within seconds,
+/// not at the next 30 s poll (the running task keeps the scheduler's 100 ms maintenance
+/// ticks going).
+#[tokio::test]
+async fn a_cancelling_arrival_is_judged_at_once_while_no_slot_is_free() {
+    let cluster = PrivateCluster::start("judging", true, &[("sluice.poll_interval", "30000")]);
+    let client = connect(&cluster.dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(
+        &client,
+        "judged",
+        ", concurrency_key => '$.k', max_runs => 1, concurrency_strategy => 'cancel_in_progress'",
+    )
+    .await;
+    let _worker = WorkerProcess::spawn(WORKER, &cluster.dsn(), &task, 1);
+    let old = enqueue_sql(&client, &task, json!({"k": "x", "sleep_ms": 60000})).await;
+    wait_execution(&client, old, None).await;
+    // The scheduler has seen its only slot taken by now; give it a moment to go to sleep.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let enqueued = Instant::now();
+    let new = enqueue_sql(&client, &task, json!({"k": "x", "sleep_ms": 10})).await;
+    wait_execution(&client, old, Some("cancelled")).await;
+    let waited = enqueued.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "the newcomer woke the scheduler: the running task was cancelled {waited:?} after it \
+         (a missed wake-up waits for the 30 s poll)"
+    );
+    assert_eq!(task_state(&client, old).await.0, "cancelled");
+    wait_succeeded(&client, &[new], 1, Duration::from_secs(15)).await;
+}
