@@ -1298,22 +1298,17 @@ BEGIN
             IF n < max_rows THEN
                 last := before;
             END IF;
-            IF ids IS NULL THEN  -- never `id = ANY('{}')`: see _maintain
-                status := kinds[i]::text;
-                deleted := 0;
-                reached := last;
-                RETURN NEXT;
-                CONTINUE;
+            IF ids IS NOT NULL THEN  -- never `id = ANY('{}')`: see _maintain
+                IF with_attempts IS NOT NULL THEN
+                    DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(with_attempts);
+                END IF;
+                -- Durable tasks' records (sql/durable.sql); most installs have none at all.
+                IF EXISTS (SELECT 1 FROM sluice.durable_step) THEN
+                    DELETE FROM sluice.durable_step d WHERE d.task_id = ANY(ids);
+                END IF;
+                DELETE FROM sluice.task_run t WHERE t.id = ANY(ids) AND t.status = kinds[i];
+                GET DIAGNOSTICS n = ROW_COUNT;
             END IF;
-            IF with_attempts IS NOT NULL THEN
-                DELETE FROM sluice.task_attempt a WHERE a.task_id = ANY(with_attempts);
-            END IF;
-            -- Durable tasks' records (sql/durable.sql); most installs have none at all.
-            IF EXISTS (SELECT 1 FROM sluice.durable_step) THEN
-                DELETE FROM sluice.durable_step d WHERE d.task_id = ANY(ids);
-            END IF;
-            DELETE FROM sluice.task_run t WHERE t.id = ANY(ids) AND t.status = kinds[i];
-            GET DIAGNOSTICS n = ROW_COUNT;
             status := kinds[i]::text;
             deleted := n;
             reached := last;
