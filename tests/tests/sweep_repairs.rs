@@ -43,7 +43,11 @@ async fn the_sweep_finds_a_running_attempt_memory_lacks_and_requeues_it_when_its
         },
     )
     .await;
-    assert_eq!((status.as_str(), lost), ("queued", 1), "requeued as one lost attempt");
+    assert_eq!(
+        (status.as_str(), lost),
+        ("queued", 1),
+        "requeued as one lost attempt"
+    );
     let error: String = client
         .query_one(
             "SELECT error FROM sluice.task_attempts WHERE task_id = $1 AND attempt = 1",
@@ -52,5 +56,8 @@ async fn the_sweep_finds_a_running_attempt_memory_lacks_and_requeues_it_when_its
         .await
         .unwrap()
         .get(0);
-    assert!(error.contains("worker -1"), "the attempt names its worker: {error}");
+    assert!(
+        error.contains("worker -1"),
+        "the attempt names its worker: {error}"
+    );
 }

@@ -58,8 +58,8 @@ pub use context::{ChildOutcome, TaskContext, TaskTransaction};
 pub use error::{Error, ErrorKind};
 pub use producer::{
     cancel, define_task, enqueue, enqueue_json, enqueue_many, set_rate_limit, set_worker_labels,
-    Concurrency, ConcurrencyStrategy, DesiredLabel, EnqueueOptions, RateLimitUse, TaskOptions,
-    Units,
+    Concurrency, ConcurrencyStrategy, DesiredLabel, EnqueueOptions, PreparedEnqueue, RateLimitUse,
+    TaskOptions, Units,
 };
 pub use task::{TaskDefinition, TaskError};
 pub use triggers::{

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use sluice_client::tokio_postgres::{self, Client, NoTls};
 use sluice_client::{
     cancel, define_task, enqueue, enqueue_json, enqueue_many, set_rate_limit, set_worker_labels,
-    Concurrency, ConcurrencyStrategy, DesiredLabel, EnqueueOptions, ErrorKind, RateLimitUse,
-    TaskContext, TaskDefinition, TaskError, TaskOptions, Units, Worker,
+    Concurrency, ConcurrencyStrategy, DesiredLabel, EnqueueOptions, ErrorKind, PreparedEnqueue,
+    RateLimitUse, TaskContext, TaskDefinition, TaskError, TaskOptions, Units, Worker,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -516,6 +516,89 @@ async fn producer_errors_carry_sqlstates() {
         .expect("enqueue with the same key");
     assert_eq!(first, second);
     assert!(cancel(&client, first).await.expect("cancel"));
+}
+
+live_task!(PreparedAdd, "prepared_add", AddInput, Sum);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_enqueue_follows_its_connection_and_transactions() {
+    let Some(dsn) = dsn() else { return };
+    let mut client = connect(&dsn).await;
+    define_task(&client, PreparedAdd::name(), &TaskOptions::default())
+        .await
+        .expect("define_task");
+    let prepared = PreparedEnqueue::prepare(&client).await.expect("prepare");
+    let later = EnqueueOptions {
+        run_at: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+        priority: Some(7),
+        ..EnqueueOptions::default()
+    };
+
+    // Many calls through one statement: each is its own task, with the options applied.
+    let mut ids = Vec::new();
+    for a in 0..20 {
+        ids.push(
+            prepared
+                .enqueue::<PreparedAdd>(&client, &AddInput { a, b: 1 }, &later)
+                .await
+                .expect("prepared enqueue"),
+        );
+    }
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT input), min(priority), max(priority),
+                    bool_and(run_at > now() + interval '50 minutes'), bool_and(status = 'queued')
+               FROM sluice.tasks WHERE id = ANY($1) AND task_name = $2",
+            &[&ids, &PreparedAdd::name()],
+        )
+        .await
+        .expect("reading sluice.tasks");
+    assert_eq!(row.get::<_, i64>(0), 20);
+    assert_eq!(row.get::<_, i64>(1), 20);
+    assert_eq!((row.get::<_, i32>(2), row.get::<_, i32>(3)), (7, 7));
+    assert!(row.get::<_, bool>(4));
+    assert!(row.get::<_, bool>(5));
+
+    // Through a transaction of the same connection: the enqueue goes with its rollback.
+    let transaction = client.transaction().await.expect("begin");
+    let rolled_back = prepared
+        .enqueue::<PreparedAdd>(&transaction, &AddInput { a: 100, b: 1 }, &later)
+        .await
+        .expect("prepared enqueue in a transaction");
+    transaction.rollback().await.expect("rollback");
+    let gone = client
+        .query("SELECT 1 FROM sluice.tasks WHERE id = $1", &[&rolled_back])
+        .await
+        .expect("reading sluice.tasks");
+    assert!(gone.is_empty());
+
+    // Bad input gets the enqueue's own SQLSTATE: an unknown task name is 42704.
+    live_task!(Undefined, "prepared_undefined", AddInput, Sum);
+    let unknown = prepared
+        .enqueue::<Undefined>(&client, &AddInput { a: 1, b: 1 }, &later)
+        .await
+        .expect_err("an undefined task");
+    assert_eq!(unknown.code().map(|c| c.code()), Some("42704"));
+
+    // On another connection the statement does not exist there: 26000, nothing enqueued.
+    let other = connect(&dsn).await;
+    let elsewhere = prepared
+        .enqueue::<PreparedAdd>(&other, &AddInput { a: 200, b: 1 }, &later)
+        .await
+        .expect_err("a statement prepared on another connection");
+    assert_eq!(elsewhere.code().map(|c| c.code()), Some("26000"));
+    let count: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sluice.tasks WHERE task_name = $1",
+            &[&PreparedAdd::name()],
+        )
+        .await
+        .expect("counting")
+        .get(0);
+    assert_eq!(count, 20);
+    for id in ids {
+        assert!(cancel(&client, id).await.expect("cancel"));
+    }
 }
 
 live_task!(Throttled, "throttled", Value, Value);

@@ -44,7 +44,24 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let n = ctx.scale.tasks(100_000);
     // For profiling one shape over and over (not a result: no baselines, nothing recorded):
     // SLUICE_BENCH_DRAIN_ONLY=<workers>x<slots>, e.g. 8x100.
+    // SLUICE_BENCH_DRAIN_ONLY=batched8 / naive8: one baseline run with 8 connections.
     if let Ok(only) = std::env::var("SLUICE_BENCH_DRAIN_ONLY") {
+        for kind in [Baseline::Naive, Baseline::Batched] {
+            if let Some(connections) = only.strip_prefix(kind.system()) {
+                let connections = connections.parse().map_err(|_| {
+                    format!(
+                        "SLUICE_BENCH_DRAIN_ONLY={only}: expected {}<n>",
+                        kind.system()
+                    )
+                })?;
+                let (rate, seconds, check) = baseline_drain(ctx, n, kind, connections).await?;
+                println!(
+                    "  drain only {only}: {rate:.0} tasks/s in {seconds:.2} s, check ok: {}",
+                    check.ok
+                );
+                return Ok(());
+            }
+        }
         let (workers, slots) = only
             .split_once('x')
             .and_then(|(w, s)| Some((w.parse().ok()?, s.parse().ok()?)))

@@ -1,7 +1,8 @@
 //! enqueue: producer throughput, with no workers running.
 //!   single: one `sluice.enqueue` per transaction (autocommit) from 8 producer connections,
-//!           against a bare single-row INSERT commit loop into the baseline table (the naive
-//!           baseline's enqueue) with the same producers.
+//!           each through a `PreparedEnqueue` (prepared once per connection), against a
+//!           bare single-row INSERT commit loop into the baseline table (the naive baseline's
+//!           enqueue, also prepared) with the same producers.
 //!   many:   `sluice.enqueue_many` with 1,000 inputs per call, against a bare multi-row
 //!           `INSERT ... SELECT FROM unnest($1::jsonb[])` of 1,000 rows (the batched baseline's
 //!           enqueue).
@@ -11,12 +12,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use sluice_client::{enqueue, enqueue_many, EnqueueOptions};
+use sluice_client::{enqueue_many, EnqueueOptions, PreparedEnqueue};
 use tokio::task::JoinSet;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use super::{progress, Ctx, NOT_MEASURED};
+use super::{median, progress, Ctx, NOT_MEASURED, PAIRED_ROUNDS};
 use crate::baseline::{self, BulkInsert, TABLE};
 use crate::db;
 use crate::record::rate;
@@ -50,16 +51,37 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             Mode::Single => "enqueue single",
             Mode::Many => "enqueue_many",
         };
-        let sluice = db::retrying(&ctx.dsn, &format!("{what} sluice"), || {
-            sluice_enqueue(ctx, mode, n)
-        })
-        .await;
-        let insert = db::retrying(&ctx.dsn, &format!("{what} insert"), || {
-            insert_enqueue(ctx, mode, n)
-        })
-        .await;
-        let (sluice_rate, sluice_check) = settle(&format!("sluice {what}"), sluice);
-        let (insert_rate, insert_check) = settle(&format!("insert {what}"), insert);
+        // Alternating rounds; see PAIRED_ROUNDS.
+        let mut rounds = Vec::new();
+        let mut sluice_check = None;
+        let mut insert_check = None;
+        for round in 1..=PAIRED_ROUNDS {
+            let sluice = db::retrying(&ctx.dsn, &format!("{what} sluice"), || {
+                sluice_enqueue(ctx, mode, n)
+            })
+            .await;
+            let insert = db::retrying(&ctx.dsn, &format!("{what} insert"), || {
+                insert_enqueue(ctx, mode, n)
+            })
+            .await;
+            let (sluice_rate, sluice_round) =
+                settle(&format!("sluice {what}, round {round}"), sluice);
+            let (insert_rate, insert_round) =
+                settle(&format!("insert {what}, round {round}"), insert);
+            rounds.push((sluice_rate, insert_rate));
+            keep_first_failure(&mut sluice_check, sluice_round);
+            keep_first_failure(&mut insert_check, insert_round);
+        }
+        let sluice_check = sluice_check.expect("at least one round");
+        let insert_check = insert_check.expect("at least one round");
+        let sluice_rate = median(rounds.iter().map(|r| r.0));
+        let insert_rate = median(rounds.iter().map(|r| r.1));
+        let vs_insert =
+            Some(median(rounds.iter().filter_map(|r| ratio(r.0, r.1)))).filter(|r| r.is_finite());
+        let round_details: Vec<_> = rounds
+            .iter()
+            .map(|(s, i)| json!({ "sluice": s, "insert": i, "ratio": ratio(*s, *i) }))
+            .collect();
         let producers = mode.producers();
         let (sluice_shape, insert_shape) = match mode {
             Mode::Single => (
@@ -71,7 +93,6 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 format!("INSERT unnest {ENQUEUE_BATCH}/stmt, {producers} producers"),
             ),
         };
-        let vs_insert = ratio(sluice_rate, insert_rate);
         let mut result = BenchResult::new(
             "enqueue",
             "sluice",
@@ -81,7 +102,12 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             "tasks/s",
         )
         .ok(sluice_check.ok)
-        .details(json!({ "tasks": n, "check": sluice_check.details }));
+        .details(json!({
+            "tasks": n,
+            "check": sluice_check.details,
+            "value": "median of the rounds; vs_insert is the median of the rounds' ratios",
+            "rounds": round_details,
+        }));
         result.vs_insert = vs_insert;
         // The single INSERT is how the naive baseline enqueues, the unnest INSERT how the
         // batched one does.
@@ -100,10 +126,22 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 "tasks/s",
             )
             .ok(insert_check.ok)
-            .details(json!({ "tasks": n, "table": TABLE, "check": insert_check.details })),
+            .details(json!({
+                "tasks": n,
+                "table": TABLE,
+                "check": insert_check.details,
+                "value": "median of the rounds",
+            })),
         )?;
     }
     Ok(())
+}
+
+/// Keeps the first failed check of the rounds, or the last passing one.
+fn keep_first_failure(kept: &mut Option<Check>, check: Check) {
+    if kept.as_ref().is_none_or(|k| k.ok) {
+        *kept = Some(check);
+    }
 }
 
 fn settle(what: &str, outcome: Result<(f64, Check)>) -> (f64, Check) {
@@ -143,8 +181,12 @@ async fn sluice_enqueue(ctx: &Ctx, mode: Mode, n: usize) -> Result<(f64, Check)>
         let rate = timed_producers(ctx, mode.producers(), n, move |client, inputs| async move {
             match mode {
                 Mode::Single => {
+                    // Prepared once per producer connection, as the bare INSERT loop is.
+                    let prepared = PreparedEnqueue::prepare(&*client).await?;
                     for seq in inputs {
-                        enqueue::<BenchTask>(&*client, &seq, &EnqueueOptions::default()).await?;
+                        prepared
+                            .enqueue::<BenchTask>(&*client, &seq, &EnqueueOptions::default())
+                            .await?;
                     }
                 }
                 Mode::Many => {

@@ -94,6 +94,26 @@ pub async fn relation_sizes(client: &Client, schema: &str) -> Result<Value> {
 /// A result's value when the run failed before it measured anything.
 pub const NOT_MEASURED: f64 = f64::NAN;
 
+/// Rounds of a paired comparison (Sluice, then its baseline, and again): the two sides of a
+/// round run within seconds of each other, and the median over the rounds' ratios is what
+/// is reported, because a single pair on the 2-core VM moves by ±10-40% (benches/README.md).
+pub const PAIRED_ROUNDS: usize = 3;
+
+/// The median of the measured (finite) values; NaN if there is none.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut measured: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+    if measured.is_empty() {
+        return NOT_MEASURED;
+    }
+    measured.sort_by(f64::total_cmp);
+    let mid = measured.len() / 2;
+    if measured.len() % 2 == 1 {
+        measured[mid]
+    } else {
+        (measured[mid - 1] + measured[mid]) / 2.0
+    }
+}
+
 /// Prints a run's outcome as it finishes, so a long invocation shows progress.
 pub fn progress(what: &str, outcome: &str) {
     println!("  .. {what}: {outcome}");
