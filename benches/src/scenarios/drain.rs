@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{progress, Ctx, NOT_MEASURED, STALL};
+use super::{median, progress, Ctx, NOT_MEASURED, PAIRED_ROUNDS, STALL};
 use crate::baseline::{self, Baseline, BaselineWorkers, Wake};
 use crate::db;
 use crate::record::{rate, Milestones, Recorder};
@@ -32,12 +32,21 @@ const BASELINE_DEFAULT: usize = 8;
 const POLL_SLEEP: std::time::Duration = std::time::Duration::from_millis(10);
 
 struct Run {
-    system: &'static str,
-    shape: String,
-    is_default: bool,
+    shape: Shape,
+    /// A failed run of the best shapes' later rounds, kept only to fail the system's result.
+    extra_round: bool,
     rate: f64,
     seconds: f64,
     check: Check,
+}
+
+impl Run {
+    fn failed_round(self) -> Run {
+        Run {
+            extra_round: true,
+            ..self
+        }
+    }
 }
 
 pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
@@ -75,42 +84,96 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         );
         return Ok(());
     }
-    let mut runs = Vec::new();
-    for (workers, slots) in SLUICE_SHAPES {
-        let shape = super::sluice_shape(workers, slots);
-        let outcome = db::retrying(&ctx.dsn, &format!("drain sluice {shape}"), || {
-            sluice_drain(ctx, n, workers, slots, None)
-        })
-        .await;
-        runs.push(finish(
-            "sluice",
-            shape,
-            (workers, slots) == SLUICE_DEFAULT,
-            outcome,
-        ));
-    }
+    let mut shapes: Vec<Shape> = SLUICE_SHAPES
+        .iter()
+        .map(|&(workers, slots)| Shape::Sluice(workers, slots))
+        .collect();
     for kind in [Baseline::Naive, Baseline::Batched] {
-        for connections in BASELINE_CONNECTIONS {
-            let shape = format!("{connections} connections");
-            let outcome = db::retrying(
-                &ctx.dsn,
-                &format!("drain {} {shape}", kind.system()),
-                || baseline_drain(ctx, n, kind, connections),
-            )
-            .await;
-            let is_default = connections == BASELINE_DEFAULT;
-            runs.push(finish(kind.system(), shape, is_default, outcome));
-        }
+        shapes.extend(BASELINE_CONNECTIONS.iter().map(|&c| Shape::Baseline(kind, c)));
     }
-    emit(report, n, &runs)
+    let mut runs = Vec::new();
+    for shape in shapes {
+        runs.push(run_shape(ctx, n, shape, "").await);
+    }
+    // The best shapes again, alternating systems (see PAIRED_ROUNDS); the sweep is round 1.
+    // Sluice and the batched baseline run back to back, the slow naive one last.
+    let best_shapes: Vec<Shape> = ["sluice", "batched", "naive"]
+        .into_iter()
+        .filter_map(|system| best_of(&runs, system).map(|r| r.shape))
+        .collect();
+    let mut rounds = vec![best_shapes
+        .iter()
+        .map(|shape| {
+            let run = runs.iter().find(|r| r.shape == *shape).expect("a swept shape");
+            (shape.system(), run.rate)
+        })
+        .collect::<Vec<_>>()];
+    for round in 2..=PAIRED_ROUNDS {
+        let mut rates = Vec::new();
+        for &shape in &best_shapes {
+            let run = run_shape(ctx, n, shape, &format!(", round {round}")).await;
+            rates.push((shape.system(), run.rate));
+            if !run.check.ok {
+                // A failed exactly-once check fails the system's result, whatever the round.
+                runs.push(run.failed_round());
+            }
+        }
+        rounds.push(rates);
+    }
+    emit(report, n, &runs, &rounds)
 }
 
-fn finish(
-    system: &'static str,
-    shape: String,
-    is_default: bool,
-    outcome: Result<(f64, f64, Check)>,
-) -> Run {
+/// A worker shape of one system.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Shape {
+    /// workers, slots per worker (None: the client's default)
+    Sluice(usize, Option<i32>),
+    /// the baseline, its connections
+    Baseline(Baseline, usize),
+}
+
+impl Shape {
+    fn system(self) -> &'static str {
+        match self {
+            Shape::Sluice(..) => "sluice",
+            Shape::Baseline(kind, _) => kind.system(),
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Shape::Sluice(workers, slots) => super::sluice_shape(workers, slots),
+            Shape::Baseline(_, connections) => format!("{connections} connections"),
+        }
+    }
+
+    fn is_default(self) -> bool {
+        match self {
+            Shape::Sluice(workers, slots) => (workers, slots) == SLUICE_DEFAULT,
+            Shape::Baseline(_, connections) => connections == BASELINE_DEFAULT,
+        }
+    }
+}
+
+async fn run_shape(ctx: &Ctx, n: usize, shape: Shape, round: &str) -> Run {
+    let what = format!("drain {} {}{round}", shape.system(), shape.label());
+    let outcome = db::retrying(&ctx.dsn, &what, || async move {
+        match shape {
+            Shape::Sluice(workers, slots) => sluice_drain(ctx, n, workers, slots, None).await,
+            Shape::Baseline(kind, connections) => baseline_drain(ctx, n, kind, connections).await,
+        }
+    })
+    .await;
+    finish(shape, round, outcome)
+}
+
+fn best_of<'a>(runs: &'a [Run], system: &'static str) -> Option<&'a Run> {
+    runs.iter()
+        .filter(|r| r.shape.system() == system && !r.extra_round && r.rate.is_finite())
+        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+}
+
+fn finish(shape: Shape, round: &str, outcome: Result<(f64, f64, Check)>) -> Run {
     let (rate, seconds, check) = outcome.unwrap_or_else(|e| {
         (
             NOT_MEASURED,
@@ -119,16 +182,15 @@ fn finish(
         )
     });
     progress(
-        &format!("{system} {shape}"),
+        &format!("{} {}{round}", shape.system(), shape.label()),
         &format!(
             "{rate:.0} tasks/s{}",
             if check.ok { "" } else { "  CHECK FAILED" }
         ),
     );
     Run {
-        system,
         shape,
-        is_default,
+        extra_round: false,
         rate,
         seconds,
         check,
@@ -215,45 +277,76 @@ async fn baseline_drain(
     Ok((rate(n, start, end), (end - start).as_secs_f64(), check))
 }
 
-fn emit(report: &mut Report, n: usize, runs: &[Run]) -> Result<()> {
+fn emit(report: &mut Report, n: usize, runs: &[Run], rounds: &[Vec<(&str, f64)>]) -> Result<()> {
     fn of<'a>(runs: &'a [Run], system: &'static str) -> impl Iterator<Item = &'a Run> {
-        runs.iter().filter(move |r| r.system == system)
+        runs.iter().filter(move |r| r.shape.system() == system)
     }
-    let best = |system: &'static str| {
-        of(runs, system)
-            .filter(|r| r.rate.is_finite())
-            .max_by(|a, b| a.rate.total_cmp(&b.rate))
-    };
-    let default = |system: &'static str| of(runs, system).find(|r| r.is_default);
+    let swept = |system: &'static str| of(runs, system).filter(|r| !r.extra_round);
+    let default = |system: &'static str| swept(system).find(|r| r.shape.is_default());
     let all_shapes = |system: &'static str| {
-        of(runs, system)
-            .map(|r| json!({ "shape": r.shape, "rate": r.rate, "seconds": r.seconds, "ok": r.check.ok }))
+        swept(system)
+            .map(|r| json!({ "shape": r.shape.label(), "rate": r.rate, "seconds": r.seconds, "ok": r.check.ok }))
             .collect::<Vec<_>>()
     };
     let system_ok = |system: &'static str| of(runs, system).all(|r| r.check.ok);
+    let round_rate = |round: &Vec<(&str, f64)>, system: &str| {
+        round
+            .iter()
+            .find(|(s, _)| *s == system)
+            .map_or(NOT_MEASURED, |(_, rate)| *rate)
+    };
+    // Best shapes: the median over the rounds, and the median of the rounds' ratios.
+    let best_rate = |system: &str| median(rounds.iter().map(|r| round_rate(r, system)));
+    let best_ratio = |baseline: &str| {
+        let ratios = rounds
+            .iter()
+            .filter_map(|r| ratio(round_rate(r, "sluice"), round_rate(r, baseline)));
+        Some(median(ratios)).filter(|r| r.is_finite())
+    };
     for system in ["sluice", "naive", "batched"] {
-        for (role, run) in [("best", best(system)), ("default", default(system))] {
-            let Some(run) = run else { continue };
-            let (naive, batched) = match role {
-                "best" => (best("naive"), best("batched")),
-                _ => (default("naive"), default("batched")),
+        for role in ["best", "default"] {
+            let run = match role {
+                "best" => best_of(runs, system),
+                _ => default(system),
             };
+            let Some(run) = run else { continue };
+            let (value, mut details) = match role {
+                "best" => (
+                    best_rate(system),
+                    json!({
+                        "value": "median over the rounds of the best shape (round 1: the sweep); \
+                                  vs_* are the medians of the rounds' ratios",
+                        "rounds": rounds.iter().map(|r| round_rate(r, system)).collect::<Vec<_>>(),
+                    }),
+                ),
+                _ => (run.rate, json!({})),
+            };
+            details["tasks"] = json!(n);
+            details["seconds"] = json!(run.seconds);
+            details["check"] = run.check.details.clone();
+            details["all_shapes"] = json!(all_shapes(system));
             let mut result = BenchResult::new(
                 "drain",
                 system,
-                format!("{} ({role})", run.shape),
+                format!("{} ({role})", run.shape.label()),
                 "drain_rate",
-                run.rate,
+                value,
                 "tasks/s",
             )
             .ok(system_ok(system))
-            .details(json!({
-                "tasks": n, "seconds": run.seconds, "check": run.check.details,
-                "all_shapes": all_shapes(system),
-            }));
+            .details(details);
             if system == "sluice" {
-                result.vs_naive = naive.and_then(|b| ratio(run.rate, b.rate));
-                result.vs_batched = batched.and_then(|b| ratio(run.rate, b.rate));
+                match role {
+                    "best" => {
+                        result.vs_naive = best_ratio("naive");
+                        result.vs_batched = best_ratio("batched");
+                    }
+                    _ => {
+                        result.vs_naive = default("naive").and_then(|b| ratio(run.rate, b.rate));
+                        result.vs_batched =
+                            default("batched").and_then(|b| ratio(run.rate, b.rate));
+                    }
+                }
             }
             report.add(result)?;
         }
