@@ -31,10 +31,12 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(100);
 /// `QueueState::sweep`); running attempts memory lacks are loaded as the sweep meets them, and
 /// long-stopped workers are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// Rows compared per tick while a sweep is under way (about 2 µs each), and the longest wait
-/// between its ticks: 1,000,000 queued tasks are swept in about 4 s at a few % of a core.
-const SWEEP_ROWS_PER_TICK: usize = 5_000;
-const SWEEP_TICK: Duration = Duration::from_millis(20);
+/// Rows compared per slice while a sweep is under way (about 3.5 µs each), and the longest
+/// wait between slices: 1,000,000 queued tasks are swept in about 15 s at a few % of a core.
+/// A slice holds up the scheduler for ~4 ms; slices of 5,000 (~17 ms) made a pickup that
+/// arrived during one wait that long (p99 13-18 ms with 500,000 tasks queued).
+const SWEEP_ROWS_PER_TICK: usize = 1_000;
+const SWEEP_TICK: Duration = Duration::from_millis(10);
 /// Finished tasks past their retention are deleted at most this often, this many per status
 /// per call (about 5 ms per 1,000); a full batch is followed by another one with the next
 /// maintenance, so a backlog goes at up to 50,000 per second per status.
@@ -155,6 +157,13 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
             let mut this = this;
             Spi::connect_mut(|client| this.tick(client))
         });
+        if matches!(outcome, Tick::Ran { .. }) && scheduler.housekeeping_due() {
+            let this = std::panic::AssertUnwindSafe(&mut scheduler);
+            BackgroundWorker::transaction(move || {
+                let mut this = this;
+                Spi::connect_mut(|client| this.housekeeping(client))
+            });
+        }
         sleep = match outcome {
             Tick::Ran { next_due, assigned } => {
                 stats.record(started.elapsed(), assigned, &mut scheduler);
@@ -285,6 +294,8 @@ struct Scheduler {
     last_purge: Instant,
     /// The last purge deleted a full batch: more are due.
     purge_again: bool,
+    /// A maintenance tick found a purge due: the housekeeping after it runs one.
+    purge_due: bool,
     /// Where the next purge starts, per status (succeeded, failed, cancelled) of tasks, then
     /// of workflow runs: finish times before were purged (back to the start with each sweep,
     /// for rows skipped as locked).
@@ -540,6 +551,7 @@ impl Scheduler {
             swept_out: 0,
             last_purge: Instant::now(),
             purge_again: false,
+            purge_due: false,
             purge_after: [i64::MIN; 6],
             purged: 0,
             timers_due: None,
@@ -658,11 +670,7 @@ impl Scheduler {
             }
             self.last_maintenance = Some(Instant::now());
             if self.purge_again || self.last_purge.elapsed() >= PURGE_INTERVAL {
-                let (purged, more) = purge_finished(client, &mut self.purge_after);
-                purge_history(client);
-                self.purge_again = more;
-                self.purged += purged;
-                self.last_purge = Instant::now();
+                self.purge_due = true;
             }
             // Windows of dynamic keys (one per user, say) are dropped once nothing counts.
             self.limits.forget_idle(now);
@@ -691,11 +699,6 @@ impl Scheduler {
             let taken = advance_runs(client, statements);
             self.advance_again = taken > 0;
             soon |= taken >= ADVANCE_PER_TICK;
-        }
-        if let Some(from) = self.sweep_from {
-            let (next, gone) = sweep(client, statements, &self.definitions, &mut self.queue, from);
-            self.sweep_from = next;
-            self.swept_out += gone;
         }
         let victims = self.queue.concurrency_victims();
         if !victims.is_empty() {
@@ -799,6 +802,34 @@ impl Scheduler {
 }
 
 impl Scheduler {
+    /// Whether `housekeeping` has work: a retention purge or a slice of the sweep.
+    fn housekeeping_due(&self) -> bool {
+        self.purge_due || self.sweep_from.is_some()
+    }
+
+    /// The work no assignment waits for, in its own transaction after the tick's: a tick's
+    /// notifications go out at its commit, so a purge batch or a sweep slice in the tick
+    /// (10-30 ms each at full size) delayed the pickup of whatever arrived meanwhile.
+    /// Neither changes what the tick decided: the purge deletes finished tasks, and the sweep
+    /// only corrects memory against the table (tasks this tick posted are still queued rows,
+    /// which it leaves to their workers, as it does posts of earlier ticks).
+    fn housekeeping(&mut self, client: &mut SpiClient<'_>) {
+        if self.purge_due {
+            self.purge_due = false;
+            let (purged, more) = purge_finished(client, &mut self.purge_after);
+            purge_history(client);
+            self.purge_again = more;
+            self.purged += purged;
+            self.last_purge = Instant::now();
+        }
+        if let Some(from) = self.sweep_from {
+            let statements = self.statements.as_ref().expect("prepared by the tick");
+            let (next, gone) = sweep(client, statements, &self.definitions, &mut self.queue, from);
+            self.sweep_from = next;
+            self.swept_out += gone;
+        }
+    }
+
     fn reload_definitions(&mut self, client: &mut SpiClient<'_>) {
         let statements = self.statements.as_ref().expect("prepared before use");
         self.definitions = load_definitions(client, statements);

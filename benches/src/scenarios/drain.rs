@@ -89,7 +89,11 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         .map(|&(workers, slots)| Shape::Sluice(workers, slots))
         .collect();
     for kind in [Baseline::Naive, Baseline::Batched] {
-        shapes.extend(BASELINE_CONNECTIONS.iter().map(|&c| Shape::Baseline(kind, c)));
+        shapes.extend(
+            BASELINE_CONNECTIONS
+                .iter()
+                .map(|&c| Shape::Baseline(kind, c)),
+        );
     }
     let mut runs = Vec::new();
     for shape in shapes {
@@ -104,7 +108,10 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let mut rounds = vec![best_shapes
         .iter()
         .map(|shape| {
-            let run = runs.iter().find(|r| r.shape == *shape).expect("a swept shape");
+            let run = runs
+                .iter()
+                .find(|r| r.shape == *shape)
+                .expect("a swept shape");
             (shape.system(), run.rate)
         })
         .collect::<Vec<_>>()];
