@@ -319,7 +319,9 @@ pub async fn enqueue<T: TaskDefinition>(
 ) -> Result<i64, Error> {
     let input = enqueue_input::<T>(input)?;
     let name = T::name();
-    let params = enqueue_params(&name, &input, options);
+    let values = enqueue_values(&name, &input, options);
+    let params: [(&(dyn ToSql + Sync), Type); 5] =
+        std::array::from_fn(|i| (values[i], ENQUEUE_TYPES[i].clone()));
     let row = client
         .query_typed_one(ENQUEUE_SQL, &params)
         .await
@@ -341,20 +343,19 @@ fn enqueue_input<T: TaskDefinition>(input: &T::Input) -> Result<serde_json::Valu
         .map_err(|e| Error::json(format!("serializing the input of \"{}\"", T::name()), e))
 }
 
-fn enqueue_params<'a>(
+/// The enqueue's parameters, in the order of `ENQUEUE_SQL` and `ENQUEUE_TYPES`.
+fn enqueue_values<'a>(
     name: &'a &'a str,
     input: &'a serde_json::Value,
     options: &'a EnqueueOptions,
-) -> [(&'a (dyn ToSql + Sync), Type); 5] {
-    let values: [&(dyn ToSql + Sync); 5] = [
+) -> [&'a (dyn ToSql + Sync); 5] {
+    [
         name,
         input,
         &options.run_at,
         &options.priority,
         &options.idempotency_key,
-    ];
-    let mut types = ENQUEUE_TYPES.into_iter();
-    values.map(|value| (value, types.next().expect("one type per parameter")))
+    ]
 }
 
 fn enqueued_id(row: &tokio_postgres::Row) -> Result<i64, Error> {
@@ -413,10 +414,8 @@ impl PreparedEnqueue {
     ) -> Result<i64, Error> {
         let input = enqueue_input::<T>(input)?;
         let name = T::name();
-        let params = enqueue_params(&name, &input, options);
-        let values: [&(dyn ToSql + Sync); 5] = params.map(|(value, _)| value);
         let row = client
-            .query_one(&self.statement, &values)
+            .query_one(&self.statement, &enqueue_values(&name, &input, options))
             .await
             .map_err(|e| Error::postgres(format!("enqueuing \"{name}\" failed"), e))?;
         enqueued_id(&row)
