@@ -89,9 +89,10 @@ CREATE TABLE sluice.task_run (
     parent_id         bigint,
     child_key         text,
     -- When the current or last attempt of a rate-limited task started (NULL for tasks without
-    -- rate limits): the starts the limits count. Apart from assigned_at so that claiming a task
-    -- without rate limits changes no indexed column (see the indexes below). Kept when an
-    -- attempt ends: its start still counts in the window.
+    -- rate limits): the starts the limits count. Kept when an attempt ends: its start still
+    -- counts in the window. Not indexed, so that a rate-limited claim is HOT too: a start in
+    -- the last window belongs to an unfinished task or to one finished since, and those two
+    -- indexes find them (see the rate_limits view).
     rate_limited_at   timestamptz,
     -- finished_at is set exactly when the task reached its final status; the indexes rely on it
     CONSTRAINT task_run_finished_at_check
@@ -109,8 +110,9 @@ CREATE TABLE sluice.task_run (
 );
 
 -- Indexes are few, and none mentions `status`, `attempt`, `worker_id`, `assigned_at`,
--- `picked_at` or `timeout_at`: a claim (queued -> running) changes only those, so it is a HOT
--- update that writes no index entry at all, in the page fillfactor keeps room on. Completion
+-- `picked_at`, `timeout_at` or `rate_limited_at`: a claim (queued -> running) changes only
+-- those, so it is a HOT update that writes no index entry at all, in the page fillfactor
+-- keeps room on. Completion
 -- sets `finished_at` and costs one entry in the primary key and one in the retention index.
 -- (Partial indexes on `status` cost a claim two index writes and made it non-HOT, a fifth of
 -- the drain's time.) Running tasks by worker have no index: the scheduler knows them from
@@ -123,10 +125,6 @@ CREATE TABLE sluice.task_run (
 -- last read (queued ones; running ones are passed over on the heap: at most one per slot),
 -- and keeps the runnable queue in memory; also the next delayed task.
 CREATE INDEX task_run_unfinished_idx ON sluice.task_run (run_at, id) WHERE finished_at IS NULL;
--- Rate-limited starts by time: a restarted scheduler rebuilds its windows from the starts of
--- the last window, and the sluice.rate_limits view counts them.
-CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (rate_limited_at)
-    WHERE rate_limited_at IS NOT NULL;
 -- Finished tasks by age: the scheduler deletes those past their retention
 -- (sluice.succeeded_task_retention, sluice.failed_task_retention), oldest first.
 CREATE INDEX task_run_finished_idx ON sluice.task_run (finished_at)
@@ -276,11 +274,19 @@ WITH dynamic_spec AS (
                             (SELECT max(ds.per) FROM dynamic_spec ds),
                             interval '0') AS since
 ), started AS (
+    -- A start since the horizon is an unfinished task's, or a task's that finished after it:
+    -- read through those two indexes (rate_limited_at has none, see sluice.task_run).
     SELECT u.key, u.units, u.pos, t.task_name, t.rate_limited_at AS started_at
-      FROM sluice.task_run t
+      FROM (SELECT r.task_name, r.rate_limit_keys, r.rate_limit_units, r.rate_limited_at
+              FROM sluice.task_run r
+             WHERE r.finished_at IS NULL AND r.rate_limited_at > (SELECT since FROM horizon)
+            UNION ALL
+            SELECT r.task_name, r.rate_limit_keys, r.rate_limit_units, r.rate_limited_at
+              FROM sluice.task_run r
+             WHERE r.finished_at > (SELECT since FROM horizon)
+               AND r.rate_limited_at > (SELECT since FROM horizon)) t
      CROSS JOIN LATERAL unnest(t.rate_limit_keys, t.rate_limit_units)
            WITH ORDINALITY AS u(key, units, pos)
-     WHERE t.rate_limited_at > (SELECT since FROM horizon)
 ), per_key AS (
     SELECT l.key, 'static' AS kind, l.max_units, l.per, s.units, s.started_at
       FROM sluice.rate_limit l

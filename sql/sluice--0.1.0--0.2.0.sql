@@ -77,8 +77,6 @@ ALTER TABLE sluice.task_run
     ADD COLUMN rate_limited_at timestamptz;
 CREATE UNIQUE INDEX task_run_child_idx ON sluice.task_run (parent_id, child_key)
     WHERE parent_id IS NOT NULL;
-CREATE INDEX task_run_rate_limited_idx ON sluice.task_run (rate_limited_at)
-    WHERE rate_limited_at IS NOT NULL;
 -- sluice.tasks gains the workflow and parent columns (at the end: replaced in place).
 CREATE OR REPLACE VIEW sluice.tasks AS
 SELECT t.id,
@@ -157,11 +155,19 @@ WITH dynamic_spec AS (
                             (SELECT max(ds.per) FROM dynamic_spec ds),
                             interval '0') AS since
 ), started AS (
+    -- A start since the horizon is an unfinished task's, or a task's that finished after it:
+    -- read through those two indexes (rate_limited_at has none, see sluice.task_run).
     SELECT u.key, u.units, u.pos, t.task_name, t.rate_limited_at AS started_at
-      FROM sluice.task_run t
+      FROM (SELECT r.task_name, r.rate_limit_keys, r.rate_limit_units, r.rate_limited_at
+              FROM sluice.task_run r
+             WHERE r.finished_at IS NULL AND r.rate_limited_at > (SELECT since FROM horizon)
+            UNION ALL
+            SELECT r.task_name, r.rate_limit_keys, r.rate_limit_units, r.rate_limited_at
+              FROM sluice.task_run r
+             WHERE r.finished_at > (SELECT since FROM horizon)
+               AND r.rate_limited_at > (SELECT since FROM horizon)) t
      CROSS JOIN LATERAL unnest(t.rate_limit_keys, t.rate_limit_units)
            WITH ORDINALITY AS u(key, units, pos)
-     WHERE t.rate_limited_at > (SELECT since FROM horizon)
 ), per_key AS (
     SELECT l.key, 'static' AS kind, l.max_units, l.per, s.units, s.started_at
       FROM sluice.rate_limit l

@@ -988,6 +988,9 @@ fn parse_desired_labels(json: &str) -> Vec<DesiredLabel> {
 /// Counts the rate-limited starts (claims) of the last window, so a restarted scheduler does
 /// not admit a whole window's worth again. An attempt that was retried since counts only its
 /// latest start, and an unclaimed assignment of the previous scheduler never started.
+/// `rate_limited_at` has no index (a claim stays HOT): a start within the window belongs to an
+/// unfinished task or to one that finished after it, which the two indexes on `finished_at`
+/// find; this reads every unfinished task, as `load_running` does anyway.
 fn rebuild_rate_windows(
     client: &mut SpiClient<'_>,
     definitions: &Definitions,
@@ -1001,7 +1004,13 @@ fn rebuild_rate_windows(
         .update(
             "SELECT t.task_name, t.rate_limit_keys, t.rate_limit_units, t.rate_limited_at
                FROM sluice.task_run t
-              WHERE t.rate_limited_at > now() - make_interval(secs => $1::float8 / 1000000)",
+              WHERE t.finished_at IS NULL
+                AND t.rate_limited_at > now() - make_interval(secs => $1::float8 / 1000000)
+             UNION ALL
+             SELECT t.task_name, t.rate_limit_keys, t.rate_limit_units, t.rate_limited_at
+               FROM sluice.task_run t
+              WHERE t.finished_at > now() - make_interval(secs => $1::float8 / 1000000)
+                AND t.rate_limited_at > now() - make_interval(secs => $1::float8 / 1000000)",
             None,
             &[(window as f64).into()],
         )
