@@ -100,10 +100,16 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         Spi::run("SET jit = off").expect("setting jit failed");
         // The arrival reads walk the arrivals index in (run_at, id) order from the cursor.
         // With statistics that say the table holds one row, the planner preferred the
-        // schedule-deadline index (same predicate; since dropped) plus a sort: every read scanned and sorted
-        // every queued task, 70 ms per tick at 100,000 queued. Without sorts on offer, the
-        // ordered index is the only cheap plan.
+        // schedule-deadline index (same predicate; since dropped) plus a sort: every read
+        // scanned and sorted every queued task, 70 ms per tick at 100,000 queued. Without sorts
+        // on offer, the ordered index is the only cheap plan.
         Spi::run("SET enable_sort = off").expect("setting enable_sort failed");
+        // Its prepared statements (and the plpgsql functions it calls) run with parameters, for
+        // which the plan cache makes a custom plan on every execution while it judges the
+        // generic one costlier: planning was a quarter of the scheduler's CPU with one worker
+        // of ten slots. The settings above leave one sensible plan per statement, so plan once.
+        Spi::run("SET plan_cache_mode = force_generic_plan")
+            .expect("setting plan_cache_mode failed");
     });
     // Assignments posted by a previous scheduler are forgotten with its memory: their rows are
     // still queued and are read again.
