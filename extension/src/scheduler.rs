@@ -281,6 +281,8 @@ enum Tick {
 
 struct Scheduler {
     queue: QueueState,
+    /// The live workers with their full slot counts, as last read (see `tick`).
+    workers: Option<Vec<WorkerCapacity>>,
     /// Prepared once the extension is installed at the library's version (see `Statements`).
     statements: Option<Statements>,
     /// Running attempts must be (re)loaded from the table: at start.
@@ -566,6 +568,7 @@ impl Scheduler {
             no_free_slot: false,
             definitions: Definitions::default(),
             config_generation: u64::MAX,
+            workers: None,
             limits: RateLimits::default(),
             limits_rebuilt: false,
         }
@@ -585,10 +588,12 @@ impl Scheduler {
             match installed_version(client, self.statements.as_ref()) {
                 None => {
                     self.statements = None;
+                    self.workers = None;
                     return Tick::NotInstalled;
                 }
                 Some(v) if v != LIBRARY_VERSION => {
                     self.statements = None;
+                    self.workers = None;
                     return Tick::VersionMismatch(v);
                 }
                 Some(_) => {}
@@ -630,11 +635,20 @@ impl Scheduler {
                 )
                 .expect("sluice._stop_lost_workers failed");
         }
-        let workers = load_workers(client, statements);
-        // Every change through the API (define_task, set_rate_limit, a deleted definition)
-        // bumps the generation at commit; the periodic sweep also catches direct table edits.
+        // Every change through the API (define_task, set_rate_limit, a deleted definition,
+        // register_worker, deregister_worker, set_worker_labels) bumps the generation at commit;
+        // the periodic sweep also catches direct table edits. Read before the tables, so that
+        // a change committed in between is read again next tick.
         let generation = wake::config_generation();
-        if purge_workers || generation != self.config_generation {
+        let config_changed = purge_workers || generation != self.config_generation;
+        // The live workers are kept from tick to tick: the only other change, workers stopped
+        // for a lost session or heartbeat, is made by `_stop_lost_workers` in a maintenance
+        // tick, which reloads them. Reading them was a third of an arrival tick's executor work.
+        if maintain || config_changed || self.workers.is_none() {
+            self.workers = Some(load_workers(client, statements));
+        }
+        let workers = self.workers.clone().unwrap_or_default();
+        if config_changed {
             self.config_generation = generation;
             self.reload_definitions(client);
             // schedule_cron and scheduled runs signal through the same generation
