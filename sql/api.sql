@@ -7,6 +7,13 @@
 --                              earliest run_at of tasks this transaction made queued, so the
 --                              scheduler rereads from there; errors with SQLSTATE 55000 when
 --                              the library is not in shared_preload_libraries.
+--   sluice._plain_enqueue_defaults(task)
+--                              {priority, months, days, microseconds} of the priority and
+--                              schedule timeout of a definition without flow control, cached
+--                              per session; NULL otherwise
+--   sluice._definitions_changed()
+--                              definitions changed in this transaction: refresh the cached ones
+--                              at commit (never an error)
 --   sluice._attempts_ended(task_ids, attempts)
 --                              tell the scheduler at commit that these attempts ended
 --   sluice._take_assigned(worker_id, max_tasks)
@@ -373,17 +380,21 @@ DECLARE
     start_at timestamptz := coalesce(run_at, now());
     new_id   bigint;
     flow     record;
+    plain    bigint[];
 BEGIN
     -- The common case in one statement (each statement of a plpgsql function costs an executor
-    -- start): no idempotency key, no flow control, a non-NULL input.
+    -- start): no idempotency key, no flow control, a non-NULL input. The definition's priority
+    -- and schedule timeout come from a per-backend cache ({priority, months, days,
+    -- microseconds}, see extension/src/definition_cache.rs): a join with task_definition was a
+    -- quarter of the call, and with a few hundred definitions a sequential scan of them all.
     IF idempotency_key IS NULL AND input IS NOT NULL THEN
-        INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
-        SELECT d.name, coalesce(enqueue.priority, d.priority), input, start_at,
-               start_at + d.schedule_timeout
-          FROM sluice.task_definition d
-         WHERE d.name = task AND d.concurrency_key IS NULL AND d.rate_limits = '[]'
-        RETURNING id INTO new_id;
-        IF new_id IS NOT NULL THEN
+        plain := sluice._plain_enqueue_defaults(task);
+        IF plain IS NOT NULL THEN
+            INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+            VALUES (task, coalesce(enqueue.priority, plain[1]::int), input, start_at,
+                    start_at + make_interval(months => plain[2]::int, days => plain[3]::int)
+                             + plain[4] * interval '1 microsecond')
+            RETURNING id INTO new_id;
             PERFORM sluice._wake_scheduler(start_at);
             RETURN new_id;
         END IF;
@@ -1168,3 +1179,18 @@ CREATE OR REPLACE TRIGGER fail_tasks_of_deleted_definitions
     AFTER DELETE ON sluice.task_definition
     REFERENCING OLD TABLE AS deleted
     FOR EACH STATEMENT EXECUTE FUNCTION sluice._fail_tasks_of_deleted_definitions();
+
+-- Definitions edited directly (not through define_task) reach the scheduler and every session's
+-- cache of them (sluice.enqueue) at commit, as the API's changes do. Never an error: a restore
+-- of the table's rows needs no scheduler.
+CREATE OR REPLACE FUNCTION sluice._definitions_edited() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._definitions_changed();
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER definitions_edited
+    AFTER INSERT OR UPDATE OR TRUNCATE ON sluice.task_definition
+    FOR EACH STATEMENT EXECUTE FUNCTION sluice._definitions_edited();

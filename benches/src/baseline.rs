@@ -43,7 +43,7 @@ impl Baseline {
         }
     }
 
-    fn claim_sql(self) -> String {
+    pub fn claim_sql(self) -> String {
         match self {
             Baseline::Naive => format!(
                 "UPDATE {TABLE} SET status = 'running'
@@ -60,7 +60,7 @@ impl Baseline {
         }
     }
 
-    fn complete_sql(self) -> String {
+    pub fn complete_sql(self) -> String {
         match self {
             Baseline::Naive => {
                 format!("UPDATE {TABLE} SET status = 'done', finished_at = now() WHERE id = $1")

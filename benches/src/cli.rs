@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 pub const USAGE: &str = "usage: sluice-bench [--scenario NAME]... [--quick] [--dsn DSN] [--out PATH]
 
-  --scenario NAME  drain | enqueue | pickup | depth | churn | idle | flow | workflow (repeatable; default: all)
+  --scenario NAME  drain | enqueue | pickup | depth | churn | idle | flow | workflow | rowcost
+                   (repeatable; default: all)
   --quick          task counts ~20x smaller and 5 s idle: for development, not for results
   --dsn DSN        default: $SLUICE_TEST_DSN or host=127.0.0.1 port=28815 user=postgres dbname=sluice
   --out PATH       JSON lines, overwritten per invocation; default: target/bench/results.jsonl";
@@ -21,10 +22,11 @@ pub enum Scenario {
     Idle,
     Flow,
     Workflow,
+    Rowcost,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Drain,
         Scenario::Enqueue,
         Scenario::Pickup,
@@ -33,6 +35,7 @@ impl Scenario {
         Scenario::Idle,
         Scenario::Flow,
         Scenario::Workflow,
+        Scenario::Rowcost,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Flow => "flow",
             Scenario::Workflow => "workflow",
+            Scenario::Rowcost => "rowcost",
         }
     }
 

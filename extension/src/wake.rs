@@ -207,6 +207,11 @@ pub fn outcomes_generation() -> u64 {
     OUTCOMES_GENERATION.get().load(Ordering::SeqCst)
 }
 
+/// Whether the library was preloaded (shared memory and the scheduler exist).
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
 /// Changes committed so far (compare with the value at the last reload).
 pub fn config_generation() -> u64 {
     if !PRELOADED.load(Ordering::Relaxed) {
@@ -441,6 +446,16 @@ unsafe extern "C-unwind" fn on_xact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE
+    ) {
+        crate::definition_cache::transaction_ended();
+    }
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Clear the request first, whatever happens next: it belongs to this transaction.

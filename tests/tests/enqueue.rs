@@ -346,3 +346,132 @@ async fn concurrent_enqueues_with_one_idempotency_key_make_one_task() {
         .get(0);
     assert_eq!(rows, 1, "one task for one key");
 }
+
+/// The priority and schedule timeout a plain enqueue stores, read back from the task.
+async fn enqueued_defaults(client: &tokio_postgres::Client, task: &str) -> (i32, String) {
+    let id: i64 = client
+        .query_one("SELECT sluice.enqueue($1)", &[&task])
+        .await
+        .expect("enqueue")
+        .get(0);
+    let row = client
+        .query_one(
+            "SELECT priority, (schedule_deadline - run_at)::text FROM sluice.task_run
+              WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("the enqueued task");
+    (row.get(0), row.get(1))
+}
+
+/// sluice.enqueue keeps each session's view of a definition in memory: every way of changing
+/// one reaches every session at commit, a change rolled back leaves nothing behind, and a
+/// session that changes it sees its own change at once.
+#[tokio::test]
+async fn every_definition_change_reaches_every_sessions_enqueue() {
+    let dsn = shared_dsn();
+    let (a, b) = (connect(&dsn).await, connect(&dsn).await);
+    let task = define_unique_task(&a, "defcache", ", priority => 3").await;
+    // Many definitions, as an install with a few hundred task names has.
+    let fillers = unique("defcache_filler");
+    b.execute(
+        "INSERT INTO sluice.task_definition (name) SELECT $1 || g FROM generate_series(1, 300) g",
+        &[&fillers],
+    )
+    .await
+    .expect("filler definitions");
+    assert_eq!(enqueued_defaults(&a, &task).await, (3, "00:05:00".into()));
+
+    // define_task in another session.
+    b.execute(
+        "SELECT sluice.define_task($1, priority => 4, schedule_timeout => '1 day 00:00:00.000007')",
+        &[&task],
+    )
+    .await
+    .expect("define_task");
+    assert_eq!(
+        enqueued_defaults(&a, &task).await,
+        (4, "1 day 00:00:00.000007".into()),
+        "define_task in another session"
+    );
+
+    // A direct UPDATE of the table in another session.
+    b.execute(
+        "UPDATE sluice.task_definition SET priority = 6 WHERE name = $1",
+        &[&task],
+    )
+    .await
+    .expect("update");
+    assert_eq!(enqueued_defaults(&a, &task).await.0, 6, "direct UPDATE");
+
+    // A change this session makes applies to its own enqueues at once, and a rollback undoes it
+    // for them too.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute(
+        "SELECT sluice.define_task($1, priority => 7, schedule_timeout => '20 minutes')",
+        &[&task],
+    )
+    .await
+    .expect("define_task in a transaction");
+    assert_eq!(
+        enqueued_defaults(&a, &task).await,
+        (7, "00:20:00".into()),
+        "own uncommitted change"
+    );
+    a.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        enqueued_defaults(&a, &task).await,
+        (6, "1 day 00:00:00.000007".into()),
+        "after the rollback"
+    );
+
+    // A definition that gains flow control takes the general path: the key is evaluated.
+    b.execute(
+        "SELECT sluice.define_task($1, priority => 6, concurrency_key => '$.k', max_runs => 1)",
+        &[&task],
+    )
+    .await
+    .expect("define_task with a key");
+    let id: i64 = a
+        .query_one("SELECT sluice.enqueue($1, '{\"k\": \"x\"}')", &[&task])
+        .await
+        .expect("enqueue with a key")
+        .get(0);
+    let key: Option<String> = a
+        .query_one(
+            "SELECT concurrency_key FROM sluice.task_run WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("the task")
+        .get(0);
+    assert_eq!(
+        key.as_deref(),
+        Some("x"),
+        "a definition with flow control evaluates its key"
+    );
+
+    // A deleted definition: enqueue fails with 42704 in every session.
+    b.execute(
+        "DELETE FROM sluice.task_definition WHERE name = $1",
+        &[&task],
+    )
+    .await
+    .expect("delete");
+    let err = a
+        .query_one("SELECT sluice.enqueue($1)", &[&task])
+        .await
+        .expect_err("enqueue of a deleted definition");
+    assert_eq!(
+        err.code().map(|c| c.code()),
+        Some("42704"),
+        "unknown task: {err}"
+    );
+    b.execute(
+        "DELETE FROM sluice.task_definition WHERE name LIKE $1 || '%'",
+        &[&fillers],
+    )
+    .await
+    .expect("filler cleanup");
+}

@@ -8,6 +8,7 @@ mod enqueue;
 mod flow;
 mod idle;
 mod pickup;
+mod rowcost;
 mod workflow;
 
 use std::time::Duration;
@@ -57,6 +58,7 @@ pub async fn run(scenario: Scenario, ctx: &Ctx, report: &mut Report) -> Result<(
         Scenario::Idle => idle::run(ctx, report).await,
         Scenario::Flow => flow::run(ctx, report).await,
         Scenario::Workflow => workflow::run(ctx, report).await,
+        Scenario::Rowcost => rowcost::run(ctx, report).await,
     }
 }
 
