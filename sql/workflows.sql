@@ -695,8 +695,11 @@ BEGIN
 END
 $$;
 
+-- OF finished_at, not status: every statement that makes a task final sets finished_at (the
+-- table's check constraint), and a claim, which changes status but not finished_at, then
+-- skips this trigger without preparing its WHEN clause (a tenth of a one-task fetch).
 CREATE TRIGGER task_run_step_finished
-    AFTER UPDATE OF status ON sluice.task_run
+    AFTER UPDATE OF finished_at ON sluice.task_run
     FOR EACH ROW
     WHEN (NEW.run_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
           AND NEW.status IN ('succeeded', 'failed', 'cancelled'))
