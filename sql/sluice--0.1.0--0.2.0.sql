@@ -21,7 +21,7 @@ DROP INDEX sluice.task_run_run_at_idx;
 DROP INDEX sluice.task_run_worker_idx;
 DROP INDEX sluice.task_run_idempotency_idx;
 ALTER TABLE sluice.task_run ADD CONSTRAINT task_run_finished_at_check
-    CHECK ((finished_at IS NULL) = (status IN ('queued', 'running')));
+    CHECK ((finished_at IS NULL) = (status < 'succeeded'));
 CREATE INDEX task_run_unfinished_idx ON sluice.task_run (run_at, id) WHERE finished_at IS NULL;
 -- Retention: the scheduler deletes finished tasks past sluice.*_task_retention.
 CREATE INDEX task_run_finished_idx ON sluice.task_run (finished_at)
