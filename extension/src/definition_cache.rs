@@ -7,9 +7,9 @@
 //! timeout from here.
 //!
 //! Entries are valid for one configuration generation (`crate::wake::config_generation`): every
-//! change of `task_definition` bumps it when its transaction commits (the API functions and a
-//! statement trigger for direct edits call `sluice._config_changed`), after the change became
-//! visible and before its client hears of the commit. Reading the generation before the
+//! change of `task_definition` bumps it when its transaction commits (the API functions call
+//! `sluice._config_changed`, a statement trigger for direct edits `sluice._definitions_changed`),
+//! after the change became visible and before its client hears of the commit. Reading the generation before the
 //! definition (a new snapshot in READ COMMITTED) therefore never caches a value older than its
 //! generation. What is not cached:
 //!   - in a transaction that changed definitions itself (it may still roll back): until it

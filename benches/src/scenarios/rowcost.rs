@@ -45,12 +45,20 @@ struct Costs {
     ok: bool,
 }
 
+/// The statements measured, each against its baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Statement {
+    Claim,
+    Complete,
+    Enqueue,
+}
+
 impl Costs {
-    fn of(&self, statement: &str) -> f64 {
+    fn of(&self, statement: Statement) -> f64 {
         match statement {
-            "claim" => self.claim_us,
-            "complete" => self.complete_us,
-            _ => self.enqueue_us,
+            Statement::Claim => self.claim_us,
+            Statement::Complete => self.complete_us,
+            Statement::Enqueue => self.enqueue_us,
         }
     }
 }
@@ -97,19 +105,19 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let ok = sluice_rounds.iter().chain(&batched_rounds).all(|c| c.ok);
     for (statement, metric, sluice_shape, baseline_shape) in [
         (
-            "claim",
+            Statement::Claim,
             "claim_us_per_task",
             "fetch_tasks, 100 per call",
             "batched claim, 100 per statement",
         ),
         (
-            "complete",
+            Statement::Complete,
             "complete_us_per_task",
             "complete_many, 100 per call",
             "batched completion, 100 per statement",
         ),
         (
-            "enqueue",
+            Statement::Enqueue,
             "enqueue_us_per_task",
             "PreparedEnqueue, 1 per commit",
             "INSERT, 1 row per commit",
@@ -119,30 +127,19 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         let base = median(batched_rounds.iter().map(|c| c.of(statement)));
         // Sluice ÷ baseline: for a cost, lower is better. The enqueue's baseline is the bare
         // INSERT (vs_insert), the others the batched baseline.
+        let enqueue = statement == Statement::Enqueue;
         let mut sluice_result =
             BenchResult::new("rowcost", "sluice", sluice_shape, metric, sluice, "us")
                 .details(json!({ "tasks": tasks, "enqueues": enqueues, "rounds": rounds }))
                 .ok(ok);
-        let mut base_result = BenchResult::new(
-            "rowcost",
-            if statement == "enqueue" {
-                "insert"
-            } else {
-                "batched"
-            },
-            baseline_shape,
-            metric,
-            base,
-            "us",
-        )
-        .ok(ok);
-        if statement == "enqueue" {
+        if enqueue {
             sluice_result.vs_insert = ratio(sluice, base);
-            base_result.vs_insert = Some(1.0);
         } else {
             sluice_result.vs_batched = ratio(sluice, base);
-            base_result.vs_batched = Some(1.0);
         }
+        let baseline = if enqueue { "insert" } else { "batched" };
+        let base_result =
+            BenchResult::new("rowcost", baseline, baseline_shape, metric, base, "us").ok(ok);
         report.add(sluice_result)?;
         report.add(base_result)?;
     }
