@@ -701,7 +701,8 @@ $$;
 CREATE OR REPLACE FUNCTION sluice.heartbeat(worker_id bigint, task_ids bigint[] DEFAULT '{}',
                                  attempts int[] DEFAULT '{}')
 RETURNS SETOF bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     PERFORM sluice._live_worker(worker_id);
     IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts) THEN
@@ -747,7 +748,8 @@ $$;
 
 CREATE OR REPLACE FUNCTION sluice._claim_assigned(worker_id bigint, max_tasks int)
 RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     ids      bigint[];
@@ -786,7 +788,8 @@ $$;
 CREATE OR REPLACE FUNCTION sluice.complete_many(worker_id bigint, task_ids bigint[], attempts int[],
                                      outputs jsonb[])
 RETURNS SETOF bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     done_ids      bigint[];
     done_attempts int[];
@@ -833,7 +836,8 @@ $$;
 CREATE OR REPLACE FUNCTION sluice.fail_many(worker_id bigint, task_ids bigint[], attempts int[],
                                  errors text[], retryable boolean[] DEFAULT NULL)
 RETURNS SETOF bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t    sluice.task_run;
     f    record;

@@ -116,8 +116,8 @@ CREATE TABLE sluice.task_run (
 -- Indexes are few, and none mentions `status`, `attempt`, `worker_id`, `assigned_at`,
 -- `picked_at`, `timeout_at` or `rate_limited_at`: a claim (queued -> running) changes only
 -- those, so it is a HOT update that writes no index entry at all, in the page fillfactor
--- keeps room on. Completion
--- sets `finished_at` and costs one entry in the primary key and one in the retention index.
+-- keeps room on. Completion sets `finished_at` and costs one entry in the primary key and one
+-- in the retention index.
 -- (Partial indexes on `status` cost a claim two index writes and made it non-HOT, a fifth of
 -- the drain's time.) Running tasks by worker have no index: the scheduler knows them from
 -- memory (it posted them), and reads them from the table only when it starts and as it
