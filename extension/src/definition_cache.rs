@@ -18,9 +18,13 @@
 //!   - without the preloaded library (there is no generation to check; enqueue then fails
 //!     anyway);
 //!   - names without a definition.
+//! A change committed with two-phase commit bumps no generation (its flags end at PREPARE, and
+//! COMMIT PREPARED may run in any session), so the whole cache is also dropped once it is a
+//! minute old, as the scheduler rereads definitions with its sweep every minute.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
@@ -29,6 +33,8 @@ use crate::wake;
 
 /// Entries kept at most; past it the cache starts over (definitions are normally few).
 const MAX_ENTRIES: usize = 10_000;
+/// The cache starts over at least this often (see the module comment on two-phase commit).
+const MAX_AGE: Duration = Duration::from_secs(60);
 
 /// A definition's part in a plain enqueue, or `None` when its tasks need flow control
 /// (a concurrency key or rate limits) and take the general path.
@@ -40,12 +46,17 @@ pub struct PlainDefaults {
 
 struct Cache {
     generation: u64,
+    started: Option<Instant>,
     entries: HashMap<String, Option<PlainDefaults>>,
 }
 
 thread_local! {
     // A backend is single-threaded; thread_local keeps this out of shared memory.
-    static CACHE: RefCell<Cache> = RefCell::new(Cache { generation: u64::MAX, entries: HashMap::new() });
+    static CACHE: RefCell<Cache> = RefCell::new(Cache {
+        generation: u64::MAX,
+        started: None,
+        entries: HashMap::new(),
+    });
     static CHANGED_IN_TRANSACTION: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -61,9 +72,11 @@ pub fn plain_defaults(task: &str) -> Option<Option<PlainDefaults>> {
     let generation = wake::config_generation();
     let cached = CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        if cache.generation != generation || cache.entries.len() >= MAX_ENTRIES {
+        let expired = cache.started.is_none_or(|at| at.elapsed() >= MAX_AGE);
+        if cache.generation != generation || expired || cache.entries.len() >= MAX_ENTRIES {
             cache.entries.clear();
             cache.generation = generation;
+            cache.started = Some(Instant::now());
         }
         cache.entries.get(task).copied()
     });
