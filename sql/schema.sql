@@ -279,7 +279,8 @@ WITH dynamic_spec AS (
                             interval '0') AS since
 ), started AS (
     -- A start since the horizon is an unfinished task's, or a task's that finished after it:
-    -- read through those two indexes (rate_limited_at has none, see sluice.task_run).
+    -- read through those two indexes (rate_limited_at has none, see sluice.task_run). Like
+    -- sluice.concurrency, this reads every unfinished task (134 ms with 300,000 queued).
     SELECT u.key, u.units, u.pos, t.task_name, t.rate_limited_at AS started_at
       FROM (SELECT r.task_name, r.rate_limit_keys, r.rate_limit_units, r.rate_limited_at
               FROM sluice.task_run r
