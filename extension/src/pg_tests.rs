@@ -275,3 +275,29 @@ fn events_validate_keys_payloads_and_filters() {
     .unwrap();
     assert_eq!(inputs, ["{\"n\": 1}"]);
 }
+
+/// task_run's check constraint (`status < 'succeeded'` by the enum's order): finished_at is set
+/// exactly for the final statuses, for every status there is.
+#[pg_test]
+fn finished_at_is_set_exactly_for_final_statuses() {
+    Spi::run("SELECT sluice.define_task('t_check')").unwrap();
+    let id = Spi::get_one::<i64>("SELECT sluice.enqueue('t_check')").unwrap().unwrap();
+    let statuses = Spi::get_one::<Vec<String>>(
+        "SELECT array_agg(s::text ORDER BY s) FROM unnest(enum_range(NULL::sluice.task_status)) s",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(statuses, ["queued", "running", "succeeded", "failed", "cancelled"]);
+    for status in &statuses {
+        let finished = status != "queued" && status != "running";
+        let with = outcome(&format!(
+            "UPDATE sluice.task_run SET status = '{status}', finished_at = now() WHERE id = {id}"
+        ));
+        let without = outcome(&format!(
+            "UPDATE sluice.task_run SET status = '{status}', finished_at = NULL WHERE id = {id}"
+        ));
+        let (allowed, refused) = if finished { (with, without) } else { (without, with) };
+        assert_eq!(allowed, "ok", "{status}");
+        assert!(refused.starts_with("23514:"), "{status}: {refused}");
+    }
+}
