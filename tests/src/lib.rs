@@ -437,7 +437,7 @@ impl WorkerProcess {
     /// `exe` is `env!("CARGO_BIN_EXE_test_worker")` from the calling test. The worker serves
     /// `task` with `slots` slots and is named `test_worker-<pid>`.
     pub fn spawn(exe: &str, dsn: &str, task: &str, slots: i32) -> Self {
-        Self::spawn_labelled(exe, dsn, task, slots, &serde_json::json!({}))
+        Self::spawn_with(exe, dsn, task, slots, &serde_json::json!({}), None)
     }
 
     /// Like `spawn`, registering the worker with these labels (a JSON object).
@@ -448,6 +448,22 @@ impl WorkerProcess {
         slots: i32,
         labels: &serde_json::Value,
     ) -> Self {
+        Self::spawn_with(exe, dsn, task, slots, labels, None)
+    }
+
+    /// Like `spawn`, fetching without a notification only this often (500 ms otherwise).
+    pub fn spawn_polling(exe: &str, dsn: &str, task: &str, slots: i32, poll: Duration) -> Self {
+        Self::spawn_with(exe, dsn, task, slots, &serde_json::json!({}), Some(poll))
+    }
+
+    fn spawn_with(
+        exe: &str,
+        dsn: &str,
+        task: &str,
+        slots: i32,
+        labels: &serde_json::Value,
+        poll: Option<Duration>,
+    ) -> Self {
         let dir = target_dir().join("test-workers");
         std::fs::create_dir_all(&dir).expect("creating target/test-workers");
         let pending = dir.join(format!("starting-{}.log", unique_suffix()));
@@ -455,6 +471,10 @@ impl WorkerProcess {
         let child = Command::new(exe)
             .args([dsn, task, &slots.to_string()])
             .env("SLUICE_TEST_WORKER_LABELS", labels.to_string())
+            .env(
+                "SLUICE_TEST_WORKER_POLL_MS",
+                poll.map_or(500, |poll| poll.as_millis()).to_string(),
+            )
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

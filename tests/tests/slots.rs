@@ -107,3 +107,62 @@ async fn a_worker_never_runs_more_tasks_at_once_than_its_slots() {
         "no worker ever used all {SLOTS} slots: {per_worker:?}"
     );
 }
+
+/// The scheduler frees a cancelled attempt's slot at once, while a handler that ignores its
+/// cancellation signal still holds it in the worker: the scheduler can then post more tasks
+/// than the worker's fetch has room for. The one left behind must start as soon as the worker
+/// has a slot for it (not at the next poll, here a minute away), and never beside the two
+/// handlers already running.
+#[tokio::test]
+async fn a_task_posted_beyond_a_lingering_cancelled_handler_starts_once_a_slot_frees() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "slots-linger", "").await;
+    let _worker =
+        WorkerProcess::spawn_polling(WORKER, &shared_dsn(), &task, 2, Duration::from_secs(60));
+    let lingering = enqueue_sql(
+        &client,
+        &task,
+        json!({"sleep_ms": 60000, "linger_after_cancel_ms": 6000}),
+    )
+    .await;
+    let short = enqueue_sql(&client, &task, json!({"sleep_ms": 200})).await;
+    wait_execution(&client, lingering, None).await;
+    assert!(
+        sluice_client::cancel(&client, lingering)
+            .await
+            .expect("cancel"),
+        "the running task can be cancelled"
+    );
+    // Both of the scheduler's slots are free now; the worker still runs the lingering handler.
+    wait_finished(&client, &[short], Duration::from_secs(20)).await;
+    let ids = enqueue_copies(&client, &task, json!({"sleep_ms": 300}), 2).await;
+    wait_finished(&client, &ids, Duration::from_secs(20)).await;
+    assert_eq!(status_summary(&client, &ids).await, "succeeded=2");
+
+    let row = client
+        .query_one(
+            "SELECT (SELECT finished_at FROM sluice_test.execution WHERE task_id = $1),
+                    (SELECT min(finished_at) FROM sluice_test.execution WHERE task_id = ANY($2)),
+                    (SELECT max(started_at) FROM sluice_test.execution WHERE task_id = ANY($2)),
+                    (SELECT count(*) FROM sluice_test.execution WHERE task_id = ANY($2))",
+            &[&lingering, &ids],
+        )
+        .await
+        .expect("reading the executions");
+    let lingering_ended: Option<std::time::SystemTime> = row.get(0);
+    let (first_ended, second_started): (std::time::SystemTime, std::time::SystemTime) =
+        (row.get(1), row.get(2));
+    let runs: i64 = row.get(3);
+    assert_eq!(runs, 2, "each copy ran once");
+    assert!(
+        second_started >= first_ended,
+        "the second copy started before the first ended, beside the lingering handler: \
+         three handlers on two slots"
+    );
+    assert!(
+        lingering_ended.is_none_or(|ended| second_started < ended),
+        "the second copy waited for the lingering handler to end although the first copy's \
+         slot was free"
+    );
+}

@@ -3,6 +3,7 @@
 //! Every execution is logged in `sluice_test.execution` (autocommit, so a killed process leaves
 //! its trace). The input drives the handler:
 //!   {"sleep_ms": n}                      sleep before finishing
+//!   {"linger_after_cancel_ms": n}        cancelled during the sleep, keep running n ms
 //!   {"effect": true}                     write sluice_test.effect and complete in one transaction
 //!   {"pause_before_commit_ms": n}        with effect, on attempt 1 only: after the write, mark the
 //!                                        execution 'paused_before_commit' and pause n ms before
@@ -39,6 +40,9 @@ struct TestTask;
 struct Input {
     #[serde(default)]
     sleep_ms: u64,
+    /// After seeing the cancellation signal during the sleep, keep running this long.
+    #[serde(default)]
+    linger_after_cancel_ms: u64,
     #[serde(default)]
     effect: bool,
     #[serde(default)]
@@ -178,6 +182,7 @@ async fn handle(log: Arc<Log>, ctx: TaskContext, input: Input) -> Result<Output,
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(input.sleep_ms)) => {}
             _ = ctx.cancelled() => {
+                tokio::time::sleep(Duration::from_millis(input.linger_after_cancel_ms)).await;
                 log.execute(
                     "UPDATE sluice_test.execution SET finished_at = clock_timestamp(), outcome = 'cancelled'
                       WHERE task_id = $1 AND attempt = $2 AND worker_pid = $3",
@@ -343,6 +348,10 @@ async fn main() {
         client: Mutex::new(None),
     });
 
+    // How often the worker fetches without a notification (WorkerProcess::spawn_polling).
+    let poll_ms: u64 = std::env::var("SLUICE_TEST_WORKER_POLL_MS")
+        .map(|ms| ms.parse().expect("SLUICE_TEST_WORKER_POLL_MS is a number"))
+        .unwrap_or(500);
     let mut builder = Worker::builder(dsn.clone());
     // Labels for placement tests, a JSON object (set by WorkerProcess::spawn_labelled).
     if let Ok(labels) = std::env::var("SLUICE_TEST_WORKER_LABELS") {
@@ -356,7 +365,7 @@ async fn main() {
         .name(format!("test_worker-{}", std::process::id()))
         .slots(slots)
         .heartbeat_interval(Duration::from_millis(500))
-        .poll_interval(Duration::from_millis(500))
+        .poll_interval(Duration::from_millis(poll_ms))
         .shutdown_timeout(Duration::from_secs(10))
         .task::<TestTask, _, _>(move |ctx, input| handle(log.clone(), ctx, input))
         .build()
