@@ -113,7 +113,14 @@ CONF
         # Task ids would start over while tables outside the extension (the demo's, the tests')
         # kept rows keyed by them: start from a fresh project database instead.
         say "extension SQL changed without a version bump: recreating database \"$DB\""
-        as_postgres "$PG_BIN/dropdb" -h "$SOCK" -p "$PORT" --force --if-exists "$DB"
+        # The scheduler, restarted a second after --force ends it, can connect again before
+        # the drop: try a few times.
+        local tries=0
+        until as_postgres "$PG_BIN/dropdb" -h "$SOCK" -p "$PORT" --force --if-exists "$DB"; do
+            tries=$((tries + 1))
+            ((tries < 5)) || return 1
+            sleep 1
+        done
         as_postgres "$PG_BIN/createdb" -h "$SOCK" -p "$PORT" "$DB"
         rm -f "$CLUSTER/recreate-extension"
     fi
