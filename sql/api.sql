@@ -7,10 +7,6 @@
 --                              earliest run_at of tasks this transaction made queued, so the
 --                              scheduler rereads from there; errors with SQLSTATE 55000 when
 --                              the library is not in shared_preload_libraries.
---   sluice._plain_enqueue_defaults(task)
---                              {priority, months, days, microseconds} of the priority and
---                              schedule timeout of a definition without flow control, cached
---                              per session; NULL otherwise
 --   sluice._definitions_changed()
 --                              definitions changed in this transaction: refresh the cached ones
 --                              at commit (never an error)
@@ -366,6 +362,11 @@ $$;
 
 -- Enqueue -------------------------------------------------------------------------------------
 
+-- Enqueues a task; returns its id (with an idempotency key, the id of the unfinished task that
+-- already holds the key, if one does). Implemented in Rust (extension/src/enqueue.rs): a task
+-- without an idempotency key whose definition has no flow control is inserted there, with the
+-- definition's priority and schedule timeout cached per session; every other call, and every
+-- error, is sluice._enqueue_general's.
 CREATE OR REPLACE FUNCTION sluice.enqueue(
     task            text,
     input           jsonb       DEFAULT '{}',
@@ -373,6 +374,13 @@ CREATE OR REPLACE FUNCTION sluice.enqueue(
     priority        int         DEFAULT NULL,
     idempotency_key text        DEFAULT NULL
 ) RETURNS bigint
+LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_enqueue';
+
+-- sluice.enqueue's general path: the definition read from the table, flow control evaluated,
+-- and the idempotency key honoured.
+CREATE OR REPLACE FUNCTION sluice._enqueue_general(task text, input jsonb, run_at timestamptz,
+                                                    priority int, idempotency_key text)
+RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -380,25 +388,7 @@ DECLARE
     start_at timestamptz := coalesce(run_at, now());
     new_id   bigint;
     flow     record;
-    plain    bigint[];
 BEGIN
-    -- The common case in one statement (each statement of a plpgsql function costs an executor
-    -- start): no idempotency key, no flow control, a non-NULL input. The definition's priority
-    -- and schedule timeout come from a per-backend cache ({priority, months, days,
-    -- microseconds}, see extension/src/definition_cache.rs): a join with task_definition was a
-    -- quarter of the call, and with a few hundred definitions a sequential scan of them all.
-    IF idempotency_key IS NULL AND input IS NOT NULL THEN
-        plain := sluice._plain_enqueue_defaults(task);
-        IF plain IS NOT NULL THEN
-            INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
-            VALUES (task, coalesce(enqueue.priority, plain[1]::int), input, start_at,
-                    start_at + make_interval(months => plain[2]::int, days => plain[3]::int)
-                             + plain[4] * interval '1 microsecond')
-            RETURNING id INTO new_id;
-            PERFORM sluice._wake_scheduler(start_at);
-            RETURN new_id;
-        END IF;
-    END IF;
     def := sluice._definition(task);  -- raises for a NULL or unknown name
     IF input IS NULL THEN
         RAISE EXCEPTION 'input must not be NULL (task "%"); use ''{}'' for no input', task
@@ -415,7 +405,7 @@ BEGIN
         INSERT INTO sluice.task_run
             (task_name, priority, input, run_at, schedule_deadline, idempotency_key,
              concurrency_key, rate_limit_keys, rate_limit_units)
-        VALUES (task, coalesce(enqueue.priority, def.priority), input, start_at,
+        VALUES (task, coalesce(_enqueue_general.priority, def.priority), input, start_at,
                 start_at + def.schedule_timeout, idempotency_key,
                 flow.concurrency_key, flow.rate_limit_keys, flow.rate_limit_units)
         ON CONFLICT (task_name, idempotency_key)
@@ -424,12 +414,12 @@ BEGIN
         RETURNING id INTO new_id;
         IF new_id IS NOT NULL THEN
             PERFORM sluice._wake_scheduler(start_at);
-                    RETURN new_id;
+            RETURN new_id;
         END IF;
         -- An unfinished task holds this key: return it. If it finished between the conflict
         -- and this read, the key is free again and the insert is retried.
         SELECT t.id INTO new_id FROM sluice.task_run t
-         WHERE t.task_name = task AND t.idempotency_key = enqueue.idempotency_key
+         WHERE t.task_name = task AND t.idempotency_key = _enqueue_general.idempotency_key
            AND t.finished_at IS NULL;
         IF new_id IS NOT NULL THEN
             RETURN new_id;

@@ -4,7 +4,7 @@
 //! quarter of the call's server time, and with a few hundred definitions the planner chose a
 //! sequential scan that read every one of them on each call: with 198 definitions the enqueue
 //! statement took 48-70 µs in a loop, and 24-38 µs without the join. The INSERT now takes the
-//! priority and schedule timeout from here.
+//! priority and schedule timeout from here (see `crate::enqueue`).
 //!
 //! Entries are valid for one configuration generation (`crate::wake::config_generation`): every
 //! change of `task_definition` bumps it when its transaction commits (the API functions call
@@ -18,6 +18,7 @@
 //!   - without the preloaded library (there is no generation to check; enqueue then fails
 //!     anyway);
 //!   - names without a definition.
+//!
 //! A change committed with two-phase commit bumps no generation (its flags end at PREPARE, and
 //! COMMIT PREPARED may run in any session), so the whole cache is also dropped once it is a
 //! minute old, as the scheduler rereads definitions with its sweep every minute.

@@ -10,6 +10,7 @@ use pgrx::PgSqlErrorCode;
 pub mod assign;
 pub mod cron_expr;
 mod definition_cache;
+mod enqueue;
 pub mod flow;
 mod gucs;
 pub mod queue;
@@ -123,22 +124,6 @@ fn config_changed_sql() {
 fn definitions_changed_sql() {
     definition_cache::changed_in_transaction();
     wake::config_changed_at_commit();
-}
-
-/// What `sluice.enqueue` takes from a task's definition when its tasks need no flow control:
-/// `{priority, months, days, microseconds}` of the priority and schedule timeout, from a
-/// per-backend cache (see `definition_cache`); NULL for an unknown name or a definition with a
-/// concurrency key or rate limits (the general path reads those from the table).
-#[pg_extern(name = "_plain_enqueue_defaults")]
-fn plain_enqueue_defaults_sql(task: &str) -> Option<Vec<i64>> {
-    let defaults = definition_cache::plain_defaults(task)??;
-    let timeout = defaults.schedule_timeout;
-    Some(vec![
-        i64::from(defaults.priority),
-        i64::from(timeout.months()),
-        i64::from(timeout.days()),
-        timeout.micros(),
-    ])
 }
 
 /// Tells the scheduler, once the current transaction commits, that these attempts ended.
