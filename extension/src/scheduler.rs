@@ -110,6 +110,11 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         // of ten slots. The settings above leave one sensible plan per statement, so plan once.
         Spi::run("SET plan_cache_mode = force_generic_plan")
             .expect("setting plan_cache_mode failed");
+        // In a freshly created database one of its statements was planned as a parallel
+        // query (seen in the log when the workers were stopped): starting worker processes,
+        // several milliseconds each, for what is meant as a short index lookup.
+        Spi::run("SET max_parallel_workers_per_gather = 0")
+            .expect("setting max_parallel_workers_per_gather failed");
     });
     // Assignments posted by a previous scheduler are forgotten with its memory: their rows are
     // still queued and are read again.
