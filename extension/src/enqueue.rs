@@ -11,6 +11,10 @@
 //!
 //! Everything else (an idempotency key, flow control, a NULL or unknown name, a NULL input, a
 //! session whose cache is bypassed) goes to `sluice._enqueue_general`, which raises the errors.
+//! They reach the caller through pgrx's guard, which re-raises them with their SQLSTATE,
+//! message, detail and hint (the tests branch on those) but without the plpgsql CONTEXT lines;
+//! with RUST_BACKTRACE set in the server's environment, pgrx adds a Rust backtrace to the
+//! detail.
 //!
 //! The function is declared in sql/api.sql (`LANGUAGE c`), not through `#[pg_extern]`: taking
 //! the input as `JsonB` would convert it to a `serde_json::Value` and back on every call.

@@ -505,8 +505,8 @@ impl Runtime<'_> {
             while !self.in_flight.is_empty() {
                 tokio::select! {
                     Some(finished) = self.finished_rx.recv() => {
-                    self.on_finished(finished);
-                }
+                        self.on_finished(finished);
+                    }
                     _ = time::sleep_until(grace) => break,
                 }
             }
