@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use serde_json::Value;
+use std::panic::AssertUnwindSafe;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio::time::{self, MissedTickBehavior};
@@ -21,7 +23,7 @@ use crate::context::TaskContext;
 use crate::error::{worker_not_registered, Error};
 use crate::pool::ConnectionPool;
 use crate::task::TaskError;
-use crate::worker::WorkerConfig;
+use crate::worker::{HandlerFuture, WorkerConfig};
 
 /// How long cancelled handlers get to wind down at shutdown before the worker deregisters
 /// anyway (their attempts are then requeued as lost).
@@ -122,6 +124,55 @@ pub(crate) enum HandlerResult {
 struct Finished {
     key: AttemptKey,
     result: HandlerResult,
+}
+
+/// Runs a handler in its own task, which sends its `Finished`: how it ended, a panic included,
+/// or `Aborted` if the task is aborted first (its report is then dropped unfilled). One task per
+/// handler: a second one awaiting the handler's JoinHandle did the same at twice the spawns.
+fn spawn_reporting(
+    key: AttemptKey,
+    handler: HandlerFuture,
+    finished_tx: mpsc::UnboundedSender<Finished>,
+) -> AbortHandle {
+    let mut report = FinishReport {
+        key,
+        result: None,
+        finished_tx,
+    };
+    tokio::spawn(async move {
+        let returned = AssertUnwindSafe(handler).catch_unwind().await;
+        report.record(match returned {
+            Ok(returned) => HandlerResult::Returned(returned),
+            Err(payload) => HandlerResult::Panicked(panic_message(payload.as_ref())),
+        });
+    })
+    .abort_handle()
+}
+
+/// Sends a handler's `Finished` when dropped: with its result once it returned or panicked,
+/// as `Aborted` if its task was aborted (dropped) before.
+struct FinishReport {
+    key: AttemptKey,
+    result: Option<HandlerResult>,
+    finished_tx: mpsc::UnboundedSender<Finished>,
+}
+
+impl FinishReport {
+    fn record(&mut self, result: HandlerResult) {
+        self.result = Some(result);
+    }
+}
+
+impl Drop for FinishReport {
+    fn drop(&mut self) {
+        let result = self.result.take().unwrap_or(HandlerResult::Aborted);
+        // The receiver is gone only when the runtime itself is, and then nobody is left to
+        // tell.
+        let _ = self.finished_tx.send(Finished {
+            key: self.key,
+            result,
+        });
+    }
 }
 
 enum Event {
@@ -383,21 +434,7 @@ impl Runtime<'_> {
             Arc::clone(&self.pool),
             Arc::clone(&completed_in_transaction),
         );
-        let handler_task = tokio::spawn(handler(context, input));
-        let abort = handler_task.abort_handle();
-        let finished_tx = self.finished_tx.clone();
-        tokio::spawn(async move {
-            let result = match handler_task.await {
-                Ok(returned) => HandlerResult::Returned(returned),
-                Err(error) => match error.try_into_panic() {
-                    Ok(payload) => HandlerResult::Panicked(panic_message(payload.as_ref())),
-                    Err(_) => HandlerResult::Aborted,
-                },
-            };
-            // The receiver is gone only when the runtime itself is, and then nobody is left to
-            // tell.
-            let _ = finished_tx.send(Finished { key, result });
-        });
+        let abort = spawn_reporting(key, handler(context, input), self.finished_tx.clone());
         self.in_flight.insert(
             (key.task_id, key.attempt),
             InFlight {
@@ -910,6 +947,48 @@ async fn fail_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(task_id: i64) -> AttemptKey {
+        AttemptKey {
+            worker_id: 1,
+            task_id,
+            attempt: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_reports_its_return_its_panic_or_its_abort() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        spawn_reporting(key(1), Box::pin(async { Ok(Value::from(7)) }), tx.clone());
+        let returned = rx.recv().await.expect("a report");
+        assert_eq!(returned.key, key(1));
+        assert!(matches!(returned.result, HandlerResult::Returned(Ok(v)) if v == 7));
+
+        spawn_reporting(
+            key(2),
+            Box::pin(async { panic!("handler blew up") }),
+            tx.clone(),
+        );
+        let panicked = rx.recv().await.expect("a report");
+        assert_eq!(panicked.key, key(2));
+        assert!(matches!(panicked.result, HandlerResult::Panicked(m) if m == "handler blew up"));
+
+        let abort = spawn_reporting(key(3), Box::pin(std::future::pending()), tx.clone());
+        tokio::task::yield_now().await;
+        abort.abort();
+        let aborted = time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an aborted handler reports within 5 s")
+            .expect("a report");
+        assert_eq!(aborted.key, key(3));
+        assert!(matches!(aborted.result, HandlerResult::Aborted));
+        drop(tx);
+        let after = time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(
+            matches!(after, Ok(None)),
+            "one report per handler, and every task gone"
+        );
+    }
 
     #[test]
     fn notification_payloads() {
