@@ -1576,10 +1576,9 @@ fn fail_orphans(client: &mut SpiClient<'_>, orphans: &[i64]) {
         .expect("failing orphaned tasks failed");
 }
 
-/// When the next delayed task becomes runnable.
 /// `NOTIFY sluice_worker_<id>, '<kind>'`, delivered when the tick commits. A direct call of
-/// `pg_notify`: as a statement through SPI, its executor start-up was about a tenth of the
-/// tick that every pickup waits for.
+/// `pg_notify`: as a statement through SPI (a function scan over unnest()), it cost an executor
+/// start-up in every tick that assigns, the tick each pickup waits for.
 fn notify_worker(worker_id: i64, kind: &str) {
     let channel = format!("sluice_worker_{worker_id}");
     unsafe {
@@ -1590,6 +1589,7 @@ fn notify_worker(worker_id: i64, kind: &str) {
     }
 }
 
+/// When the next delayed task becomes runnable.
 fn next_delayed(client: &mut SpiClient<'_>, statements: &Statements) -> Option<Micros> {
     client
         .update(&statements.next_delayed, None, &[])
