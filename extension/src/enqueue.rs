@@ -128,7 +128,10 @@ fn not_null(value: pg_sys::Datum) -> pg_sys::NullableDatum {
 }
 
 /// Runs a one-row statement through a plan kept in `slot` (prepared on first use) and returns
-/// its first column, a bigint (by value, so it outlives SPI_finish).
+/// its first column, a bigint (by value, so it outlives SPI_finish). Plain SPI rather than
+/// pgrx's `SpiClient` (which the scheduler uses): the arguments go in as the datums the caller
+/// passed, and the one value read back needs none of its per-value guarded accessors, which
+/// showed in the scheduler's profiles.
 fn execute(
     slot: &'static std::thread::LocalKey<Cell<pg_sys::SPIPlanPtr>>,
     sql: &CStr,
