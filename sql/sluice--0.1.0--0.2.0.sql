@@ -699,7 +699,7 @@ BEGIN
     END IF;
     FOR t IN SELECT * FROM sluice.task_run r WHERE r.id = ANY(task_ids) ORDER BY r.id
                FOR UPDATE SKIP LOCKED LOOP
-        IF sluice._cancel(t, reasons[array_position(task_ids, t.id)]) THEN
+        IF sluice._cancel(t, reasons[sluice._array_position(task_ids, t.id)]) THEN
             RETURN NEXT t.id;
         END IF;
     END LOOP;
@@ -910,6 +910,12 @@ BEGIN
 END
 $$;
 
+-- array_position() for the claim's and the completion's batches: the subscript of the first
+-- element equal to id, found by a binary search over the array sorted once per statement
+-- instead of a search from its start for every row (extension/src/array_position.rs).
+CREATE OR REPLACE FUNCTION sluice._array_position(ids bigint[], id bigint) RETURNS int
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'sluice_array_position';
+
 -- Hands the worker the tasks the scheduler assigned to it, at most max_tasks, and claims them:
 -- each becomes running under this worker as a new attempt, and its execution timeout starts.
 -- The scheduler posts assignments in shared memory (see extension/src/wake.rs) instead of
@@ -959,10 +965,10 @@ BEGIN
            rate_limited_at = CASE WHEN t.rate_limit_keys IS NOT NULL THEN now()
                                   ELSE t.rate_limited_at END,
            timeout_at = now() + coalesce(
-               nullif(timeouts[array_position(ids, t.id)], -1) * interval '1 millisecond',
+               nullif(timeouts[sluice._array_position(ids, t.id)], -1) * interval '1 millisecond',
                (SELECT d.execution_timeout FROM sluice.task_definition d
                  WHERE d.name = t.task_name))
-     WHERE t.id = ANY(ids) AND t.attempt = attempts[array_position(ids, t.id)] - 1
+     WHERE t.id = ANY(ids) AND t.attempt = attempts[sluice._array_position(ids, t.id)] - 1
        AND t.status::text = 'queued'
     RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at;
 END
@@ -993,9 +999,9 @@ BEGIN
         -- unnest() probed the whole id list once per row); each row's attempt and output are
         -- found by its position in the arrays.
         UPDATE sluice.task_run t
-           SET status = 'succeeded', output = outputs[array_position(task_ids, t.id)],
+           SET status = 'succeeded', output = outputs[sluice._array_position(task_ids, t.id)],
                finished_at = now(), timeout_at = NULL
-         WHERE t.id = ANY(task_ids) AND t.attempt = attempts[array_position(task_ids, t.id)]
+         WHERE t.id = ANY(task_ids) AND t.attempt = attempts[sluice._array_position(task_ids, t.id)]
            AND t.worker_id = complete_many.worker_id AND t.status::text = 'running'
         RETURNING t.id, t.attempt
     )
@@ -1081,14 +1087,16 @@ $$;
 -- kept making a custom plan per call, a third of a one-task fetch (~0.25 ms), which every
 -- pickup waits for; with the settings above the generic plan is the same lookup by id.
 --
--- The claim and the completion find each row's attempt (and output, timeout) with
--- array_position(), which searches the array from its start for every row: quadratic in the
--- batch, ~1 µs per row at 100, 4-7 µs at 500. A join with unnest() instead (`UPDATE ... FROM
--- unnest(ids, ...) WHERE t.id = u.id`) was 1.5x faster at 500, but it leaves the plan to the
--- statistics: for a table of a few rows the planner drives a nested loop from a full scan of
--- task_run, and a session keeps its generic plan until the next analyze, so a worker that
--- started on a near-empty table would scan all of it for every batch after a bulk enqueue.
--- With `id = ANY(...)` as well, it drives from that scan and rescans the unnest() per row.
+-- The claim and the completion find each row's attempt (and output, timeout) by its position
+-- in the arrays, with sluice._array_position(), a binary search over the array sorted once per
+-- statement. Built-in array_position() searches the array from its start for every row:
+-- quadratic in the batch, ~1 µs per row at 100, 4-7 µs at 500. A join with unnest() instead
+-- (`UPDATE ... FROM unnest(ids, ...) WHERE t.id = u.id`) was 1.5x faster at 500 than
+-- array_position(), but it leaves the plan to the statistics: for a table of a few rows the
+-- planner drives a nested loop from a full scan of task_run, and a session keeps its generic
+-- plan until the next analyze, so a worker that started on a near-empty table would scan all
+-- of it for every batch after a bulk enqueue. With `id = ANY(...)` as well, it drives from
+-- that scan and rescans the unnest() per row.
 -- `id = ANY(...)` alone is a primary-key lookup per id whatever the statistics say.
 --
 -- Lookups by task id compare `status::text`, not `status`: a plain comparison once let the

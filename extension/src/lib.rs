@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
+mod array_position;
 pub mod assign;
 pub mod cron_expr;
 mod definition_cache;

@@ -301,3 +301,43 @@ fn finished_at_is_set_exactly_for_final_statuses() {
         assert!(refused.starts_with("23514:"), "{status}: {refused}");
     }
 }
+
+/// `sluice._array_position` answers as `array_position()` does: for one array over many rows
+/// (the sort kept between calls), for an array that changes from row to row (the kept sort
+/// must not be reused), with duplicates, NULL elements, a lower bound other than 1 and an
+/// empty array.
+#[pg_test]
+fn array_position_matches_the_builtin() {
+    let same_array = "WITH a AS MATERIALIZED (
+                          SELECT array_agg((g * 7919) % 263 - 40)::bigint[] AS a
+                            FROM generate_series(1, 300) g)
+                      SELECT count(*) FILTER (WHERE sluice._array_position(a.a, x)
+                                                    IS DISTINCT FROM array_position(a.a, x)),
+                             count(*) FILTER (WHERE array_position(a.a, x) IS NOT NULL)
+                        FROM a, generate_series(-50, 250) x";
+    let (mismatches, found) = Spi::get_two::<i64, i64>(same_array).unwrap();
+    assert_eq!(mismatches, Some(0));
+    assert!(found.unwrap() > 100, "the probe found too few ids to mean anything: {found:?}");
+    let changing_array = "SELECT count(*) FILTER (WHERE sluice._array_position(a, x)
+                                                        IS DISTINCT FROM array_position(a, x)),
+                                 count(*) FILTER (WHERE array_position(a, x) IS NOT NULL)
+                            FROM (SELECT ARRAY(SELECT (g * 31 + k * 17) % 23 FROM
+                                               generate_series(0, g % 29) k)::bigint[] AS a,
+                                         (g % 25)::bigint AS x
+                                    FROM generate_series(1, 2000) g) s";
+    let (mismatches, found) = Spi::get_two::<i64, i64>(changing_array).unwrap();
+    assert_eq!(mismatches, Some(0));
+    assert!(found.unwrap() > 500, "the probe found too few ids to mean anything: {found:?}");
+    for (array, id, expected) in [
+        ("'[0:3]={5,6,5,7}'", 5, Some(0)),
+        ("'{1,NULL,3,3}'", 3, Some(3)),
+        ("'{1,NULL,3}'", 2, None),
+        ("'{}'", 1, None),
+    ] {
+        let got = Spi::get_one::<i32>(&format!("SELECT sluice._array_position({array}::bigint[], {id})"))
+            .unwrap();
+        assert_eq!(got, expected, "{array}, {id}");
+    }
+    let multi = outcome("SELECT sluice._array_position('{{1,2},{3,4}}', 3)");
+    assert!(multi.starts_with("0A000: searching for elements in multidimensional arrays"), "{multi}");
+}
