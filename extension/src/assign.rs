@@ -99,6 +99,14 @@ pub fn plan(
     let mut order: Vec<&Candidate> = candidates.iter().collect();
     order.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.rank, c.served, c.task_id));
 
+    // Consecutive candidates (by id, for equal priority) go to one worker in runs of about
+    // an eighth of the largest free slot count, not one each in turn: tasks enqueued together
+    // sit on the same heap pages, and workers that claim and complete interleaved rows contend
+    // for every page's lock (half of a 4 x 250 drain's tasks alternated workers row by row).
+    // A run is short next to the slots, so load still spreads; with a handful of free slots,
+    // or one task at a time, each task still goes to the freest worker.
+    let run = workers.iter().map(|w| w.free_slots).max().unwrap_or(0).max(8) / 8;
+    let mut previous: Option<usize> = None;
     let mut out = Vec::new();
     for c in order {
         let Some(indexes) = serving.get(c.task_name.as_str()) else {
@@ -117,9 +125,23 @@ pub fn plan(
                     .cmp(&fit_b)
                     .then(free[a].cmp(&free[b]))
                     .then(workers[b].worker_id.cmp(&workers[a].worker_id))
-            })
-            .map(|(i, _)| i);
+            });
+        // Keep a run going: the previous task's worker takes this one too while it fits as
+        // well and has nearly as many free slots (within `run`) as the freest.
+        let best = best.map(|(i, best_fit)| match previous {
+            Some(p)
+                if p != i
+                    && free[p] > 0
+                    && free[p] + run > free[i]
+                    && indexes.contains(&p)
+                    && fit(&workers[p], wanted) == Some(best_fit) =>
+            {
+                p
+            }
+            _ => i,
+        });
         if let Some(i) = best {
+            previous = Some(i);
             free[i] -= 1;
             out.push(Assignment {
                 task_id: c.task_id,
@@ -240,6 +262,26 @@ mod unit_tests {
         let c = [task(1, "a", 1), task(2, "a", 1)];
         let p = plan(&w, &c);
         assert_eq!(pairs(&p), vec![(1, 2), (2, 2)]);
+    }
+
+    #[test]
+    fn consecutive_tasks_go_to_one_worker_in_runs() {
+        // 4 workers with 64 free slots each: runs of 64 / 8 = 8 tasks, then the next worker.
+        let w: Vec<WorkerCapacity> = (1..=4).map(|id| worker(id, &["a"], 64)).collect();
+        let c: Vec<Candidate> = (1..=256).map(|i| task(i, "a", 1)).collect();
+        let p = plan(&w, &c);
+        assert_eq!(p.len(), 256);
+        let switches = p.windows(2).filter(|a| a[0].worker_id != a[1].worker_id).count();
+        assert!(switches <= 256 / 8, "{switches} switches between workers");
+        for id in 1..=4 {
+            assert_eq!(p.iter().filter(|a| a.worker_id == id).count(), 64);
+        }
+        // A few free slots each: every task still goes to the freest worker.
+        let w: Vec<WorkerCapacity> = (1..=4).map(|id| worker(id, &["a"], 10)).collect();
+        let c: Vec<Candidate> = (1..=4).map(|i| task(i, "a", 1)).collect();
+        let mut got: Vec<i64> = plan(&w, &c).iter().map(|a| a.worker_id).collect();
+        got.sort();
+        assert_eq!(got, vec![1, 2, 3, 4]);
     }
 
     #[test]
