@@ -81,8 +81,9 @@ pub fn demand(workers: &[WorkerCapacity]) -> Vec<(String, i32)> {
 /// Places candidates on workers: highest priority first, then round robin across concurrency
 /// keys (see `Candidate::rank`), then oldest (lowest id), each on a serving worker that has
 /// the task's required labels: the one with the most weight of preferred labels, then the
-/// most free slots (which spreads load evenly), then the lowest id. Never gives a worker more
-/// tasks than its free slots; a task no worker may take now stays out of the plan.
+/// most free slots (which spreads load evenly), then the lowest id; except that the previous
+/// task's worker keeps a run going while it is nearly as free (see `run` below). Never gives a
+/// worker more tasks than its free slots; a task no worker may take now stays out of the plan.
 pub fn plan(
     workers: &[WorkerCapacity],
     candidates: &[Candidate],
