@@ -12,9 +12,9 @@
 --                              at commit (never an error)
 --   sluice._attempts_ended(task_ids, attempts)
 --                              tell the scheduler at commit that these attempts ended
---   sluice._take_assigned(worker_id, max_tasks)
---                              take the worker's assignments the scheduler posted in shared
---                              memory (put back if the transaction aborts)
+--   and, declared below as LANGUAGE c: sluice.enqueue (its common case), sluice.fetch_tasks
+--   (takes the worker's assignments from shared memory, put back if the transaction aborts,
+--   and claims them), sluice._array_position.
 --
 -- Error codes callers can branch on:
 --   42704 unknown task name            22023 invalid parameter value
@@ -733,51 +733,25 @@ LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'sluice_array_po
 -- worst run again, which at-least-once allows. Completions stay durable.
 CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100)
 RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
-LANGUAGE plpgsql AS $$
-BEGIN
-    -- Here and not as a SET clause: a SET clause is undone when the function returns, before
-    -- the commit it is meant for.
-    PERFORM set_config('synchronous_commit', 'off', true);
-    RETURN QUERY SELECT * FROM sluice._claim_assigned(worker_id, max_tasks);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION sluice._claim_assigned(worker_id bigint, max_tasks int)
-RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
-    SET plan_cache_mode = force_generic_plan AS $$
-#variable_conflict use_column
-DECLARE
-    ids      bigint[];
-    attempts int[];
-    timeouts int[];
-BEGIN
-    SELECT array_agg(a.task_id), array_agg(a.attempt), array_agg(a.execution_timeout_ms)
-      INTO ids, attempts, timeouts
-      FROM sluice._take_assigned(_claim_assigned.worker_id, max_tasks) AS a;
-    IF ids IS NULL THEN
-        RETURN;
-    END IF;
-    -- One primary-key lookup per id (no join the planner could turn into a scan); each row's
-    -- expected attempt and execution timeout (posted by the scheduler, which holds the
-    -- definitions: a join with task_definition was a third of this statement's cost per row)
-    -- are found by its position in the arrays.
-    RETURN QUERY
-    UPDATE sluice.task_run t
-       SET status = 'running', attempt = t.attempt + 1, worker_id = _claim_assigned.worker_id,
-           assigned_at = now(), picked_at = now(),
-           -- left alone (NULL) without rate limits: no indexed column changes (HOT)
-           rate_limited_at = CASE WHEN t.rate_limit_keys IS NOT NULL THEN now()
-                                  ELSE t.rate_limited_at END,
-           timeout_at = now() + coalesce(
-               nullif(timeouts[sluice._array_position(ids, t.id)], -1) * interval '1 millisecond',
-               (SELECT d.execution_timeout FROM sluice.task_definition d
-                 WHERE d.name = t.task_name))
-     WHERE t.id = ANY(ids) AND t.attempt = attempts[sluice._array_position(ids, t.id)] - 1
-       AND t.status::text = 'queued'
-    RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at;
-END
-$$;
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_fetch_tasks';
+-- In Rust (extension/src/fetch.rs): it takes the assignments from shared memory and claims
+-- them with one statement, as a plan kept for the session:
+--
+--   UPDATE sluice.task_run t
+--      SET status = 'running', attempt = t.attempt + 1, worker_id = <worker_id>,
+--          assigned_at = now(), picked_at = now(),
+--          -- left alone (NULL) without rate limits: no indexed column changes (HOT)
+--          rate_limited_at = CASE WHEN t.rate_limit_keys IS NOT NULL THEN now()
+--                                 ELSE t.rate_limited_at END,
+--          timeout_at = now() + <the posted execution timeout, or the definition's>
+--    WHERE t.id = ANY(<ids>) AND t.attempt = <the posted attempt> - 1
+--      AND t.status::text = 'queued'
+--   RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at
+--
+-- One primary-key lookup per id (no join the planner could turn into a scan); each row's
+-- expected attempt and execution timeout (posted by the scheduler, which holds the
+-- definitions: a join with task_definition was a third of this statement's cost per row) are
+-- found by its position in the arrays.
 
 -- Completes attempts. Only the current attempt of a running task, held by this worker, can
 -- complete: a late or duplicate completion changes nothing and is left out of the result.

@@ -12,6 +12,7 @@ pub mod assign;
 pub mod cron_expr;
 mod definition_cache;
 mod enqueue;
+mod fetch;
 pub mod flow;
 mod gucs;
 pub mod queue;
@@ -131,30 +132,6 @@ fn definitions_changed_sql() {
 #[pg_extern(name = "_attempts_ended")]
 fn attempts_ended_sql(task_ids: Vec<i64>, attempts: Vec<i32>) {
     wake::attempts_ended(&task_ids, &attempts);
-}
-
-/// Takes up to `max_tasks` of the assignments the scheduler posted for this worker (see
-/// `crate::wake`), each with its task's execution timeout in milliseconds (-1: look it up);
-/// `sluice.fetch_tasks` claims them. Put back if the transaction aborts.
-#[pg_extern(name = "_take_assigned")]
-fn take_assigned_sql(
-    worker_id: i64,
-    max_tasks: i32,
-) -> TableIterator<
-    'static,
-    (
-        name!(task_id, i64),
-        name!(attempt, i32),
-        name!(execution_timeout_ms, i32),
-    ),
-> {
-    wake::require_scheduler();
-    let taken = wake::take_assignments(worker_id, max_tasks.max(0) as usize);
-    TableIterator::new(
-        taken
-            .into_iter()
-            .map(|p| (p.task_id, p.attempt, p.execution_timeout_ms)),
-    )
 }
 
 /// Tasks the scheduler assigned that their worker has not fetched yet (in `sluice.tasks` they
