@@ -738,7 +738,12 @@ impl Scheduler {
         let mut planned = 0;
         let mut rate_blocked_until = None;
         if !demand.is_empty() {
-            let found = self.queue.candidates(&demand, &mut self.limits, now);
+            // Rate limits count an admission at the time of its posting, not at the tick's
+            // start: reading arrivals, maintenance or a workflow batch can take tens of
+            // milliseconds first, and a window counted from the earlier time let the next
+            // window's starts come that much less than its length after these.
+            let admitted_at = unsafe { pg_sys::GetCurrentTimestamp() };
+            let found = self.queue.candidates(&demand, &mut self.limits, admitted_at);
             rate_blocked_until = found.blocked_until;
             if !found.over_limit.is_empty() {
                 for (id, _) in &found.over_limit {
@@ -765,7 +770,7 @@ impl Scheduler {
                     &candidates,
                     &plan,
                     &self.definitions.execution_timeouts,
-                    now,
+                    admitted_at,
                 );
                 soon |= more;
                 planned = posted;
