@@ -12,6 +12,9 @@
 --                              at commit (never an error)
 --   sluice._attempts_ended(task_ids, attempts)
 --                              tell the scheduler at commit that these attempts ended
+--   sluice._tasks_deleted()
+--                              task rows were deleted: the scheduler compares its memory with
+--                              the table at commit (never an error)
 --   and, declared below as LANGUAGE c: sluice.enqueue (its common case), sluice.fetch_tasks
 --   (takes the worker's assignments from shared memory, put back if the transaction aborts,
 --   and claims them), sluice._array_position.
@@ -1183,3 +1186,21 @@ $$;
 CREATE OR REPLACE TRIGGER definitions_edited
     AFTER INSERT OR UPDATE OR TRUNCATE ON sluice.task_definition
     FOR EACH STATEMENT EXECUTE FUNCTION sluice._definitions_edited();
+
+-- Task rows deleted or truncated directly (the API cancels instead): the scheduler compares the
+-- queue in its memory with the table once this commits, instead of at its next periodic sweep
+-- (up to a minute), during which it would hand workers tasks that are gone (their claims find
+-- nothing, and each holds a slot until the once-a-second check of running attempts). Per
+-- statement, not per row: a delete of a million rows costs one call. The scheduler's own
+-- retention purge, which deletes finished tasks only, does not count.
+CREATE OR REPLACE FUNCTION sluice._task_rows_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._tasks_deleted();
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER task_rows_deleted
+    AFTER DELETE OR TRUNCATE ON sluice.task_run
+    FOR EACH STATEMENT EXECUTE FUNCTION sluice._task_rows_deleted();

@@ -46,6 +46,8 @@ CREATE FUNCTION sluice._outcome_recorded() RETURNS void
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'outcome_recorded_sql_wrapper';
 CREATE FUNCTION sluice._definitions_changed() RETURNS void
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'definitions_changed_sql_wrapper';
+CREATE FUNCTION sluice._tasks_deleted() RETURNS void
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'tasks_deleted_sql_wrapper';
 CREATE FUNCTION sluice._cron_next(cron text, after timestamp) RETURNS timestamp
 IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'cron_next_sql_wrapper';
 
@@ -204,6 +206,9 @@ HAVING p.kind = 'static' OR count(p.started_at) FILTER (WHERE p.started_at > now
 --                              at commit (never an error)
 --   sluice._attempts_ended(task_ids, attempts)
 --                              tell the scheduler at commit that these attempts ended
+--   sluice._tasks_deleted()
+--                              task rows were deleted: the scheduler compares its memory with
+--                              the table at commit (never an error)
 --   and, declared below as LANGUAGE c: sluice.enqueue (its common case), sluice.fetch_tasks
 --   (takes the worker's assignments from shared memory, put back if the transaction aborts,
 --   and claims them), sluice._array_position.
@@ -1375,6 +1380,24 @@ $$;
 CREATE OR REPLACE TRIGGER definitions_edited
     AFTER INSERT OR UPDATE OR TRUNCATE ON sluice.task_definition
     FOR EACH STATEMENT EXECUTE FUNCTION sluice._definitions_edited();
+
+-- Task rows deleted or truncated directly (the API cancels instead): the scheduler compares the
+-- queue in its memory with the table once this commits, instead of at its next periodic sweep
+-- (up to a minute), during which it would hand workers tasks that are gone (their claims find
+-- nothing, and each holds a slot until the once-a-second check of running attempts). Per
+-- statement, not per row: a delete of a million rows costs one call. The scheduler's own
+-- retention purge, which deletes finished tasks only, does not count.
+CREATE OR REPLACE FUNCTION sluice._task_rows_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sluice._tasks_deleted();
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER task_rows_deleted
+    AFTER DELETE OR TRUNCATE ON sluice.task_run
+    FOR EACH STATEMENT EXECUTE FUNCTION sluice._task_rows_deleted();
 -- ---- copy of sql/workflows.sql ----
 -- Workflows: DAGs of task runs.
 --

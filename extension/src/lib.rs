@@ -128,6 +128,13 @@ fn definitions_changed_sql() {
     wake::config_changed_at_commit();
 }
 
+/// Task rows were deleted or truncated in this transaction (a statement trigger): the
+/// scheduler compares its memory with the table once it commits. Never an error.
+#[pg_extern(name = "_tasks_deleted")]
+fn tasks_deleted_sql() {
+    wake::tasks_deleted_at_commit();
+}
+
 /// Tells the scheduler, once the current transaction commits, that these attempts ended.
 #[pg_extern(name = "_attempts_ended")]
 fn attempts_ended_sql(task_ids: Vec<i64>, attempts: Vec<i32>) {

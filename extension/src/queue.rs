@@ -907,7 +907,10 @@ impl QueueState {
             .or_insert(0) += 1;
     }
 
-    /// Attempt `attempt` of the task ended; a report about an older attempt is ignored.
+    /// Attempt `attempt` of the task ended; a report about an older attempt is ignored. For a
+    /// task waiting here, a report about the attempt its claim would have made means it was
+    /// cancelled while queued (sluice._cancel): it leaves the queue now, instead of being
+    /// handed to a worker whose claim finds nothing.
     pub fn end_attempt(&mut self, task_id: i64, attempt: i32) {
         if self
             .running
@@ -915,6 +918,12 @@ impl QueueState {
             .is_some_and(|a| a.attempt == attempt)
         {
             self.end_running(task_id);
+        } else if self
+            .ready_tasks
+            .get(&task_id)
+            .is_some_and(|t| t.attempt + 1 == attempt)
+        {
+            self.forget_ready(task_id);
         }
     }
 
@@ -1139,6 +1148,23 @@ mod unit_tests {
             2
         );
         assert_eq!((q.running_on(7), q.running_len()), (0, 0));
+    }
+
+    #[test]
+    fn a_task_cancelled_while_waiting_leaves_the_queue() {
+        let mut q = QueueState::new();
+        q.add_arrivals([arrival(1, "a", 1), arrival(2, "a", 1)], (2, 2));
+        // A report about the attempt before (a retried task's failed one) changes nothing.
+        q.end_attempt(1, 0);
+        assert_eq!(q.ready_len(), 2);
+        // sluice._cancel of a queued task reports the attempt its claim would have made.
+        q.end_attempt(1, 1);
+        assert_eq!(q.ready_len(), 1);
+        let left = q.candidates(&[("a".into(), 10)], &mut RateLimits::default(), 0);
+        assert_eq!(
+            left.candidates.iter().map(|c| c.task_id).collect::<Vec<_>>(),
+            vec![2]
+        );
     }
 
     #[test]

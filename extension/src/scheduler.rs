@@ -37,6 +37,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// arrived during one wait that long (p99 13-18 ms with 500,000 tasks queued).
 const SWEEP_ROWS_PER_TICK: usize = 1_000;
 const SWEEP_TICK: Duration = Duration::from_millis(10);
+/// A commit that deleted task rows starts a sweep at once, but not sooner than this after the
+/// last sweep started (see `Scheduler::tick`).
+const DELETION_SWEEP_SPACING: Duration = Duration::from_secs(5);
 /// Finished tasks past their retention are deleted at most this often, this many per status
 /// per call (about 5 ms per 1,000); a full batch is followed by another one with the next
 /// maintenance, so a backlog goes at up to 50,000 per second per status.
@@ -327,6 +330,12 @@ struct Scheduler {
     advance_again: bool,
     /// After the last tick's assignments no live worker had a free slot.
     no_free_slot: bool,
+    /// The deletion generation (crate::wake) the last sweep started for deletions saw, and
+    /// when the last sweep of any kind started.
+    deletions_seen: u64,
+    last_sweep_started: Option<Instant>,
+    /// How long the last finished sweep took, from its start to its last slice.
+    last_sweep_took: Option<Duration>,
     /// Task definitions and rate limits, reloaded with maintenance and after every committed
     /// change (`wake::config_generation`).
     definitions: Definitions,
@@ -531,6 +540,7 @@ impl Scheduler {
             && !wake::ended_attempts_pending()
             && wake::config_generation() == self.config_generation
             && wake::outcomes_generation() == self.outcomes_seen
+            && wake::deletions_generation() == self.deletions_seen
             && self
                 .definitions
                 .rules
@@ -567,6 +577,9 @@ impl Scheduler {
             outcomes_seen: 0,
             advance_again: true,
             no_free_slot: false,
+            deletions_seen: 0,
+            last_sweep_started: None,
+            last_sweep_took: None,
             definitions: Definitions::default(),
             config_generation: u64::MAX,
             workers: None,
@@ -611,6 +624,32 @@ impl Scheduler {
             self.sweep_from = Some(FROM_START);
             self.purge_after = [i64::MIN; 6];
             self.last_sweep = Instant::now();
+            self.last_sweep_started = Some(Instant::now());
+        }
+        // Task rows deleted behind the scheduler's back (the API cancels instead): compare the
+        // queue in memory with the table now, not at the next periodic sweep, so that it stops
+        // handing out tasks that are gone. Never restarts a sweep under way, and starts one no
+        // sooner than DELETION_SWEEP_SPACING, and four times the last sweep's length, after the
+        // last one started (a tick is due then, below): a job that keeps deleting finished
+        // tasks must not keep the scheduler sweeping a long queue.
+        let deletions = wake::deletions_generation();
+        let mut deletion_sweep_due = None;
+        if deletions != self.deletions_seen && self.sweep_from.is_none() {
+            let spacing = self
+                .last_sweep_took
+                .map_or(DELETION_SWEEP_SPACING, |took| (took * 4).max(DELETION_SWEEP_SPACING));
+            let since = self.last_sweep_started.map_or(spacing, |at| at.elapsed());
+            if since >= spacing {
+                self.deletions_seen = deletions;
+                // Nothing waiting in memory, nothing to forget.
+                if self.queue.ready_len() > 0 {
+                    self.sweep_from = Some(FROM_START);
+                    self.last_sweep_started = Some(Instant::now());
+                }
+            } else {
+                let wait = spacing - since;
+                deletion_sweep_due = Some(now.saturating_add(wait.as_micros() as Micros));
+            }
         }
         if self
             .reload_running_at
@@ -805,6 +844,7 @@ impl Scheduler {
                 self.queue.next_timeout(),
                 self.queue.next_deadline(),
                 self.timers_due,
+                deletion_sweep_due,
                 next_delayed(client, statements),
                 rate_blocked_until,
             ]
@@ -850,6 +890,9 @@ impl Scheduler {
             let (next, gone) = sweep(client, statements, &self.definitions, &mut self.queue, from);
             self.sweep_from = next;
             self.swept_out += gone;
+            if next.is_none() {
+                self.last_sweep_took = self.last_sweep_started.map(|at| at.elapsed());
+            }
         }
     }
 

@@ -131,6 +131,14 @@ static OUTCOMES_GENERATION: PgAtomic<AtomicU64> =
 /// This backend's current transaction recorded step outcomes.
 static OUTCOMES_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 
+/// Bumped by every commit that deleted or truncated task rows in a session other than the
+/// scheduler's: the scheduler then compares the queue in its memory with the table at once,
+/// instead of at its next periodic sweep, so that it stops handing out tasks that are gone.
+static DELETIONS_GENERATION: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"sluice_deletions_generation") };
+/// This backend's current transaction deleted or truncated task rows.
+static TASKS_DELETED_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
 /// Set in `_PG_init` when loaded through shared_preload_libraries (per process).
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 /// This backend's current transaction asked for a wake-up at commit.
@@ -149,6 +157,7 @@ pub fn init_shared_memory() {
     pg_shmem_init!(COMMITTED_RUNNABLE_FROM = AtomicI64::new(i64::MAX));
     pg_shmem_init!(CONFIG_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(OUTCOMES_GENERATION = AtomicU64::new(0));
+    pg_shmem_init!(DELETIONS_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(ENDED);
     pg_shmem_init!(ASSIGNMENTS);
     PRELOADED.store(true, Ordering::Relaxed);
@@ -189,6 +198,23 @@ pub fn wake_at_commit(runnable_from: Option<pg_sys::TimestampTz>) {
 pub fn config_changed_at_commit() {
     CONFIG_CHANGED_AT_COMMIT.store(true, Ordering::Relaxed);
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// This transaction deleted or truncated task rows (a statement trigger on task_run): unless
+/// this is the scheduler itself (its retention purge deletes finished tasks only), the
+/// scheduler compares its memory with the table once this commits. Never an error.
+pub fn tasks_deleted_at_commit() {
+    let scheduler = SCHEDULER_PROCNO.get().load(Ordering::SeqCst);
+    let this = unsafe { pg_sys::MyProc.as_ref() }.map(|p| p.pgprocno);
+    if !PRELOADED.load(Ordering::Relaxed) || this == Some(scheduler) {
+        return;
+    }
+    TASKS_DELETED_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// How many commits deleted task rows (see `tasks_deleted_at_commit`).
+pub fn deletions_generation() -> u64 {
+    DELETIONS_GENERATION.get().load(Ordering::SeqCst)
 }
 
 /// This transaction recorded workflow step outcomes: the scheduler applies them after commit.
@@ -469,6 +495,10 @@ unsafe extern "C-unwind" fn on_xact_event(
             if outcomes && PRELOADED.load(Ordering::Relaxed) {
                 OUTCOMES_GENERATION.get().fetch_add(1, Ordering::SeqCst);
             }
+            if TASKS_DELETED_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                DELETIONS_GENERATION.get().fetch_add(1, Ordering::SeqCst);
+                set_scheduler_latch();
+            }
             let runnable_from = RUNNABLE_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
             let ended =
                 std::mem::take(&mut *ENDED_AT_COMMIT.lock().unwrap_or_else(|e| e.into_inner()));
@@ -511,6 +541,7 @@ unsafe extern "C-unwind" fn on_xact_event(
             PLAIN_WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             CONFIG_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);
             OUTCOMES_AT_COMMIT.store(false, Ordering::Relaxed);
+            TASKS_DELETED_AT_COMMIT.store(false, Ordering::Relaxed);
             RUNNABLE_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
             ENDED_AT_COMMIT
                 .lock()

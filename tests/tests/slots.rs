@@ -166,3 +166,67 @@ async fn a_task_posted_beyond_a_lingering_cancelled_handler_starts_once_a_slot_f
          slot was free"
     );
 }
+
+/// Tasks deleted from the table while they wait in the scheduler's memory are not handed to
+/// workers: the delete's commit makes the scheduler compare its memory with the table at once.
+/// Without that, each deleted task went to a worker whose claim found nothing, holding the
+/// slot until the once-a-second check of running attempts, until the periodic sweep (up to a
+/// minute later) forgot them: with one slot and 150 deleted tasks ahead of it, a new task
+/// waited for that sweep (21 s in the run that showed it).
+#[tokio::test]
+async fn tasks_deleted_while_waiting_are_not_handed_to_workers() {
+    tasks_removed_while_waiting_are_not_handed_to_workers(
+        "DELETE FROM sluice.task_run WHERE id = ANY($1)",
+    )
+    .await;
+}
+
+/// The same for tasks cancelled through the API while they wait: the cancel's commit reports
+/// them to the scheduler, which drops them from its queue.
+#[tokio::test]
+async fn tasks_cancelled_while_waiting_are_not_handed_to_workers() {
+    tasks_removed_while_waiting_are_not_handed_to_workers(
+        "SELECT sluice.cancel(id) FROM unnest($1::bigint[]) AS id",
+    )
+    .await;
+}
+
+async fn tasks_removed_while_waiting_are_not_handed_to_workers(remove_sql: &str) {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "removed", "").await;
+    let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 1);
+    let blocker = enqueue_sql(&client, &task, json!({"sleep_ms": 2000})).await;
+    wait_until(Duration::from_secs(10), "the blocker to start", || async {
+        match task_state(&client, blocker).await.0.as_str() {
+            "running" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
+    let doomed = enqueue_copies(&client, &task, json!({}), 150).await;
+    // While the blocker runs the scheduler reads arrivals at least every 100 ms
+    // (maintenance): by then the doomed tasks wait in its memory.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.query(remove_sql, &[&doomed]).await.unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sluice.task_run WHERE id = ANY($1) AND status = 'queued'",
+            &[&doomed],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "every doomed task is gone or cancelled");
+    let enqueued = std::time::Instant::now();
+    let after = enqueue_sql(&client, &task, json!({})).await;
+    wait_finished(&client, &[blocker, after], Duration::from_secs(90)).await;
+    let waited = enqueued.elapsed();
+    assert_eq!(status_summary(&client, &[blocker, after]).await, "succeeded=2");
+    // The blocker ends ~2 s after it started; a deletion sweep may wait up to 5 s after the
+    // last sweep started.
+    assert!(
+        waited < Duration::from_secs(12),
+        "the task enqueued after the removal finished {waited:?} later"
+    );
+}
