@@ -157,6 +157,9 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
         if let Some(at) = wake::take_committed_runnable_from() {
             scheduler.queue.rewind_to(at);
         }
+        if let Some(at) = wake::take_committed_delayed_from() {
+            scheduler.delayed_committed(at);
+        }
         match wake::take_ended_attempts() {
             Some(ended) => {
                 for (task_id, attempt) in ended {
@@ -336,6 +339,11 @@ struct Scheduler {
     last_sweep_started: Option<Instant>,
     /// How long the last finished sweep took, from its start to its last slice.
     last_sweep_took: Option<Duration>,
+    /// When the next delayed task (queued, run_at in the future) becomes runnable, as last
+    /// read from the table and lowered by commits since (`wake::take_committed_delayed_from`);
+    /// `Some(None)`: none; `None`: to be read. Reading it every tick was an executor start-up
+    /// in the tick every pickup waits for.
+    next_delayed: Option<Option<Micros>>,
     /// Task definitions and rate limits, reloaded with maintenance and after every committed
     /// change (`wake::config_generation`).
     definitions: Definitions,
@@ -548,6 +556,34 @@ impl Scheduler {
                 .all(|rule| rule.strategy == Strategy::GroupRoundRobin)
     }
 
+    /// A commit made tasks queued from `at`, after its start.
+    fn delayed_committed(&mut self, at: Micros) {
+        if let Some(known) = self.next_delayed {
+            self.next_delayed = Some(Some(known.map_or(at, |t| t.min(at))));
+        }
+    }
+
+    /// When the next delayed task becomes runnable. Read from the table when not known, when
+    /// the time known has come (that task is read as an arrival this tick; the one after it is
+    /// not known), and in maintenance, for what no commit reported (a direct INSERT, a prepared
+    /// transaction, a path that woke the scheduler without its run_at).
+    fn next_delayed_at(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        now: Micros,
+        maintain: bool,
+    ) -> Option<Micros> {
+        match self.next_delayed {
+            Some(known) if !maintain && known.is_none_or(|at| at > now) => known,
+            _ => {
+                let statements = self.statements.as_ref().expect("prepared by the tick");
+                let read = next_delayed(client, statements);
+                self.next_delayed = Some(read);
+                read
+            }
+        }
+    }
+
     /// The part of `wake_changes_nothing` that new arrivals cannot change: published in shared
     /// memory so that an enqueue's commit need not set the latch at all (see crate::wake).
     /// Cancelling strategies stay out of it: what they cancel on arrival is running or
@@ -580,6 +616,7 @@ impl Scheduler {
             deletions_seen: 0,
             last_sweep_started: None,
             last_sweep_took: None,
+            next_delayed: None,
             definitions: Definitions::default(),
             config_generation: u64::MAX,
             workers: None,
@@ -832,7 +869,6 @@ impl Scheduler {
             .sum();
         self.no_free_slot = free_slots <= planned as i64;
 
-        let statements = self.statements.as_ref().expect("prepared above");
         for (&worker_id, kind) in &notify {
             notify_worker(worker_id, kind);
         }
@@ -845,7 +881,7 @@ impl Scheduler {
                 self.queue.next_deadline(),
                 self.timers_due,
                 deletion_sweep_due,
-                next_delayed(client, statements),
+                self.next_delayed_at(client, now, maintain),
                 rate_blocked_until,
             ]
             .into_iter()

@@ -114,6 +114,13 @@ static SCHEDULER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"sluice_s
 static COMMITTED_RUNNABLE_FROM: PgAtomic<AtomicI64> =
     unsafe { PgAtomic::new(c"sluice_committed_runnable_from") };
 
+/// Earliest `run_at` (Postgres microseconds) still in the future at its transaction's start
+/// that a commit made queued since the scheduler last took it; `i64::MAX` when none. The
+/// scheduler keeps the next delayed task's time in memory and reads it from the table only
+/// when that time has come or in maintenance.
+static COMMITTED_DELAYED_FROM: PgAtomic<AtomicI64> =
+    unsafe { PgAtomic::new(c"sluice_committed_delayed_from") };
+
 /// The scheduler would leave a wake-up that only brings arrivals for its next due tick.
 static ARRIVALS_IDLE: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"sluice_arrivals_idle") };
 
@@ -148,6 +155,8 @@ static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 static PLAIN_WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// Earliest `run_at` made queued by this backend's current transaction, `i64::MAX` when none.
 static RUNNABLE_FROM_AT_COMMIT: AtomicI64 = AtomicI64::new(i64::MAX);
+/// The same among those after the transaction's start (delayed tasks).
+static DELAYED_FROM_AT_COMMIT: AtomicI64 = AtomicI64::new(i64::MAX);
 /// This backend already checked that the scheduler serves its database.
 static DATABASE_CHECKED: AtomicBool = AtomicBool::new(false);
 
@@ -155,6 +164,7 @@ pub fn init_shared_memory() {
     pg_shmem_init!(SCHEDULER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(ARRIVALS_IDLE = AtomicBool::new(false));
     pg_shmem_init!(COMMITTED_RUNNABLE_FROM = AtomicI64::new(i64::MAX));
+    pg_shmem_init!(COMMITTED_DELAYED_FROM = AtomicI64::new(i64::MAX));
     pg_shmem_init!(CONFIG_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(OUTCOMES_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(DELETIONS_GENERATION = AtomicU64::new(0));
@@ -189,6 +199,9 @@ pub fn wake_at_commit(runnable_from: Option<pg_sys::TimestampTz>) {
     match runnable_from {
         Some(at) => {
             RUNNABLE_FROM_AT_COMMIT.fetch_min(at, Ordering::Relaxed);
+            if at > unsafe { pg_sys::GetCurrentTransactionStartTimestamp() } {
+                DELAYED_FROM_AT_COMMIT.fetch_min(at, Ordering::Relaxed);
+            }
         }
         None => PLAIN_WAKE_AT_COMMIT.store(true, Ordering::Relaxed),
     }
@@ -410,6 +423,14 @@ pub fn take_committed_runnable_from() -> Option<pg_sys::TimestampTz> {
     (at != i64::MAX).then_some(at)
 }
 
+/// Takes the earliest delayed `run_at` committed since the last take (see
+/// `COMMITTED_DELAYED_FROM`). Call before starting the tick's transaction, like
+/// `take_committed_runnable_from`.
+pub fn take_committed_delayed_from() -> Option<pg_sys::TimestampTz> {
+    let at = COMMITTED_DELAYED_FROM.get().swap(i64::MAX, Ordering::SeqCst);
+    (at != i64::MAX).then_some(at)
+}
+
 /// Errors with SQLSTATE 55000 unless this session can be served by the scheduler: the library
 /// is preloaded and this is the database named by `sluice.database`.
 pub fn require_scheduler() {
@@ -500,6 +521,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                 set_scheduler_latch();
             }
             let runnable_from = RUNNABLE_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
+            let delayed_from = DELAYED_FROM_AT_COMMIT.swap(i64::MAX, Ordering::Relaxed);
             let ended =
                 std::mem::take(&mut *ENDED_AT_COMMIT.lock().unwrap_or_else(|e| e.into_inner()));
             TAKEN_IN_TRANSACTION
@@ -515,6 +537,11 @@ unsafe extern "C-unwind" fn on_xact_event(
                     COMMITTED_RUNNABLE_FROM
                         .get()
                         .fetch_min(runnable_from, Ordering::SeqCst);
+                }
+                if delayed_from != i64::MAX {
+                    COMMITTED_DELAYED_FROM
+                        .get()
+                        .fetch_min(delayed_from, Ordering::SeqCst);
                 }
                 // Read after the watermark is published (see the module comment).
                 let arrivals_only = !plain && !config_changed && !outcomes && ended.is_empty();
@@ -543,6 +570,7 @@ unsafe extern "C-unwind" fn on_xact_event(
             OUTCOMES_AT_COMMIT.store(false, Ordering::Relaxed);
             TASKS_DELETED_AT_COMMIT.store(false, Ordering::Relaxed);
             RUNNABLE_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
+            DELAYED_FROM_AT_COMMIT.store(i64::MAX, Ordering::Relaxed);
             ENDED_AT_COMMIT
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
