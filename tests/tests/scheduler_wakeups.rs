@@ -113,3 +113,56 @@ async fn a_cancelling_arrival_is_judged_at_once_while_no_slot_is_free() {
     assert_eq!(task_state(&client, old).await.0, "cancelled");
     wait_succeeded(&client, &[new], 1, Duration::from_secs(15)).await;
 }
+
+/// A task enqueued for later starts at its run_at, not at the next poll: its commit reports the
+/// run_at to the scheduler, which keeps the next delayed task's time in memory instead of
+/// reading it from the table every tick. The poll interval is 30 s, so a time that went
+/// missing would show as a start up to 30 s late.
+#[tokio::test]
+async fn a_task_enqueued_for_later_starts_at_its_run_at() {
+    let cluster = PrivateCluster::start("delayed", true, &[("sluice.poll_interval", "30000")]);
+    let client = connect(&cluster.dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "later", "").await;
+    let _worker = WorkerProcess::spawn(WORKER, &cluster.dsn(), &task, 2);
+    // The worker registered, and the scheduler has had its ticks since (its memory of the next
+    // delayed task says "none").
+    wait_until(Duration::from_secs(10), "the worker to register", || async {
+        let live: i64 = client
+            .query_one("SELECT count(*) FROM sluice.worker WHERE stopped_at IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if live == 1 { Ok(()) } else { Err(format!("{live} live workers")) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for delay_ms in [1500, 700] {
+        // An immediate task first: its ticks (enqueue, completion) come within the 100 ms
+        // after which the scheduler would reread the next delayed task anyway (maintenance),
+        // so the delayed task's time has to come from its commit.
+        let now_id = enqueue_sql(&client, &task, json!({})).await;
+        let id: i64 = client
+            .query_one(
+                "SELECT sluice.enqueue($1, '{}', run_at => now() + $2 * interval '1 millisecond')",
+                &[&task, &f64::from(delay_ms)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        wait_finished(&client, &[now_id, id], Duration::from_secs(40)).await;
+        let late_ms: f64 = client
+            .query_one(
+                "SELECT extract(epoch FROM picked_at - run_at)::float8 * 1000
+                   FROM sluice.task_run WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            (0.0..500.0).contains(&late_ms),
+            "a task due in {delay_ms} ms started {late_ms:.0} ms after its run_at"
+        );
+    }
+}
