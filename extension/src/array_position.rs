@@ -86,7 +86,11 @@ impl Sorted {
             );
         }
         // An empty array has no dimensions, so no lower bound to read.
-        let lower_bound = if count > 0 { unsafe { *array_lower_bounds(array) } } else { 1 };
+        let lower_bound = if count > 0 {
+            unsafe { *array_lower_bounds(array) }
+        } else {
+            1
+        };
         let mut pairs: Vec<(i64, i32)> = (0..count as usize)
             .filter(|&i| !unsafe { *nulls.add(i) })
             .map(|i| {
@@ -119,7 +123,10 @@ impl Sorted {
 /// The array's lower bounds (one per dimension), after its header and its dimensions.
 unsafe fn array_lower_bounds(array: *const pg_sys::ArrayType) -> *const i32 {
     unsafe {
-        let dims = array.cast::<u8>().add(size_of::<pg_sys::ArrayType>()).cast::<i32>();
+        let dims = array
+            .cast::<u8>()
+            .add(size_of::<pg_sys::ArrayType>())
+            .cast::<i32>();
         dims.add((*array).ndim as usize)
     }
 }
@@ -136,7 +143,8 @@ pub unsafe extern "C-unwind" fn sluice_array_position(
 ) -> pg_sys::Datum {
     unsafe {
         let args = (*fcinfo).args.as_slice(2);
-        let array = pg_sys::pg_detoast_datum(args[0].value.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+        let array =
+            pg_sys::pg_detoast_datum(args[0].value.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
         let id = args[1].value.value() as i64;
         if (*array).ndim > 1 {
             ereport!(

@@ -106,7 +106,13 @@ pub fn plan(
     // for every page's lock (half of a 4 x 250 drain's tasks alternated workers row by row).
     // A run is short next to the slots, so load still spreads; with a handful of free slots,
     // or one task at a time, each task still goes to the freest worker.
-    let run = workers.iter().map(|w| w.free_slots).max().unwrap_or(0).max(8) / 8;
+    let run = workers
+        .iter()
+        .map(|w| w.free_slots)
+        .max()
+        .unwrap_or(0)
+        .max(8)
+        / 8;
     let mut previous: Option<usize> = None;
     let mut out = Vec::new();
     for c in order {
@@ -272,7 +278,10 @@ mod unit_tests {
         let c: Vec<Candidate> = (1..=256).map(|i| task(i, "a", 1)).collect();
         let p = plan(&w, &c);
         assert_eq!(p.len(), 256);
-        let switches = p.windows(2).filter(|a| a[0].worker_id != a[1].worker_id).count();
+        let switches = p
+            .windows(2)
+            .filter(|a| a[0].worker_id != a[1].worker_id)
+            .count();
         assert!(switches <= 256 / 8, "{switches} switches between workers");
         for id in 1..=4 {
             assert_eq!(p.iter().filter(|a| a.worker_id == id).count(), 64);

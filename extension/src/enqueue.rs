@@ -27,7 +27,8 @@ use pgrx::{pg_sys, FromDatum, IntoDatum};
 
 use crate::{definition_cache, wake};
 
-const INSERT_SQL: &CStr = c"INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+const INSERT_SQL: &CStr =
+    c"INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
      VALUES ($1, $2, $3, $4, $4 + $5)
      RETURNING id";
 const GENERAL_SQL: &CStr = c"SELECT sluice._enqueue_general($1, $2, $3, $4, $5)";
@@ -53,9 +54,7 @@ pub extern "C" fn pg_finfo_sluice_enqueue() -> &'static pg_sys::Pg_finfo_record 
 /// Called by Postgres through the version-1 convention with the five arguments above.
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn sluice_enqueue(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn sluice_enqueue(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let args = unsafe { (*fcinfo).args.as_slice((*fcinfo).nargs as usize) };
     assert_eq!(args.len(), 5, "sluice.enqueue takes five arguments");
     let [task, input, run_at, priority, idempotency_key] = [0, 1, 2, 3, 4].map(|i| args[i]);

@@ -70,7 +70,11 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
 
         // The fetch's commit does not wait for the disk (see sql/api.sql); set for the
         // calling transaction, as set_config(..., true) would.
-        set_guc(c"synchronous_commit", c"off", pg_sys::GucAction::GUC_ACTION_LOCAL);
+        set_guc(
+            c"synchronous_commit",
+            c"off",
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+        );
 
         let taken = wake::take_assignments(worker_id, max_tasks.max(0) as usize);
         if taken.is_empty() {
@@ -94,7 +98,11 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
         let plan = claim_plan();
         // As the plpgsql version's SET clauses did, for a (re)planning inside the execution.
         let nest_level = pg_sys::NewGUCNestLevel();
-        set_guc(c"enable_seqscan", c"off", pg_sys::GucAction::GUC_ACTION_SAVE);
+        set_guc(
+            c"enable_seqscan",
+            c"off",
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+        );
         set_guc(c"jit", c"off", pg_sys::GucAction::GUC_ACTION_SAVE);
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         pg_sys::AtEOXact_GUC(true, nest_level);

@@ -1162,7 +1162,10 @@ mod unit_tests {
         assert_eq!(q.ready_len(), 1);
         let left = q.candidates(&[("a".into(), 10)], &mut RateLimits::default(), 0);
         assert_eq!(
-            left.candidates.iter().map(|c| c.task_id).collect::<Vec<_>>(),
+            left.candidates
+                .iter()
+                .map(|c| c.task_id)
+                .collect::<Vec<_>>(),
             vec![2]
         );
     }

@@ -672,9 +672,9 @@ impl Scheduler {
         let deletions = wake::deletions_generation();
         let mut deletion_sweep_due = None;
         if deletions != self.deletions_seen && self.sweep_from.is_none() {
-            let spacing = self
-                .last_sweep_took
-                .map_or(DELETION_SWEEP_SPACING, |took| (took * 4).max(DELETION_SWEEP_SPACING));
+            let spacing = self.last_sweep_took.map_or(DELETION_SWEEP_SPACING, |took| {
+                (took * 4).max(DELETION_SWEEP_SPACING)
+            });
             let since = self.last_sweep_started.map_or(spacing, |at| at.elapsed());
             if since >= spacing {
                 self.deletions_seen = deletions;
@@ -819,7 +819,9 @@ impl Scheduler {
             // milliseconds first, and a window counted from the earlier time let the next
             // window's starts come that much less than its length after these.
             let admitted_at = unsafe { pg_sys::GetCurrentTimestamp() };
-            let found = self.queue.candidates(&demand, &mut self.limits, admitted_at);
+            let found = self
+                .queue
+                .candidates(&demand, &mut self.limits, admitted_at);
             rate_blocked_until = found.blocked_until;
             if !found.over_limit.is_empty() {
                 for (id, _) in &found.over_limit {

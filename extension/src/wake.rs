@@ -427,7 +427,9 @@ pub fn take_committed_runnable_from() -> Option<pg_sys::TimestampTz> {
 /// `COMMITTED_DELAYED_FROM`). Call before starting the tick's transaction, like
 /// `take_committed_runnable_from`.
 pub fn take_committed_delayed_from() -> Option<pg_sys::TimestampTz> {
-    let at = COMMITTED_DELAYED_FROM.get().swap(i64::MAX, Ordering::SeqCst);
+    let at = COMMITTED_DELAYED_FROM
+        .get()
+        .swap(i64::MAX, Ordering::SeqCst);
     (at != i64::MAX).then_some(at)
 }
 

@@ -127,14 +127,25 @@ async fn a_task_enqueued_for_later_starts_at_its_run_at() {
     let _worker = WorkerProcess::spawn(WORKER, &cluster.dsn(), &task, 2);
     // The worker registered, and the scheduler has had its ticks since (its memory of the next
     // delayed task says "none").
-    wait_until(Duration::from_secs(10), "the worker to register", || async {
-        let live: i64 = client
-            .query_one("SELECT count(*) FROM sluice.worker WHERE stopped_at IS NULL", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if live == 1 { Ok(()) } else { Err(format!("{live} live workers")) }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the worker to register",
+        || async {
+            let live: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sluice.worker WHERE stopped_at IS NULL",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if live == 1 {
+                Ok(())
+            } else {
+                Err(format!("{live} live workers"))
+            }
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for delay_ms in [1500, 700] {

@@ -222,7 +222,10 @@ async fn tasks_removed_while_waiting_are_not_handed_to_workers(remove_sql: &str)
     let after = enqueue_sql(&client, &task, json!({})).await;
     wait_finished(&client, &[blocker, after], Duration::from_secs(90)).await;
     let waited = enqueued.elapsed();
-    assert_eq!(status_summary(&client, &[blocker, after]).await, "succeeded=2");
+    assert_eq!(
+        status_summary(&client, &[blocker, after]).await,
+        "succeeded=2"
+    );
     // The blocker ends ~2 s after it started; a deletion sweep may wait up to 5 s after the
     // last sweep started.
     assert!(
