@@ -25,7 +25,7 @@ use std::ffi::{c_char, CStr};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, FromDatum, IntoDatum};
 
-use crate::{definition_cache, wake};
+use crate::{definition_cache, direct_insert, wake};
 
 const INSERT_SQL: &CStr =
     c"INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
@@ -86,20 +86,42 @@ pub unsafe extern "C-unwind" fn sluice_enqueue(fcinfo: pg_sys::FunctionCallInfo)
     } else {
         priority.value
     };
-    let values = [
-        task,
-        not_null(priority),
-        input,
-        not_null(pg_sys::Datum::from(start_at)),
-        not_null(
-            defaults
-                .schedule_timeout
-                .into_datum()
-                .expect("an interval is never NULL"),
-        ),
-    ];
-    let id = execute(&INSERT_PLAN, INSERT_SQL, &INSERT_TYPES, &values)
-        .expect("the INSERT returns the new task's id");
+    let schedule_timeout = defaults
+        .schedule_timeout
+        .into_datum()
+        .expect("an interval is never NULL");
+    // Direct when task_run is as the extension made it (crate::direct_insert); else through
+    // the executor, which then enforces what a user added to the table.
+    let row = direct_insert::PlainRow {
+        task_name: task.value,
+        priority,
+        input: input.value,
+        run_at: start_at,
+        schedule_deadline: unsafe {
+            // `$4 + $5` in INSERT_SQL: the session's time zone decides what a day is.
+            pg_sys::DirectFunctionCall2Coll(
+                Some(direct_insert::timestamptz_pl_interval),
+                pg_sys::InvalidOid,
+                pg_sys::Datum::from(start_at),
+                schedule_timeout,
+            )
+            .value() as pg_sys::TimestampTz
+        },
+    };
+    let id = match direct_insert::insert(&row) {
+        Some(id) => pg_sys::Datum::from(id),
+        None => {
+            let values = [
+                task,
+                not_null(priority),
+                input,
+                not_null(pg_sys::Datum::from(start_at)),
+                not_null(schedule_timeout),
+            ];
+            execute(&INSERT_PLAN, INSERT_SQL, &INSERT_TYPES, &values)
+                .expect("the INSERT returns the new task's id")
+        }
+    };
     wake::wake_at_commit(Some(start_at));
     id
 }

@@ -11,6 +11,7 @@ mod array_position;
 pub mod assign;
 pub mod cron_expr;
 mod definition_cache;
+mod direct_insert;
 mod enqueue;
 mod fetch;
 pub mod flow;

@@ -341,3 +341,127 @@ fn array_position_matches_the_builtin() {
     let multi = outcome("SELECT sluice._array_position('{{1,2},{3,4}}', 3)");
     assert!(multi.starts_with("0A000: searching for elements in multidimensional arrays"), "{multi}");
 }
+
+#[pg_test]
+fn a_plain_enqueue_writes_the_row_the_insert_would() {
+    Spi::run("SELECT sluice.define_task('t_direct', priority => 3, schedule_timeout => '1 day')")
+        .unwrap();
+    assert!(crate::direct_insert::eligible(), "task_run as created takes the direct path");
+    // A day from noon before the end of summer time in Berlin is 25 hours: the deadline is
+    // `run_at + interval` in the session's zone, as the SQL INSERT computes it.
+    Spi::run("SET LOCAL TimeZone = 'Europe/Berlin'").unwrap();
+    let input = r#"{"k": [1, "x", {"n": null}], "long": "#.to_string()
+        + &format!("\"{}\"}}", "y".repeat(5000));
+    let direct = Spi::get_one_with_args::<i64>(
+        "SELECT sluice.enqueue('t_direct', $1::jsonb, run_at => '2026-10-24 12:00+02')",
+        &[input.as_str().into()],
+    )
+    .unwrap()
+    .unwrap();
+    let through_sql = Spi::get_one_with_args::<i64>(
+        "INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+         VALUES ('t_direct', 3, $1::jsonb, '2026-10-24 12:00+02',
+                 '2026-10-24 12:00+02'::timestamptz + interval '1 day')
+         RETURNING id",
+        &[input.as_str().into()],
+    )
+    .unwrap()
+    .unwrap();
+    let same = Spi::get_one_with_args::<bool>(
+        "SELECT (to_jsonb(a) - 'id') = (to_jsonb(b) - 'id')
+           FROM sluice.task_run a, sluice.task_run b WHERE a.id = $1 AND b.id = $2",
+        &[direct.into(), through_sql.into()],
+    )
+    .unwrap();
+    assert_eq!(same, Some(true), "rows {direct} and {through_sql} differ");
+    let deadline = Spi::get_one_with_args::<String>(
+        "SELECT schedule_deadline::text FROM sluice.task_run WHERE id = $1",
+        &[direct.into()],
+    )
+    .unwrap();
+    assert_eq!(deadline.as_deref(), Some("2026-10-25 12:00:00+01"));
+    // Found through the primary key and the index of unfinished tasks, not only on the heap.
+    Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+    Spi::run("SET LOCAL enable_bitmapscan = off").unwrap();
+    let by_key = Spi::get_one_with_args::<i64>(
+        "SELECT count(*) FROM sluice.task_run WHERE id = $1",
+        &[direct.into()],
+    )
+    .unwrap();
+    assert_eq!(by_key, Some(1));
+    let unfinished = Spi::get_one::<i64>(
+        "SELECT count(*) FROM sluice.task_run
+          WHERE finished_at IS NULL AND run_at = '2026-10-24 12:00+02'",
+    )
+    .unwrap();
+    assert_eq!(unfinished, Some(2));
+}
+
+#[pg_test]
+fn a_plain_enqueue_obeys_what_users_add_to_task_run() {
+    Spi::run("SELECT sluice.define_task('t_guarded')").unwrap();
+    assert!(crate::direct_insert::eligible());
+
+    // An insert trigger runs: the enqueue goes through the executor while it exists.
+    Spi::run(
+        "CREATE TEMP TABLE seen (id bigint);
+         CREATE FUNCTION pg_temp.note() RETURNS trigger LANGUAGE plpgsql AS
+             $f$ BEGIN INSERT INTO seen VALUES (NEW.id); RETURN NULL; END $f$;
+         CREATE TRIGGER note AFTER INSERT ON sluice.task_run
+             FOR EACH ROW EXECUTE FUNCTION pg_temp.note()",
+    )
+    .unwrap();
+    let id = Spi::get_one::<i64>("SELECT sluice.enqueue('t_guarded')").unwrap();
+    let seen = Spi::get_one::<i64>("SELECT id FROM seen").unwrap();
+    assert_eq!(seen, id);
+    assert!(!crate::direct_insert::eligible());
+    Spi::run("DROP TRIGGER note ON sluice.task_run").unwrap();
+    assert!(crate::direct_insert::eligible());
+
+    // A check constraint is enforced.
+    Spi::run("ALTER TABLE sluice.task_run ADD CONSTRAINT small_priority CHECK (priority < 10)")
+        .unwrap();
+    let refused = outcome("SELECT sluice.enqueue('t_guarded', priority => 11)");
+    assert!(refused.starts_with("23514:"), "{refused}");
+    assert_eq!(outcome("SELECT sluice.enqueue('t_guarded', priority => 9)"), "ok");
+    Spi::run("ALTER TABLE sluice.task_run DROP CONSTRAINT small_priority").unwrap();
+
+    // A role without INSERT on task_run gets the executor's error; with it, the direct path.
+    Spi::run(
+        "CREATE ROLE sluice_test_producer;
+         GRANT USAGE ON SCHEMA sluice TO sluice_test_producer;
+         GRANT SELECT ON ALL TABLES IN SCHEMA sluice TO sluice_test_producer",
+    )
+    .unwrap();
+    setup();
+    let as_producer = |stmt: &str| {
+        Spi::run("SET LOCAL ROLE sluice_test_producer").unwrap();
+        let result =
+            Spi::get_one_with_args::<String>("SELECT sluice_test_sqlstate($1)", &[stmt.into()]);
+        Spi::run("RESET ROLE").unwrap();
+        result.unwrap().unwrap()
+    };
+    let refused = as_producer("SELECT sluice.enqueue('t_guarded')");
+    assert!(
+        refused.starts_with("42501: permission denied for table task_run"),
+        "{refused}"
+    );
+    Spi::run("GRANT INSERT ON sluice.task_run TO sluice_test_producer").unwrap();
+    assert_eq!(as_producer("SELECT sluice.enqueue('t_guarded')"), "ok");
+    assert!(crate::direct_insert::eligible());
+
+    // Row-level security is enforced (for a role that does not bypass it).
+    Spi::run(
+        "ALTER TABLE sluice.task_run ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY small ON sluice.task_run USING (true) WITH CHECK (priority < 10)",
+    )
+    .unwrap();
+    let refused = as_producer("SELECT sluice.enqueue('t_guarded', priority => 11)");
+    assert!(
+        refused.starts_with("42501: new row violates row-level security policy"),
+        "{refused}"
+    );
+    assert_eq!(as_producer("SELECT sluice.enqueue('t_guarded', priority => 9)"), "ok");
+    Spi::run("ALTER TABLE sluice.task_run DISABLE ROW LEVEL SECURITY").unwrap();
+    assert!(crate::direct_insert::eligible());
+}
