@@ -19,8 +19,9 @@
 //!   - the one check constraint the extension declares (the row here satisfies it: a queued
 //!     task with no `finished_at`).
 //!
-//! Anything else (a user's trigger or policy on task_run, an added constraint) and any caller
-//! without the table-level INSERT privilege takes the SPI path, which enforces all of it and
+//! Anything else (a user's trigger or policy on task_run, an added constraint), any caller
+//! without the table-level INSERT and SELECT privileges and any read-only transaction takes
+//! the SPI path, which enforces all of it and
 //! raises the errors. The shape is checked once per session and again after any relcache
 //! invalidation of the table (every ALTER TABLE, CREATE TRIGGER, CREATE POLICY, GRANT sends
 //! one). Like the executor, it takes the identity column's value without checking the
@@ -160,6 +161,10 @@ fn eligible_relid() -> Option<pg_sys::Oid> {
 /// Inserts `row` into sluice.task_run and returns its id, or `None` (having done nothing) when
 /// the table or the caller's privileges need the executor's path.
 pub fn insert(row: &PlainRow) -> Option<i64> {
+    // A read-only transaction (or a standby) gets the executor's error for an INSERT.
+    if unsafe { pg_sys::XactReadOnly } {
+        return None;
+    }
     let relid = eligible_relid()?;
     unsafe {
         // The lock processes pending invalidations: the shape read above may be gone after it.

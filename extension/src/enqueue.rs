@@ -6,8 +6,9 @@
 //! scheduler at commit. As a plpgsql function that took ~27 µs per call on top of the INSERT
 //! itself (setting up the function, three more statements and their expression evaluations,
 //! the defaults passed through an array), about as much as the INSERT's own executor start.
-//! Here the INSERT is one plan kept for the session, and the arguments go to it as they came:
-//! the input is never parsed or copied.
+//! Here the row is written directly (`crate::direct_insert`) while task_run is as the extension
+//! made it, or else by one INSERT plan kept for the session; either way the arguments go in as
+//! they came: the input is never parsed or copied.
 //!
 //! Everything else (an idempotency key, flow control, a NULL or unknown name, a NULL input, a
 //! session whose cache is bypassed) goes to `sluice._enqueue_general`, which raises the errors.

@@ -464,4 +464,15 @@ fn a_plain_enqueue_obeys_what_users_add_to_task_run() {
     assert_eq!(as_producer("SELECT sluice.enqueue('t_guarded', priority => 9)"), "ok");
     Spi::run("ALTER TABLE sluice.task_run DISABLE ROW LEVEL SECURITY").unwrap();
     assert!(crate::direct_insert::eligible());
+
+    // A read-only transaction refuses the INSERT (last: nothing else can write after this).
+    Spi::run("SET LOCAL transaction_read_only = on").unwrap();
+    let refused =
+        Spi::get_one::<String>("SELECT sluice_test_sqlstate('SELECT sluice.enqueue(''t_guarded'')')")
+            .unwrap()
+            .unwrap();
+    assert!(
+        refused.starts_with("25006: cannot execute INSERT in a read-only transaction"),
+        "{refused}"
+    );
 }
