@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
 mod array_position;
+mod arrivals;
 pub mod assign;
 pub mod cron_expr;
 mod definition_cache;

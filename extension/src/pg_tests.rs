@@ -476,3 +476,83 @@ fn a_plain_enqueue_obeys_what_users_add_to_task_run() {
         "{refused}"
     );
 }
+
+#[pg_test]
+fn the_arrivals_index_scan_returns_what_the_sql_read_returns() {
+    // 6,000 queued tasks over 30 run_at values (ties, as one transaction's enqueue_many makes)
+    // on many index pages, some running or finished, some not yet runnable.
+    Spi::run("SELECT sluice.define_task('t_scan')").unwrap();
+    Spi::run(
+        "INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+         SELECT 't_scan', 1, '{}', now() - interval '1 hour' + (g % 30) * interval '1 minute',
+                now() + interval '1 day'
+           FROM generate_series(1, 6000) g;
+         INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
+         SELECT 't_scan', 1, '{}', now() + interval '1 minute', now() + interval '1 day'
+           FROM generate_series(1, 50);
+         UPDATE sluice.task_run SET status = 'running', attempt = 1
+          WHERE task_name = 't_scan' AND id % 7 = 0;
+         UPDATE sluice.task_run SET status = 'succeeded', finished_at = now()
+          WHERE task_name = 't_scan' AND id % 11 = 0 AND status = 'queued'",
+    )
+    .unwrap();
+    let now = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT now()")
+        .unwrap()
+        .map(pg_sys::TimestampTz::from)
+        .unwrap();
+    // Cursors: before everything, inside a run of equal run_at values (at its start, middle
+    // and end), between runs, after everything.
+    let cursors = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT run_at, id FROM sluice.task_run WHERE task_name = 't_scan'
+                  ORDER BY run_at, id OFFSET 1234 LIMIT 1",
+                None,
+                &[],
+            )
+            .unwrap()
+            .first()
+            .get_two::<pgrx::datum::TimestampWithTimeZone, i64>()
+            .unwrap()
+    });
+    let (middle_at, middle_id) = (pg_sys::TimestampTz::from(cursors.0.unwrap()), cursors.1.unwrap());
+    let minute = 60_000_000;
+    let cases = [
+        (i64::MIN, i64::MIN, 100),
+        (i64::MIN, i64::MIN, 10_000),
+        (middle_at, middle_id, 500),
+        (middle_at, i64::MIN, 500),
+        (middle_at, i64::MAX, 500),
+        (middle_at + minute, i64::MIN, 10_000),
+        (middle_at + minute / 2, 0, 300),
+        (now, i64::MAX, 100),
+    ];
+    for (after_at, after_id, limit) in cases {
+        let scanned: Vec<i64> = crate::arrivals::read((after_at, after_id), now, limit)
+            .expect("the index scan runs on the extension's own schema")
+            .iter()
+            .map(|r| r.task_id)
+            .collect();
+        let by_sql = sql_arrivals(after_at, after_id, limit);
+        assert_eq!(scanned, by_sql, "cursor ({after_at}, {after_id}), limit {limit}");
+        assert_eq!(scanned.is_empty(), after_at >= now, "cursor ({after_at}, {after_id})");
+    }
+}
+
+/// The scheduler's arrivals statement (see `Statements::prepare`), for comparison.
+fn sql_arrivals(after_at: pg_sys::TimestampTz, after_id: i64, limit: usize) -> Vec<i64> {
+    // Timestamps as microseconds since 2000-01-01; far before any task for -infinity.
+    let after_at = after_at.max(-200_000_000_000_000_000);
+    Spi::get_one_with_args::<Vec<i64>>(
+        "SELECT coalesce(array_agg(id ORDER BY run_at, id), '{}') FROM (
+             SELECT id, run_at FROM sluice.task_run
+              WHERE finished_at IS NULL AND status = 'queued'
+                AND (run_at, id) > ('2000-01-01 00:00:00+00'::timestamptz
+                                    + $1 * interval '1 microsecond', $2)
+                AND run_at <= now()
+              ORDER BY run_at, id LIMIT $3) s",
+        &[after_at.into(), after_id.into(), (limit as i64).into()],
+    )
+    .unwrap()
+    .unwrap()
+}

@@ -14,7 +14,7 @@ use crate::queue::{
     Arrival, ConcurrencyRule, Cursor, Micros, QueueState, RowState, RunningAttempt, Strategy,
     TaskFlow, FROM_START,
 };
-use crate::{gucs, wake};
+use crate::{arrivals, gucs, wake};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
@@ -1252,18 +1252,24 @@ fn read_arrivals(
     }
     let limit = room.min(ARRIVALS_PER_TICK);
     let (after_run_at, after_id) = queue.cursor();
-    let rows = client
-        .update(
-            &statements.read_arrivals,
-            None,
-            &[
-                timestamptz(after_run_at).into(),
-                after_id.into(),
-                (limit as i64).into(),
-            ],
-        )
-        .expect("reading arrivals failed");
-    let (arrivals, last) = queued_rows(rows, definitions);
+    // The index scan of crate::arrivals, or the same read in SQL when it cannot run.
+    let (arrivals, last) = match arrivals::read((after_run_at, after_id), now, limit) {
+        Some(rows) => scanned_arrivals(rows, definitions),
+        None => {
+            let rows = client
+                .update(
+                    &statements.read_arrivals,
+                    None,
+                    &[
+                        timestamptz(after_run_at).into(),
+                        after_id.into(),
+                        (limit as i64).into(),
+                    ],
+                )
+                .expect("reading arrivals failed");
+            queued_rows(rows, definitions)
+        }
+    };
     let full = arrivals.len() >= limit;
     // Everything runnable at `now` and visible was read, unless the limit cut the read short;
     // rows committed later behind this point come back through the commit watermark.
@@ -1273,6 +1279,31 @@ fn read_arrivals(
     };
     queue.add_arrivals(arrivals, next);
     full
+}
+
+/// Arrivals read by the index scan, and the place of the last one in the arrivals index.
+fn scanned_arrivals(
+    rows: Vec<arrivals::ArrivalRow>,
+    definitions: &Definitions,
+) -> (Vec<Arrival>, Option<Cursor>) {
+    let last = rows.last().map(|r| (r.run_at, r.task_id));
+    let arrivals = rows
+        .into_iter()
+        .map(|row| {
+            let rates = row.rate_limit_keys.zip(row.rate_limit_units);
+            let flow = definitions.flow(&row.task_name, row.concurrency_key, rates);
+            Arrival {
+                task_id: row.task_id,
+                task_name: row.task_name,
+                priority: row.priority,
+                run_at: row.run_at,
+                schedule_deadline: row.schedule_deadline.unwrap_or(i64::MAX),
+                attempt: row.attempt,
+                flow,
+            }
+        })
+        .collect();
+    (arrivals, last)
 }
 
 /// Queued rows as read by `read_arrivals` and `sweep` (same first columns), and the place of

@@ -475,3 +475,67 @@ async fn every_definition_change_reaches_every_sessions_enqueue() {
     .await
     .expect("filler cleanup");
 }
+
+/// The scheduler reads at most 5,000 arrivals a tick, resuming after the last task read, by
+/// (run_at, id). Tasks enqueued in one transaction share their run_at (the transaction's
+/// start), so a backlog of 12,000 of them is read in three ticks that each resume in the
+/// middle of equal run_at values: every task must run once, none twice, and none wait for the
+/// minute's sweep to be found (the bound is 40 s).
+#[tokio::test]
+async fn a_backlog_enqueued_in_one_transaction_is_read_across_ticks_exactly_once() {
+    const TASKS: i32 = 12_000;
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "one_transaction", "").await;
+    let ids = enqueue_copies(&client, &task, json!({}), TASKS).await;
+    let run_ats: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT run_at) FROM sluice.task_run WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(run_ats, 1, "one transaction, one run_at");
+    let worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 100);
+    wait_succeeded(&client, &ids, TASKS as i64, Duration::from_secs(40)).await;
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT task_id) FROM sluice_test.execution
+              WHERE task_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .unwrap();
+    let (executions, tasks): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!((executions, tasks), (TASKS as i64, TASKS as i64));
+    drop(worker);
+}
+
+/// A commit makes the scheduler read again from its transaction's start (a task committed
+/// late may sort before tasks already read). The read resumes strictly after that point: when
+/// it once let earlier rows through, 6,000 earlier queued tasks that no worker takes filled
+/// every read (5,000 a tick) and the scheduler never reached the new task, ticking without
+/// end (seen in `make test` after an aborted run left such a backlog).
+#[tokio::test]
+async fn a_backlog_nobody_serves_does_not_hide_a_new_task() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let unserved = define_unique_task(&client, "unserved_backlog", "").await;
+    let backlog = enqueue_copies(&client, &unserved, json!({}), 6_000).await;
+    // Time for the scheduler to read the backlog into memory (other tests' workers keep it
+    // reading at once; without them, within the poll interval).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let served = define_unique_task(&client, "after_backlog", "").await;
+    let worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &served, 4);
+    let id = enqueue_sql(&client, &served, json!({})).await;
+    wait_succeeded(&client, &[id], 1, Duration::from_secs(10)).await;
+    drop(worker);
+    client
+        .execute(
+            "DELETE FROM sluice.task_run WHERE id = ANY($1)",
+            &[&backlog],
+        )
+        .await
+        .unwrap();
+}
