@@ -20,6 +20,7 @@ use std::ffi::{c_char, CStr};
 use pgrx::pg_sys;
 use pgrx::FromDatum;
 
+use crate::catalog;
 use crate::queue::Micros;
 
 /// One queued task as the arrivals read returns it (the SQL statement's columns).
@@ -65,25 +66,13 @@ const FINISHED_AT: usize = 10;
 /// access/nbtree.h: a btree column's three-way comparison support function.
 const BTORDER_PROC: u16 = 1;
 
-unsafe extern "C-unwind" {
-    // Passed to DirectFunctionCall2Coll, which needs the C symbol itself.
-    fn enum_in(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
-}
-
 /// Up to `limit` queued tasks placed after `after` in the arrivals index and runnable at
 /// `until`, in index order; `None` when the index scan cannot be used (then run the SQL).
 /// Must run inside a transaction.
 pub fn read(after: (Micros, i64), until: Micros, limit: usize) -> Option<Vec<ArrivalRow>> {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"sluice".as_ptr(), true);
-        if namespace == pg_sys::InvalidOid {
-            return None;
-        }
-        let relid = pg_sys::get_relname_relid(c"task_run".as_ptr(), namespace);
-        let index_id = pg_sys::get_relname_relid(c"task_run_unfinished_idx".as_ptr(), namespace);
-        if relid == pg_sys::InvalidOid || index_id == pg_sys::InvalidOid {
-            return None;
-        }
+        let relid = catalog::sluice_relation(c"task_run")?;
+        let index_id = catalog::sluice_relation(c"task_run_unfinished_idx")?;
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let heap = pg_sys::table_open(relid, lock);
         let index = pg_sys::index_open(index_id, lock);
@@ -155,12 +144,7 @@ unsafe fn scan(
             let desc = (*heap).rd_att;
             (*desc).attrs.as_slice((*desc).natts as usize)[attnums[STATUS] as usize - 1].atttypid
         };
-        let queued = pg_sys::DirectFunctionCall2Coll(
-            Some(enum_in),
-            pg_sys::InvalidOid,
-            pg_sys::Datum::from(c"queued".as_ptr()),
-            pg_sys::Datum::from(status_type),
-        );
+        let queued = catalog::queued_status(status_type);
         // `(run_at, id) > ($1, $2)` as the executor puts a row comparison to a btree: a
         // header key pointing at one member key per column, the last marked as the end. A
         // member's function is the column's three-way comparison support function (btree

@@ -204,11 +204,10 @@ pub fn insert(row: &PlainRow) -> Option<i64> {
 
 // Server functions called as they are, not through pgrx's guarded bindings: `nextval_internal`
 // (commands/sequence.h, which the bindings leave out) is called inside
-// `pg_guard_ffi_boundary`; the fmgr functions are passed to `DirectFunctionCall2Coll`, which
+// `pg_guard_ffi_boundary`; `timestamptz_pl_interval` is passed to `DirectFunctionCall2Coll`, which
 // must get the C symbols themselves.
 unsafe extern "C-unwind" {
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
-    fn enum_in(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
     pub fn timestamptz_pl_interval(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
 }
 
@@ -278,14 +277,7 @@ unsafe fn write_row(rel: pg_sys::Relation, shape: &Shape, row: &PlainRow) -> i64
 /// Looks task_run over; `None` when a plain enqueue must take the executor's path.
 fn build_shape() -> Option<Shape> {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"sluice".as_ptr(), true);
-        if namespace == pg_sys::InvalidOid {
-            return None;
-        }
-        let relid = pg_sys::get_relname_relid(c"task_run".as_ptr(), namespace);
-        if relid == pg_sys::InvalidOid {
-            return None;
-        }
+        let relid = crate::catalog::sluice_relation(c"task_run")?;
         let rel = pg_sys::try_table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if rel.is_null() {
             return None;
@@ -389,12 +381,7 @@ unsafe fn examine(rel: pg_sys::Relation) -> Option<Shape> {
         if sequence == pg_sys::InvalidOid {
             return None;
         }
-        let queued = pg_sys::DirectFunctionCall2Coll(
-            Some(enum_in),
-            pg_sys::InvalidOid,
-            pg_sys::Datum::from(c"queued".as_ptr()),
-            pg_sys::Datum::from(status_type),
-        );
+        let queued = crate::catalog::queued_status(status_type);
         Some(Shape {
             relid: (*rel).rd_id,
             natts,

@@ -10,6 +10,7 @@ use pgrx::PgSqlErrorCode;
 mod array_position;
 mod arrivals;
 pub mod assign;
+mod catalog;
 pub mod cron_expr;
 mod definition_cache;
 mod direct_insert;
