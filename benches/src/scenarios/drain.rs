@@ -52,11 +52,17 @@ impl Run {
 }
 
 pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
-    let n = ctx.scale.tasks(100_000);
+    let mut n = ctx.scale.tasks(100_000);
     // For profiling one shape over and over (not a result: no baselines, nothing recorded):
     // SLUICE_BENCH_DRAIN_ONLY=<workers>x<slots>, e.g. 8x100.
     // SLUICE_BENCH_DRAIN_ONLY=batched8 / naive8: one baseline run with 8 connections.
+    // SLUICE_BENCH_DRAIN_TASKS=<n> with it: drain n tasks instead (a longer window to profile).
     if let Ok(only) = std::env::var("SLUICE_BENCH_DRAIN_ONLY") {
+        if let Ok(tasks) = std::env::var("SLUICE_BENCH_DRAIN_TASKS") {
+            n = tasks
+                .parse()
+                .map_err(|_| format!("SLUICE_BENCH_DRAIN_TASKS={tasks}: expected a count"))?;
+        }
         for kind in [Baseline::Naive, Baseline::Batched] {
             if let Some(connections) = only.strip_prefix(kind.system()) {
                 let connections = connections.parse().map_err(|_| {
