@@ -202,13 +202,10 @@ pub fn insert(row: &PlainRow) -> Option<i64> {
     }
 }
 
-// Server functions called as they are, not through pgrx's guarded bindings: `nextval_internal`
-// (commands/sequence.h, which the bindings leave out) is called inside
-// `pg_guard_ffi_boundary`; `timestamptz_pl_interval` is passed to `DirectFunctionCall2Coll`, which
-// must get the C symbols themselves.
+// Called as it is, not through pgrx's guarded bindings, which leave it out
+// (commands/sequence.h): inside `pg_guard_ffi_boundary`.
 unsafe extern "C-unwind" {
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
-    pub fn timestamptz_pl_interval(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
 }
 
 unsafe fn write_row(rel: pg_sys::Relation, shape: &Shape, row: &PlainRow) -> i64 {

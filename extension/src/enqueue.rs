@@ -32,6 +32,11 @@ const INSERT_SQL: &CStr =
     c"INSERT INTO sluice.task_run (task_name, priority, input, run_at, schedule_deadline)
      VALUES ($1, $2, $3, $4, $4 + $5)
      RETURNING id";
+// Passed to DirectFunctionCall2Coll, which needs the C symbol itself.
+unsafe extern "C-unwind" {
+    fn timestamptz_pl_interval(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+}
+
 const GENERAL_SQL: &CStr = c"SELECT sluice._enqueue_general($1, $2, $3, $4, $5)";
 
 thread_local! {
@@ -101,7 +106,7 @@ pub unsafe extern "C-unwind" fn sluice_enqueue(fcinfo: pg_sys::FunctionCallInfo)
         schedule_deadline: unsafe {
             // `$4 + $5` in INSERT_SQL: the session's time zone decides what a day is.
             pg_sys::DirectFunctionCall2Coll(
-                Some(direct_insert::timestamptz_pl_interval),
+                Some(timestamptz_pl_interval),
                 pg_sys::InvalidOid,
                 pg_sys::Datum::from(start_at),
                 schedule_timeout,
