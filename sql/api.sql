@@ -521,6 +521,10 @@ BEGIN
     IF t.status NOT IN ('queued', 'running') THEN
         RETURN false;
     END IF;
+    -- A queued row may be running under a claim held in memory: write it first.
+    IF t.status = 'queued' AND sluice._settle_claims(ARRAY[t.id]) > 0 THEN
+        SELECT * INTO t FROM sluice.task_run r WHERE r.id = t.id;
+    END IF;
     IF t.status = 'queued' THEN
         -- It may be posted to a worker (not claimed yet): its slot is free again.
         PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt + 1]);
@@ -696,6 +700,9 @@ CREATE OR REPLACE FUNCTION sluice.heartbeat(worker_id bigint, task_ids bigint[] 
 RETURNS SETOF bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
     SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    held_ids      bigint[];
+    held_attempts int[];
 BEGIN
     PERFORM sluice._live_worker(worker_id);
     IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts) THEN
@@ -707,6 +714,10 @@ BEGIN
     IF cardinality(task_ids) = 0 THEN
         RETURN;
     END IF;
+    -- Claims held in memory (crate::claims) are read before the rows: one that leaves
+    -- meanwhile was settled into its row, or ended, by a commit the rows' snapshot sees.
+    SELECT array_agg(c.task_id), array_agg(c.attempt) INTO held_ids, held_attempts
+      FROM sluice._claims(task_ids) c WHERE c.worker_id = heartbeat.worker_id;
     RETURN QUERY
     SELECT a.task_id
       FROM (SELECT u.task_id, u.attempt FROM unnest(task_ids, attempts) AS u(task_id, attempt)
@@ -714,7 +725,10 @@ BEGIN
             -- id = ANY: primary-key lookups, never a scan of every running task
             SELECT t.id, t.attempt FROM sluice.task_run t
              WHERE t.id = ANY(task_ids) AND t.worker_id = heartbeat.worker_id
-               AND t.status::text = 'running') a;
+               AND t.status::text = 'running'
+            EXCEPT
+            SELECT h.task_id, h.attempt FROM unnest(held_ids, held_attempts) AS h(task_id, attempt)
+           ) a;
 END
 $$;
 
@@ -723,6 +737,39 @@ $$;
 -- instead of a search from its start for every row (extension/src/array_position.rs).
 CREATE OR REPLACE FUNCTION sluice._array_position(ids bigint[], id bigint) RETURNS int
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'sluice_array_position';
+
+-- Writes the claims held in memory (extension/src/claims.rs) of these tasks into their rows, as
+-- a claim in the row would have been: running, at the claimed attempt, under its worker, with
+-- its times. Everything that must see a running attempt in its row (a failure, a cancel, a
+-- durable step, a spawn, a lost worker, a timeout) calls this first. The claims leave memory
+-- when the transaction commits; a claim whose row moved on (the attempt ended) leaves too.
+-- Returns how many rows it wrote.
+CREATE OR REPLACE FUNCTION sluice._settle_claims(task_ids bigint[]) RETURNS int
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    ids      bigint[];
+    attempts int[];
+    written  int;
+BEGIN
+    IF coalesce(cardinality(task_ids), 0) = 0 THEN  -- never `id = ANY('{}')`: see _maintain
+        RETURN 0;
+    END IF;
+    SELECT array_agg(c.task_id), array_agg(c.attempt) INTO ids, attempts
+      FROM sluice._claims(task_ids) c;
+    IF ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    UPDATE sluice.task_run t
+       SET status = 'running', attempt = c.attempt, worker_id = c.worker_id,
+           assigned_at = c.picked_at, picked_at = c.picked_at, timeout_at = c.timeout_at
+      FROM sluice._claims(ids) c
+     WHERE t.id = ANY(ids) AND t.id = c.task_id
+       AND t.status::text = 'queued' AND t.attempt = c.attempt - 1;
+    GET DIAGNOSTICS written = ROW_COUNT;
+    PERFORM sluice._claims_settled(ids, attempts);
+    RETURN written;
+END
+$$;
 
 -- Hands the worker the tasks the scheduler assigned to it, at most max_tasks, and claims them:
 -- each becomes running under this worker as a new attempt, and its execution timeout starts.
@@ -766,6 +813,10 @@ LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 DECLARE
     done_ids      bigint[];
     done_attempts int[];
+    held_ids      bigint[];
+    held_attempts int[];
+    held_picked   timestamptz[];
+    held_outputs  jsonb[];
 BEGIN
     IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts)
        OR cardinality(task_ids) IS DISTINCT FROM cardinality(outputs) THEN
@@ -776,6 +827,33 @@ BEGIN
     IF cardinality(task_ids) = 0 THEN  -- never `id = ANY('{}')`: see _maintain
         RETURN;
     END IF;
+    -- 1. Attempts claimed in memory (extension/src/claims.rs): the row is still queued at the
+    -- attempt before, and one update writes the claim and the ending together. A claim
+    -- settled into its row meanwhile fails this update's check and is completed by the next.
+    SELECT array_agg(c.task_id), array_agg(c.attempt), array_agg(c.picked_at), array_agg(o.output)
+      INTO held_ids, held_attempts, held_picked, held_outputs
+      FROM sluice._claims(task_ids) c
+      JOIN unnest(task_ids, attempts, outputs) AS o(task_id, attempt, output)
+        ON o.task_id = c.task_id AND o.attempt = c.attempt
+     WHERE c.worker_id = complete_many.worker_id;
+    IF held_ids IS NOT NULL THEN
+        WITH done AS (
+            -- as below: primary-key lookups, and each row's values found by position
+            UPDATE sluice.task_run t
+               SET status = 'succeeded',
+                   output = held_outputs[sluice._array_position(held_ids, t.id)],
+                   finished_at = now(), timeout_at = NULL, attempt = t.attempt + 1,
+                   worker_id = complete_many.worker_id,
+                   assigned_at = held_picked[sluice._array_position(held_ids, t.id)],
+                   picked_at = held_picked[sluice._array_position(held_ids, t.id)]
+             WHERE t.id = ANY(held_ids) AND t.status::text = 'queued'
+               AND t.attempt = held_attempts[sluice._array_position(held_ids, t.id)] - 1
+            RETURNING t.id, t.attempt
+        )
+        SELECT array_agg(id), array_agg(attempt) INTO done_ids, done_attempts FROM done;
+    END IF;
+    -- 2. Attempts running in their rows (when the first step did not end them all).
+    IF coalesce(cardinality(done_ids), 0) < cardinality(task_ids) THEN
     WITH done AS (
         -- One primary-key lookup per id whatever the statistics say, and no join (a join with
         -- unnest() probed the whole id list once per row); each row's attempt and output are
@@ -787,8 +865,10 @@ BEGIN
            AND t.worker_id = complete_many.worker_id AND t.status::text = 'running'
         RETURNING t.id, t.attempt
     )
-    SELECT array_agg(id), array_agg(attempt) INTO done_ids, done_attempts FROM done;
-    IF done_ids IS NOT NULL THEN
+    SELECT coalesce(done_ids, '{}') || array_agg(id), coalesce(done_attempts, '{}') || array_agg(attempt)
+      INTO done_ids, done_attempts FROM done;
+    END IF;
+    IF cardinality(done_ids) > 0 THEN
         PERFORM sluice._attempts_ended(done_ids, done_attempts);
         PERFORM sluice._wake_scheduler();
         RETURN QUERY SELECT unnest(done_ids);
@@ -821,6 +901,7 @@ BEGIN
         RAISE EXCEPTION 'task_ids, attempts, errors and retryable must have the same length'
             USING ERRCODE = '22023';
     END IF;
+    PERFORM sluice._settle_claims(task_ids);
     FOR f IN SELECT * FROM unnest(task_ids, attempts, errors,
                                   coalesce(retryable, array_fill(true, ARRAY[cardinality(task_ids)])))
                            AS x(task_id, attempt, error, retryable)
@@ -977,6 +1058,8 @@ BEGIN
     -- subtransaction each, a bad row quarantined): a subtransaction per row would give the
     -- tick hundreds of subtransaction ids when a worker with hundreds of tasks dies, more than
     -- a backend caches (64), which slows every other session's snapshots meanwhile.
+    -- Attempts claimed in memory are written into their rows first (crate::claims).
+    PERFORM sluice._settle_claims(lost_task_ids || timed_out_task_ids);
     -- 1. Running tasks whose worker is stopped or gone: the attempt is lost, the task requeued.
     IF cardinality(lost_task_ids) > 0 THEN
         BEGIN
@@ -1204,3 +1287,90 @@ $$;
 CREATE OR REPLACE TRIGGER task_rows_deleted
     AFTER DELETE OR TRUNCATE ON sluice.task_run
     FOR EACH STATEMENT EXECUTE FUNCTION sluice._task_rows_deleted();
+
+-- Views over tasks ---------------------------------------------------------------------------
+-- A task claimed in memory (extension/src/claims.rs) is still queued at the attempt before in
+-- its row until the attempt ends or is settled; these views show it running, as its claim has
+-- it. (sluice.task_attempts lists such an attempt once it has ended.)
+
+-- A task, with its workflow run and step, or its parent and key, if it has them.
+CREATE OR REPLACE VIEW sluice.tasks AS
+SELECT t.id,
+       t.task_name,
+       CASE WHEN c.task_id IS NULL THEN t.status ELSE 'running' END AS status,
+       coalesce(c.attempt, t.attempt) AS attempt,
+       t.priority,
+       t.input,
+       t.output,
+       t.last_error,
+       coalesce(c.worker_id, t.worker_id) AS worker_id,
+       w.name AS worker_name,
+       t.idempotency_key,
+       t.enqueued_at,
+       t.run_at,
+       coalesce(c.picked_at, t.assigned_at) AS started_at,
+       t.finished_at,
+       t.failures,
+       t.lost_attempts,
+       t.run_id,
+       t.step,
+       t.parent_id,
+       t.child_key
+FROM sluice.task_run t
+LEFT JOIN sluice._claims() c
+       ON c.task_id = t.id AND t.status = 'queued' AND t.attempt = c.attempt - 1
+LEFT JOIN sluice.worker w ON w.id = coalesce(c.worker_id, t.worker_id);
+
+CREATE OR REPLACE VIEW sluice.queue_stats AS
+SELECT t.task_name,
+       count(*) FILTER (WHERE t.status = 'queued' AND c.task_id IS NULL) AS queued,
+       count(*) FILTER (WHERE t.status = 'running' OR c.task_id IS NOT NULL) AS running,
+       count(*) FILTER (WHERE t.status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE t.status = 'failed')    AS failed,
+       count(*) FILTER (WHERE t.status = 'cancelled') AS cancelled,
+       now() - min(t.run_at) FILTER (WHERE t.status = 'queued' AND c.task_id IS NULL
+                                       AND t.run_at <= now())
+           AS oldest_queued_age
+FROM sluice.task_run t
+LEFT JOIN sluice._claims() c
+       ON c.task_id = t.id AND t.status = 'queued' AND t.attempt = c.attempt - 1
+GROUP BY t.task_name;
+
+CREATE OR REPLACE VIEW sluice.workers AS
+SELECT w.id,
+       w.name,
+       w.task_names,
+       w.slots,
+       coalesce(r.running, 0) + coalesce(m.running, 0) AS running,
+       w.labels,
+       w.backend_pid,
+       w.registered_at,
+       w.last_heartbeat,
+       w.stopped_at,
+       w.stop_reason
+FROM sluice.worker w
+-- one pass over the unfinished tasks for all workers (no index by worker: see task_run)
+LEFT JOIN (SELECT t.worker_id, count(*) AS running FROM sluice.task_run t
+            WHERE t.finished_at IS NULL AND t.status = 'running'
+            GROUP BY t.worker_id) r ON r.worker_id = w.id
+LEFT JOIN (SELECT c.worker_id, count(*) AS running FROM sluice._claims() c
+            GROUP BY c.worker_id) m ON m.worker_id = w.id;
+
+-- Per concurrency key with unfinished tasks: how many run and how many wait.
+CREATE OR REPLACE VIEW sluice.concurrency AS
+SELECT t.task_name,
+       t.concurrency_key AS key,
+       d.max_runs,
+       d.concurrency_strategy AS strategy,
+       count(*) FILTER (WHERE t.status = 'running') AS running,
+       count(*) FILTER (WHERE t.status = 'queued')  AS waiting
+FROM (-- through the unfinished tasks' index (no index of its own: it would cost every
+      -- keyed task more index writes)
+      SELECT r.task_name, r.concurrency_key,
+             CASE WHEN c.task_id IS NULL THEN r.status ELSE 'running' END AS status
+        FROM sluice.task_run r
+        LEFT JOIN sluice._claims() c
+               ON c.task_id = r.id AND r.status = 'queued' AND r.attempt = c.attempt - 1
+       WHERE r.finished_at IS NULL AND r.concurrency_key IS NOT NULL) t
+LEFT JOIN sluice.task_definition d ON d.name = t.task_name
+GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;

@@ -178,61 +178,8 @@ CREATE UNLOGGED TABLE sluice.worker_signal (
 
 -- Public views ------------------------------------------------------------------------------
 
--- A task, with its workflow run and step, or its parent and key, if it has them.
-CREATE VIEW sluice.tasks AS
-SELECT t.id,
-       t.task_name,
-       t.status,
-       t.attempt,
-       t.priority,
-       t.input,
-       t.output,
-       t.last_error,
-       t.worker_id,
-       w.name AS worker_name,
-       t.idempotency_key,
-       t.enqueued_at,
-       t.run_at,
-       t.assigned_at AS started_at,
-       t.finished_at,
-       t.failures,
-       t.lost_attempts,
-       t.run_id,
-       t.step,
-       t.parent_id,
-       t.child_key
-FROM sluice.task_run t
-LEFT JOIN sluice.worker w ON w.id = t.worker_id;
-
-CREATE VIEW sluice.queue_stats AS
-SELECT t.task_name,
-       count(*) FILTER (WHERE t.status = 'queued')    AS queued,
-       count(*) FILTER (WHERE t.status = 'running')   AS running,
-       count(*) FILTER (WHERE t.status = 'succeeded') AS succeeded,
-       count(*) FILTER (WHERE t.status = 'failed')    AS failed,
-       count(*) FILTER (WHERE t.status = 'cancelled') AS cancelled,
-       now() - min(t.run_at) FILTER (WHERE t.status = 'queued' AND t.run_at <= now())
-           AS oldest_queued_age
-FROM sluice.task_run t
-GROUP BY t.task_name;
-
-CREATE VIEW sluice.workers AS
-SELECT w.id,
-       w.name,
-       w.task_names,
-       w.slots,
-       coalesce(r.running, 0) AS running,
-       w.labels,
-       w.backend_pid,
-       w.registered_at,
-       w.last_heartbeat,
-       w.stopped_at,
-       w.stop_reason
-FROM sluice.worker w
--- one pass over the unfinished tasks for all workers (no index by worker: see task_run)
-LEFT JOIN (SELECT t.worker_id, count(*) AS running FROM sluice.task_run t
-            WHERE t.finished_at IS NULL AND t.status = 'running'
-            GROUP BY t.worker_id) r ON r.worker_id = w.id;
+-- sluice.tasks, sluice.queue_stats, sluice.workers and sluice.concurrency are defined at the end
+-- of sql/api.sql: they overlay the claims held in memory (sluice._claims()).
 
 -- Every attempt of every task: the ended ones from sluice.task_attempt plus each task's
 -- current or final attempt from sluice.task_run.
@@ -248,21 +195,6 @@ FROM sluice.task_run t
 WHERE t.attempt > 0
   AND NOT EXISTS (SELECT 1 FROM sluice.task_attempt a
                    WHERE a.task_id = t.id AND a.attempt = t.attempt);
-
--- Per concurrency key with unfinished tasks: how many run and how many wait.
-CREATE VIEW sluice.concurrency AS
-SELECT t.task_name,
-       t.concurrency_key AS key,
-       d.max_runs,
-       d.concurrency_strategy AS strategy,
-       count(*) FILTER (WHERE t.status = 'running') AS running,
-       count(*) FILTER (WHERE t.status = 'queued')  AS waiting
-FROM (-- through the unfinished tasks' index (no index of its own: it would cost every
-      -- keyed task more index writes)
-      SELECT r.task_name, r.concurrency_key, r.status FROM sluice.task_run r
-       WHERE r.finished_at IS NULL AND r.concurrency_key IS NOT NULL) t
-LEFT JOIN sluice.task_definition d ON d.name = t.task_name
-GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;
 
 -- Per rate-limit key: every declared key, and each dynamic key with starts in its window.
 -- Usage counts the starts (claims) of the last `per`, as the scheduler does after a restart.

@@ -289,19 +289,19 @@ impl QueueState {
     }
 
     /// A row read as queued. A task already known is not counted twice (rewinds and sweeps
-    /// reread rows), and one posted to a worker but not claimed yet stays posted. A task read
-    /// as queued that is otherwise remembered as running was requeued by someone else (its
-    /// worker deregistered): that attempt is over.
+    /// reread rows), and one posted to a worker, or claimed by it in memory (its row is
+    /// queued at the attempt before until the attempt ends, see crate::claims), stays
+    /// running. A task read as queued that is otherwise remembered as running at another
+    /// attempt was requeued by someone else (its worker deregistered): that attempt is over.
     fn note_queued(&mut self, a: Arrival) {
         if self.ready_tasks.contains_key(&a.task_id) {
             return;
         }
-        let posted_unclaimed = self.posted.contains_key(&a.task_id)
-            && self
-                .running
-                .get(&a.task_id)
-                .is_some_and(|r| r.attempt == a.attempt + 1);
-        if posted_unclaimed {
+        let posted_or_claimed = self
+            .running
+            .get(&a.task_id)
+            .is_some_and(|r| r.attempt == a.attempt + 1);
+        if posted_or_claimed {
             return;
         }
         self.end_running(a.task_id);
