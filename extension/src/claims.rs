@@ -43,9 +43,11 @@ pub struct Claim {
     pub attempt: i32,
 }
 
-/// Slots in the table (a power of two). 40 bytes each, 1.3 MB: the table is built on the
-/// postmaster's stack before it is copied into shared memory (see `crate::wake::Posted`).
-pub const CLAIM_SLOTS: usize = 32_768;
+/// Slots in the table (a power of two). 40 bytes each, 320 kB: pgrx builds the table on the
+/// postmaster's stack before it copies it into shared memory, and a debug build's postmaster
+/// crashed at start with 32,768 slots (see also `crate::wake::Posted`). More running tasks
+/// than `MAX_CLAIMS` are claimed in their rows.
+pub const CLAIM_SLOTS: usize = 2_048;
 /// Claims beyond this are made through the row: linear probing stays short at half load.
 pub const MAX_CLAIMS: usize = CLAIM_SLOTS / 2;
 

@@ -1138,8 +1138,19 @@ mod unit_tests {
         q.start_running(1, running(7, 1_000));
         assert_eq!(q.ready_len(), 1);
         assert_eq!(q.running_on(7), 1);
-        // Read as queued again (its worker deregistered and gave it back): running no more.
+        // Read as queued at the attempt before (claimed in memory, see crate::claims): still
+        // running.
         q.add_arrivals([arrival(1, "a", 1)], (3, 1));
+        assert_eq!((q.ready_len(), q.running_on(7)), (1, 1));
+        // Read as queued at its own attempt (its worker deregistered and gave it back):
+        // running no more.
+        q.add_arrivals(
+            [Arrival {
+                attempt: 1,
+                ..arrival(1, "a", 1)
+            }],
+            (3, 1),
+        );
         assert_eq!(q.ready_len(), 2);
         assert_eq!(
             q.candidates(&[("a".into(), 10)], &mut RateLimits::default(), 0)
