@@ -1340,6 +1340,8 @@ BEGIN
             SELECT q.id FROM sluice.task_run q
              WHERE q.id = ANY(task_ids) AND q.status::text = 'queued'
                AND q.schedule_deadline < now()
+               -- an attempt claimed in memory has started: its deadline no longer applies
+               AND q.id <> ALL(ARRAY(SELECT c.task_id FROM sluice._claims(task_ids) c))
                FOR UPDATE SKIP LOCKED) q;
         IF expired IS NOT NULL THEN
             UPDATE sluice.task_run r
@@ -1444,6 +1446,12 @@ $$;
 CREATE OR REPLACE FUNCTION sluice._fail_tasks_of_deleted_definitions() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- Attempts claimed in memory are running, though their rows still say queued: written into
+    -- their rows first, they finish or fail as running ones do.
+    PERFORM sluice._settle_claims(ARRAY(
+        SELECT c.task_id FROM sluice._claims() c
+          JOIN sluice.task_run t ON t.id = c.task_id
+          JOIN deleted d ON d.name = t.task_name));
     UPDATE sluice.task_run t
        SET status = 'failed', finished_at = now(),
            last_error = format('task definition "%s" no longer exists', t.task_name)

@@ -30,7 +30,11 @@
 use std::sync::Mutex;
 
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+use std::cell::UnsafeCell;
+use std::ffi::CStr;
+
+use pgrx::shmem::PgSharedMemoryInitialization;
+use pgrx::{pg_shmem_init, pg_sys};
 
 /// One claim: attempt `attempt` of task `task_id`, fetched by worker `worker_id` at
 /// `picked_at`, to be timed out at `timeout_at` (Postgres timestamps, microseconds).
@@ -43,11 +47,10 @@ pub struct Claim {
     pub attempt: i32,
 }
 
-/// Slots in the table (a power of two). 40 bytes each, 320 kB: pgrx builds the table on the
-/// postmaster's stack before it copies it into shared memory, and a debug build's postmaster
-/// crashed at start with 32,768 slots (see also `crate::wake::Posted`). More running tasks
-/// than `MAX_CLAIMS` are claimed in their rows.
-pub const CLAIM_SLOTS: usize = 2_048;
+/// Slots in the table (a power of two): 40 bytes each, 1.3 MB of shared memory. More running
+/// tasks than `MAX_CLAIMS` are claimed in their rows.
+pub const CLAIM_SLOTS: usize = 1 << SLOT_BITS;
+const SLOT_BITS: u32 = 15;
 /// Claims beyond this are made through the row: linear probing stays short at half load.
 pub const MAX_CLAIMS: usize = CLAIM_SLOTS / 2;
 
@@ -58,17 +61,6 @@ pub struct ClaimTable {
     len: usize,
     slots: [Claim; CLAIM_SLOTS],
 }
-
-impl Default for ClaimTable {
-    fn default() -> Self {
-        ClaimTable {
-            len: 0,
-            slots: [Claim::default(); CLAIM_SLOTS],
-        }
-    }
-}
-
-unsafe impl PGRXSharedMemory for ClaimTable {}
 
 /// Why a claim was not recorded.
 #[derive(Debug, PartialEq, Eq)]
@@ -82,7 +74,7 @@ pub enum NotRecorded {
 impl ClaimTable {
     fn home(task_id: i64) -> usize {
         // Fibonacci hashing: consecutive ids spread over the table.
-        ((task_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 49) as usize & (CLAIM_SLOTS - 1)
+        ((task_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SLOT_BITS)) as usize
     }
 
     fn find(&self, task_id: i64) -> Option<usize> {
@@ -162,7 +154,7 @@ impl ClaimTable {
     }
 }
 
-static CLAIMS: PgLwLock<ClaimTable> = unsafe { PgLwLock::new(c"sluice_claims") };
+static CLAIMS: ZeroedLwLock<ClaimTable> = ZeroedLwLock::new(c"sluice_claims");
 
 /// Claims recorded by this backend's current transaction (removed if it aborts), and claims
 /// it settled or ended (removed when it commits).
@@ -170,7 +162,7 @@ static RECORDED_IN_TRANSACTION: Mutex<Vec<(i64, i32)>> = Mutex::new(Vec::new());
 static SETTLED_IN_TRANSACTION: Mutex<Vec<(i64, i32)>> = Mutex::new(Vec::new());
 
 pub fn init_shared_memory() {
-    pg_shmem_init!(CLAIMS);
+    pg_shmem_init!(CLAIMS = ());
 }
 
 fn preloaded() -> bool {
@@ -276,6 +268,128 @@ pub fn at_abort() {
 pub fn at_prepare() {
     lock(&RECORDED_IN_TRANSACTION).clear();
     lock(&SETTLED_IN_TRANSACTION).clear();
+}
+
+/// A value in shared memory behind a Postgres LWLock, like `pgrx::PgLwLock`, but set up by
+/// zeroing the memory in place. `PgLwLock` builds its value on the postmaster's stack and
+/// copies it in, and a debug build's postmaster crashed at start with a table of 8,192 slots.
+/// Only for types whose all-zero bytes are a valid value (the empty `ClaimTable`).
+struct ZeroedLwLock<T> {
+    name: &'static CStr,
+    shared: UnsafeCell<*mut ZeroedShared<T>>,
+}
+
+#[repr(C)]
+struct ZeroedShared<T> {
+    lock: *mut pg_sys::LWLock,
+    data: UnsafeCell<T>,
+}
+
+// Set once per process in the shared-memory startup hook, before any other use.
+unsafe impl<T> Sync for ZeroedLwLock<T> {}
+
+impl<T> ZeroedLwLock<T> {
+    const fn new(name: &'static CStr) -> Self {
+        ZeroedLwLock {
+            name,
+            shared: UnsafeCell::new(std::ptr::null_mut()),
+        }
+    }
+
+    fn acquire(&self, mode: pg_sys::LWLockMode::Type) -> &ZeroedShared<T> {
+        unsafe {
+            let shared = (*self.shared.get())
+                .as_ref()
+                .expect("sluice: shared memory for claims was not set up");
+            pg_sys::LWLockAcquire(shared.lock, mode);
+            shared
+        }
+    }
+
+    fn share(&self) -> LockedRef<'_, T> {
+        let shared = self.acquire(pg_sys::LWLockMode::LW_SHARED);
+        LockedRef { shared }
+    }
+
+    fn exclusive(&self) -> LockedMut<'_, T> {
+        let shared = self.acquire(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        LockedMut { shared }
+    }
+}
+
+impl<T> PgSharedMemoryInitialization for ZeroedLwLock<T> {
+    type Value = ();
+
+    unsafe fn on_shmem_request(&'static self) {
+        unsafe {
+            pg_sys::RequestAddinShmemSpace(size_of::<ZeroedShared<T>>());
+            pg_sys::RequestNamedLWLockTranche(self.name.as_ptr(), 1);
+        }
+    }
+
+    unsafe fn on_shmem_startup(&'static self, _: ()) {
+        unsafe {
+            // AddinShmemInitLock, a C macro: the 22nd of the main LWLocks
+            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let mut found = false;
+            let shared = pg_sys::ShmemInitStruct(
+                self.name.as_ptr(),
+                size_of::<ZeroedShared<T>>(),
+                &mut found,
+            )
+            .cast::<ZeroedShared<T>>();
+            if !found {
+                std::ptr::write_bytes(shared, 0, 1);
+                (*shared).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(self.name.as_ptr())).lock;
+            }
+            *self.shared.get() = shared;
+            pg_sys::LWLockRelease(init_lock);
+        }
+    }
+}
+
+/// Shared access; the lock is released when dropped. Nothing that can raise a Postgres error
+/// runs while it is held, so a plain release is always right.
+struct LockedRef<'a, T> {
+    shared: &'a ZeroedShared<T>,
+}
+
+impl<T> std::ops::Deref for LockedRef<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        unsafe { &*self.shared.data.get() }
+    }
+}
+
+impl<T> Drop for LockedRef<'_, T> {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.shared.lock) }
+    }
+}
+
+/// Exclusive access; the lock is released when dropped.
+struct LockedMut<'a, T> {
+    shared: &'a ZeroedShared<T>,
+}
+
+impl<T> std::ops::Deref for LockedMut<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        unsafe { &*self.shared.data.get() }
+    }
+}
+
+impl<T> std::ops::DerefMut for LockedMut<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        unsafe { &mut *self.shared.data.get() }
+    }
+}
+
+impl<T> Drop for LockedMut<'_, T> {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.shared.lock) }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
