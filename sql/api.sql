@@ -17,7 +17,8 @@
 --                              the table at commit (never an error)
 --   and, declared below as LANGUAGE c: sluice.enqueue (its common case), sluice.fetch_tasks
 --   (takes the worker's assignments from shared memory, put back if the transaction aborts,
---   and claims them), sluice._array_position.
+--   and claims them, in memory: extension/src/claims.rs), sluice.complete_many,
+--   sluice._array_position.
 --
 -- Error codes callers can branch on:
 --   42704 unknown task name            22023 invalid parameter value
@@ -777,6 +778,23 @@ $$;
 -- writing each row itself; an assignment whose task is no longer queued at the expected
 -- attempt (cancelled meanwhile, or assigned twice after a scheduler restart) claims nothing.
 --
+-- The claim is held in shared memory, not written to the row (extension/src/claims.rs): the
+-- fetch only reads the rows, which stay queued at the attempt before until the attempt ends;
+-- sluice.tasks and the other views show such a task as running. Tasks with rate limits, and
+-- claims beyond the table's room, are claimed in the row:
+--
+--   UPDATE sluice.task_run t
+--      SET status = 'running', attempt = t.attempt + 1, worker_id = <worker_id>,
+--          assigned_at = now(), picked_at = now(), rate_limited_at = <now() if rate limited>,
+--          timeout_at = now() + <the posted execution timeout, or the definition's>
+--    WHERE t.id = ANY(<ids>) AND t.attempt = <the posted attempt> - 1
+--      AND t.status::text = 'queued'
+--
+-- One primary-key lookup per id (no join the planner could turn into a scan); each row's
+-- expected attempt and execution timeout (posted by the scheduler, which holds the
+-- definitions: a join with task_definition was a third of this statement's cost per row) are
+-- found by its position in the arrays.
+--
 -- The fetch's own commit does not wait for the disk (synchronous_commit off for the calling
 -- transaction, which in the worker protocol is just this call): a crash can only lose claims,
 -- whose tasks are then queued again, and a handler that ran on a claim lost that way is at
@@ -784,97 +802,20 @@ $$;
 CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100)
 RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_fetch_tasks';
--- In Rust (extension/src/fetch.rs): it takes the assignments from shared memory and claims
--- them with one statement, as a plan kept for the session:
---
---   UPDATE sluice.task_run t
---      SET status = 'running', attempt = t.attempt + 1, worker_id = <worker_id>,
---          assigned_at = now(), picked_at = now(),
---          -- left alone (NULL) without rate limits: no indexed column changes (HOT)
---          rate_limited_at = CASE WHEN t.rate_limit_keys IS NOT NULL THEN now()
---                                 ELSE t.rate_limited_at END,
---          timeout_at = now() + <the posted execution timeout, or the definition's>
---    WHERE t.id = ANY(<ids>) AND t.attempt = <the posted attempt> - 1
---      AND t.status::text = 'queued'
---   RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at
---
--- One primary-key lookup per id (no join the planner could turn into a scan); each row's
--- expected attempt and execution timeout (posted by the scheduler, which holds the
--- definitions: a join with task_definition was a third of this statement's cost per row) are
--- found by its position in the arrays.
 
--- Completes attempts. Only the current attempt of a running task, held by this worker, can
--- complete: a late or duplicate completion changes nothing and is left out of the result.
+-- Completes attempts. Only the current attempt of a task, held by this worker, can complete: a
+-- late or duplicate completion changes nothing and is left out of the result. Returns the ids
+-- it completed.
+--
+-- In Rust (extension/src/complete.rs). An attempt claimed in memory by this worker is
+-- completed with one update that writes the claim and the ending together (the row must still
+-- be queued at the attempt before); one running in its row is completed if the row is running
+-- at that attempt under this worker. Both are primary-key lookups, each row's attempt and
+-- output found by its position in the arrays.
 CREATE OR REPLACE FUNCTION sluice.complete_many(worker_id bigint, task_ids bigint[], attempts int[],
                                      outputs jsonb[])
 RETURNS SETOF bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
-    SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    done_ids      bigint[];
-    done_attempts int[];
-    held_ids      bigint[];
-    held_attempts int[];
-    held_picked   timestamptz[];
-    held_outputs  jsonb[];
-BEGIN
-    IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts)
-       OR cardinality(task_ids) IS DISTINCT FROM cardinality(outputs) THEN
-        RAISE EXCEPTION 'task_ids, attempts and outputs must have the same length (%, %, %)',
-            cardinality(task_ids), cardinality(attempts), cardinality(outputs)
-            USING ERRCODE = '22023';
-    END IF;
-    IF cardinality(task_ids) = 0 THEN  -- never `id = ANY('{}')`: see _maintain
-        RETURN;
-    END IF;
-    -- 1. Attempts claimed in memory (extension/src/claims.rs): the row is still queued at the
-    -- attempt before, and one update writes the claim and the ending together. A claim
-    -- settled into its row meanwhile fails this update's check and is completed by the next.
-    SELECT array_agg(c.task_id), array_agg(c.attempt), array_agg(c.picked_at), array_agg(o.output)
-      INTO held_ids, held_attempts, held_picked, held_outputs
-      FROM sluice._claims(task_ids) c
-      JOIN unnest(task_ids, attempts, outputs) AS o(task_id, attempt, output)
-        ON o.task_id = c.task_id AND o.attempt = c.attempt
-     WHERE c.worker_id = complete_many.worker_id;
-    IF held_ids IS NOT NULL THEN
-        WITH done AS (
-            -- as below: primary-key lookups, and each row's values found by position
-            UPDATE sluice.task_run t
-               SET status = 'succeeded',
-                   output = held_outputs[sluice._array_position(held_ids, t.id)],
-                   finished_at = now(), timeout_at = NULL, attempt = t.attempt + 1,
-                   worker_id = complete_many.worker_id,
-                   assigned_at = held_picked[sluice._array_position(held_ids, t.id)],
-                   picked_at = held_picked[sluice._array_position(held_ids, t.id)]
-             WHERE t.id = ANY(held_ids) AND t.status::text = 'queued'
-               AND t.attempt = held_attempts[sluice._array_position(held_ids, t.id)] - 1
-            RETURNING t.id, t.attempt
-        )
-        SELECT array_agg(id), array_agg(attempt) INTO done_ids, done_attempts FROM done;
-    END IF;
-    -- 2. Attempts running in their rows (when the first step did not end them all).
-    IF coalesce(cardinality(done_ids), 0) < cardinality(task_ids) THEN
-    WITH done AS (
-        -- One primary-key lookup per id whatever the statistics say, and no join (a join with
-        -- unnest() probed the whole id list once per row); each row's attempt and output are
-        -- found by its position in the arrays.
-        UPDATE sluice.task_run t
-           SET status = 'succeeded', output = outputs[sluice._array_position(task_ids, t.id)],
-               finished_at = now(), timeout_at = NULL
-         WHERE t.id = ANY(task_ids) AND t.attempt = attempts[sluice._array_position(task_ids, t.id)]
-           AND t.worker_id = complete_many.worker_id AND t.status::text = 'running'
-        RETURNING t.id, t.attempt
-    )
-    SELECT coalesce(done_ids, '{}') || array_agg(id), coalesce(done_attempts, '{}') || array_agg(attempt)
-      INTO done_ids, done_attempts FROM done;
-    END IF;
-    IF cardinality(done_ids) > 0 THEN
-        PERFORM sluice._attempts_ended(done_ids, done_attempts);
-        PERFORM sluice._wake_scheduler();
-        RETURN QUERY SELECT unnest(done_ids);
-    END IF;
-END
-$$;
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_complete_many';
 
 CREATE OR REPLACE FUNCTION sluice.complete(worker_id bigint, task_id bigint, attempt int,
                                 output jsonb DEFAULT NULL)

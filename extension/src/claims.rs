@@ -207,6 +207,29 @@ pub fn held(task_id: i64, attempt: i32, worker_id: i64) -> Option<Claim> {
         .filter(|c| c.attempt == attempt && c.worker_id == worker_id)
 }
 
+/// Of these attempts (task ids and attempts by position), those this worker holds a claim of
+/// in memory: their positions and claims.
+pub fn held_of(task_ids: &[i64], attempts: &[i32], worker_id: i64) -> Vec<(usize, Claim)> {
+    if !preloaded() {
+        return Vec::new();
+    }
+    let table = CLAIMS.share();
+    if table.len() == 0 {
+        return Vec::new();
+    }
+    task_ids
+        .iter()
+        .zip(attempts)
+        .enumerate()
+        .filter_map(|(i, (&task_id, &attempt))| {
+            table
+                .get(task_id)
+                .filter(|c| c.attempt == attempt && c.worker_id == worker_id)
+                .map(|c| (i, c))
+        })
+        .collect()
+}
+
 /// Every claim held now.
 pub fn all() -> Vec<Claim> {
     if !preloaded() {

@@ -274,7 +274,7 @@ unsafe fn read_queued(taken: &[wake::Posted]) -> Vec<ReadRow> {
 }
 
 /// A statement's plan, prepared (generic, kept for the session) on first use. Inside SPI.
-unsafe fn kept_plan(
+pub(crate) unsafe fn kept_plan(
     slot: &'static std::thread::LocalKey<Cell<pg_sys::SPIPlanPtr>>,
     sql: &CStr,
     types: &[pg_sys::Oid],
@@ -290,7 +290,7 @@ unsafe fn kept_plan(
                     pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
                 );
                 if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                    error!("sluice.fetch_tasks: preparing a statement failed");
+                    error!("sluice: preparing a statement failed: {}", sql.to_string_lossy());
                 }
                 slot.set(plan);
             }
@@ -301,7 +301,7 @@ unsafe fn kept_plan(
 
 /// Sets a user-settable parameter, as a SET clause (`GUC_ACTION_SAVE`, undone by the
 /// surrounding `AtEOXact_GUC`) or `set_config(..., true)` (`GUC_ACTION_LOCAL`) would.
-unsafe fn set_guc(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
+pub(crate) unsafe fn set_guc(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
     unsafe {
         pg_sys::set_config_option(
             name.as_ptr(),

@@ -11,6 +11,7 @@ mod array_position;
 mod arrivals;
 pub mod assign;
 mod catalog;
+mod complete;
 pub(crate) mod claims;
 pub mod cron_expr;
 mod definition_cache;
