@@ -1243,21 +1243,34 @@ CREATE OR REPLACE TRIGGER task_rows_deleted
 -- it. (sluice.task_attempts lists such an attempt once it has ended.)
 
 -- A task, with its workflow run and step, or its parent and key, if it has them.
+-- Claims are few (one per running task) and cheap to list: estimated as such, a view's
+-- per-row lookup of a claimed row's worker is not costed as a full listing per row (which
+-- turned JIT on for a scan of sluice.tasks).
+ALTER FUNCTION sluice._claims(bigint[]) ROWS 10;
+
+-- The views overlay the claims held in memory (extension/src/claims.rs): a row queued at the
+-- attempt before a claim's is running on that claim. The test is written out in each view as
+--   t.status = 'queued' AND (t.id, t.attempt + 1) IN (SELECT task_id, attempt FROM sluice._claims())
+-- which Postgres runs as a hashed subplan: the claims are read once per statement and each
+-- queued row costs a hash probe, whatever the planner estimates. (A join with _claims() became
+-- a nested loop over every claim per row when the table's statistics were stale; a SQL
+-- function holding the test is not inlined because of the subquery, so it would read the
+-- claims once per row.)
 CREATE OR REPLACE VIEW sluice.tasks AS
 SELECT t.id,
        t.task_name,
-       CASE WHEN c.task_id IS NULL THEN t.status ELSE 'running' END AS status,
-       coalesce(c.attempt, t.attempt) AS attempt,
+       CASE WHEN t.claimed THEN 'running' ELSE t.status END AS status,
+       CASE WHEN t.claimed THEN t.attempt + 1 ELSE t.attempt END AS attempt,
        t.priority,
        t.input,
        t.output,
        t.last_error,
-       coalesce(c.worker_id, t.worker_id) AS worker_id,
+       t.worker_id,
        w.name AS worker_name,
        t.idempotency_key,
        t.enqueued_at,
        t.run_at,
-       coalesce(c.picked_at, t.assigned_at) AS started_at,
+       t.started_at,
        t.finished_at,
        t.failures,
        t.lost_attempts,
@@ -1265,24 +1278,32 @@ SELECT t.id,
        t.step,
        t.parent_id,
        t.child_key
-FROM sluice.task_run t
-LEFT JOIN sluice._claims() c
-       ON c.task_id = t.id AND t.status = 'queued' AND t.attempt = c.attempt - 1
-LEFT JOIN sluice.worker w ON w.id = coalesce(c.worker_id, t.worker_id);
+FROM (SELECT r.id, r.task_name, r.status, r.attempt, r.priority, r.input, r.output,
+             r.last_error, r.idempotency_key, r.enqueued_at, r.run_at, r.finished_at,
+             r.failures, r.lost_attempts, r.run_id, r.step, r.parent_id, r.child_key,
+             r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c) AS claimed,
+             -- the claim's worker and time, looked up only for a claimed row
+             CASE WHEN r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c)
+                  THEN (SELECT c.worker_id FROM sluice._claims(ARRAY[r.id]) c)
+                  ELSE r.worker_id END AS worker_id,
+             CASE WHEN r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c)
+                  THEN (SELECT c.picked_at FROM sluice._claims(ARRAY[r.id]) c)
+                  ELSE r.assigned_at END AS started_at
+        FROM sluice.task_run r) t
+LEFT JOIN sluice.worker w ON w.id = t.worker_id;
 
 CREATE OR REPLACE VIEW sluice.queue_stats AS
 SELECT t.task_name,
-       count(*) FILTER (WHERE t.status = 'queued' AND c.task_id IS NULL) AS queued,
-       count(*) FILTER (WHERE t.status = 'running' OR c.task_id IS NOT NULL) AS running,
+       count(*) FILTER (WHERE t.status = 'queued' AND NOT t.claimed) AS queued,
+       count(*) FILTER (WHERE t.status = 'running' OR t.claimed) AS running,
        count(*) FILTER (WHERE t.status = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE t.status = 'failed')    AS failed,
        count(*) FILTER (WHERE t.status = 'cancelled') AS cancelled,
-       now() - min(t.run_at) FILTER (WHERE t.status = 'queued' AND c.task_id IS NULL
+       now() - min(t.run_at) FILTER (WHERE t.status = 'queued' AND NOT t.claimed
                                        AND t.run_at <= now())
            AS oldest_queued_age
-FROM sluice.task_run t
-LEFT JOIN sluice._claims() c
-       ON c.task_id = t.id AND t.status = 'queued' AND t.attempt = c.attempt - 1
+FROM (SELECT r.task_name, r.status, r.run_at, r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c) AS claimed
+        FROM sluice.task_run r) t
 GROUP BY t.task_name;
 
 CREATE OR REPLACE VIEW sluice.workers AS
@@ -1316,10 +1337,9 @@ SELECT t.task_name,
 FROM (-- through the unfinished tasks' index (no index of its own: it would cost every
       -- keyed task more index writes)
       SELECT r.task_name, r.concurrency_key,
-             CASE WHEN c.task_id IS NULL THEN r.status ELSE 'running' END AS status
+             CASE WHEN r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c)
+                  THEN 'running' ELSE r.status END AS status
         FROM sluice.task_run r
-        LEFT JOIN sluice._claims() c
-               ON c.task_id = r.id AND r.status = 'queued' AND r.attempt = c.attempt - 1
        WHERE r.finished_at IS NULL AND r.concurrency_key IS NOT NULL) t
 LEFT JOIN sluice.task_definition d ON d.name = t.task_name
 GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;

@@ -82,8 +82,7 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
         let attempts: Vec<i32> = Array::<i32>::from_datum(attempts_datum, false)
             .map(|a| a.iter().map(|e| e.unwrap_or(0)).collect())
             .unwrap_or_default();
-        let outputs = Array::<pgrx::JsonB>::from_datum(outputs_datum, false)
-            .map_or(0, |a| a.len());
+        let outputs = Array::<pgrx::JsonB>::from_datum(outputs_datum, false).map_or(0, |a| a.len());
         if ids.len() != attempts.len() || ids.len() != outputs {
             ereport!(
                 ERROR,
@@ -96,7 +95,8 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
                 )
             );
         }
-        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        // SETOF bigint: the expected descriptor is the one column (a row type is not needed).
+        pg_sys::InitMaterializedSRF(fcinfo, pg_sys::MAT_SRF_USE_EXPECTED_DESC as pg_sys::bits32);
         let result = (*(*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()).setResult;
         let desc = (*(*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()).setDesc;
         if ids.is_empty() {

@@ -290,7 +290,10 @@ pub(crate) unsafe fn kept_plan(
                     pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
                 );
                 if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                    error!("sluice: preparing a statement failed: {}", sql.to_string_lossy());
+                    error!(
+                        "sluice: preparing a statement failed: {}",
+                        sql.to_string_lossy()
+                    );
                 }
                 slot.set(plan);
             }

@@ -77,7 +77,10 @@ async fn a_scheduler_restarted_under_running_attempts_keeps_them_and_their_slots
         .await
         .unwrap()
         .get(0);
-    assert_eq!(held, 2, "both attempts must be claimed in memory, rows still queued");
+    assert_eq!(
+        held, 2,
+        "both attempts must be claimed in memory, rows still queued"
+    );
     let waiting = enqueue_copies(&client, &task, json!({}), 3).await;
 
     let before = scheduler_pid(&client).await.unwrap();
@@ -85,12 +88,16 @@ async fn a_scheduler_restarted_under_running_attempts_keeps_them_and_their_slots
         .execute("SELECT pg_terminate_backend($1)", &[&before])
         .await
         .unwrap();
-    wait_until(Duration::from_secs(15), "a new scheduler process", || async {
-        match scheduler_pid(&client).await {
-            Ok(pid) if pid != before => Ok(pid),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "a new scheduler process",
+        || async {
+            match scheduler_pid(&client).await {
+                Ok(pid) if pid != before => Ok(pid),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
     // Time for the new scheduler to load its state and assign what it thinks it may.
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -140,5 +147,8 @@ async fn a_scheduler_restarted_under_running_attempts_keeps_them_and_their_slots
         .await
         .unwrap()
         .get(0);
-    assert!(overlapping <= 2, "{overlapping} handlers ran at once on 2 slots");
+    assert!(
+        overlapping <= 2,
+        "{overlapping} handlers ran at once on 2 slots"
+    );
 }
