@@ -61,7 +61,9 @@ CREATE TABLE sluice.task_run (
     run_at            timestamptz NOT NULL,
     -- a task still queued after this is cancelled (run_at + the definition's schedule_timeout)
     schedule_deadline timestamptz NOT NULL,
-    -- attempts assigned so far; (id, attempt) names one attempt and fences late completions
+    -- attempts assigned so far; (id, attempt) names one attempt and fences late completions.
+    -- While an attempt is claimed in memory (extension/src/claims.rs) the row is still queued
+    -- at the attempt before; sluice.tasks shows the claim's.
     attempt           int NOT NULL DEFAULT 0,
     -- application failures (they consume retries); lost attempts are counted apart
     failures          int NOT NULL DEFAULT 0,
@@ -102,7 +104,10 @@ CREATE TABLE sluice.task_run (
     CONSTRAINT task_run_finished_at_check
         CHECK ((finished_at IS NULL) = (status < 'succeeded'))
 ) WITH (
-    -- Room on its own page for a row's claimed version, so that a claim is a HOT update (no
+    -- Most claims are held in memory and write no row version (extension/src/claims.rs); the
+    -- rest (tasks with rate limits, claims written into the row by a failure, cancel or
+    -- timeout) are updates of the row, as all claims were before:
+    -- room on its own page for a row's claimed version, so that a claim is a HOT update (no
     -- index entries; see below): at 80 only about a quarter of claims found room, and a drain
     -- of 100,000 tasks ran about 8% slower (benches/README.md). Queued tasks take twice the
     -- pages they would take packed; the versions a claim and completion leave are pruned and
