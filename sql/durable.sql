@@ -47,11 +47,21 @@ SELECT d.task_id, d.seq, d.kind, d.name, d.state, d.value, d.wake_at, d.filter, 
 -- The current attempt of a running task held by this worker, locked; NULL if it is not.
 CREATE OR REPLACE FUNCTION sluice._current_attempt(worker_id bigint, task_id bigint, attempt int)
 RETURNS sluice.task_run
-LANGUAGE sql AS $$
-    SELECT t.* FROM sluice.task_run t
-     WHERE t.id = task_id AND t.attempt = _current_attempt.attempt
-       AND t.worker_id = _current_attempt.worker_id AND t.status::text = 'running'
-       FOR UPDATE
+LANGUAGE plpgsql AS $$
+DECLARE
+    t sluice.task_run;
+BEGIN
+    -- an attempt claimed in memory is written into its row first (sluice._settle_claims)
+    PERFORM sluice._settle_claims(ARRAY[_current_attempt.task_id]);
+    SELECT * INTO t FROM sluice.task_run r
+     WHERE r.id = _current_attempt.task_id AND r.attempt = _current_attempt.attempt
+       AND r.worker_id = _current_attempt.worker_id AND r.status::text = 'running'
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN t;
+END
 $$;
 
 -- Ends the attempt without an outcome: the task waits in the queue until `until` (or an event)

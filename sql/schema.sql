@@ -61,7 +61,9 @@ CREATE TABLE sluice.task_run (
     run_at            timestamptz NOT NULL,
     -- a task still queued after this is cancelled (run_at + the definition's schedule_timeout)
     schedule_deadline timestamptz NOT NULL,
-    -- attempts assigned so far; (id, attempt) names one attempt and fences late completions
+    -- attempts assigned so far; (id, attempt) names one attempt and fences late completions.
+    -- While an attempt is claimed in memory (extension/src/claims.rs) the row is still queued
+    -- at the attempt before; sluice.tasks shows the claim's.
     attempt           int NOT NULL DEFAULT 0,
     -- application failures (they consume retries); lost attempts are counted apart
     failures          int NOT NULL DEFAULT 0,
@@ -102,7 +104,10 @@ CREATE TABLE sluice.task_run (
     CONSTRAINT task_run_finished_at_check
         CHECK ((finished_at IS NULL) = (status < 'succeeded'))
 ) WITH (
-    -- Room on its own page for a row's claimed version, so that a claim is a HOT update (no
+    -- Most claims are held in memory and write no row version (extension/src/claims.rs); the
+    -- rest (tasks with rate limits, claims written into the row by a failure, cancel or
+    -- timeout) are updates of the row, as all claims were before:
+    -- room on its own page for a row's claimed version, so that a claim is a HOT update (no
     -- index entries; see below): at 80 only about a quarter of claims found room, and a drain
     -- of 100,000 tasks ran about 8% slower (benches/README.md). Queued tasks take twice the
     -- pages they would take packed; the versions a claim and completion leave are pruned and
@@ -178,61 +183,8 @@ CREATE UNLOGGED TABLE sluice.worker_signal (
 
 -- Public views ------------------------------------------------------------------------------
 
--- A task, with its workflow run and step, or its parent and key, if it has them.
-CREATE VIEW sluice.tasks AS
-SELECT t.id,
-       t.task_name,
-       t.status,
-       t.attempt,
-       t.priority,
-       t.input,
-       t.output,
-       t.last_error,
-       t.worker_id,
-       w.name AS worker_name,
-       t.idempotency_key,
-       t.enqueued_at,
-       t.run_at,
-       t.assigned_at AS started_at,
-       t.finished_at,
-       t.failures,
-       t.lost_attempts,
-       t.run_id,
-       t.step,
-       t.parent_id,
-       t.child_key
-FROM sluice.task_run t
-LEFT JOIN sluice.worker w ON w.id = t.worker_id;
-
-CREATE VIEW sluice.queue_stats AS
-SELECT t.task_name,
-       count(*) FILTER (WHERE t.status = 'queued')    AS queued,
-       count(*) FILTER (WHERE t.status = 'running')   AS running,
-       count(*) FILTER (WHERE t.status = 'succeeded') AS succeeded,
-       count(*) FILTER (WHERE t.status = 'failed')    AS failed,
-       count(*) FILTER (WHERE t.status = 'cancelled') AS cancelled,
-       now() - min(t.run_at) FILTER (WHERE t.status = 'queued' AND t.run_at <= now())
-           AS oldest_queued_age
-FROM sluice.task_run t
-GROUP BY t.task_name;
-
-CREATE VIEW sluice.workers AS
-SELECT w.id,
-       w.name,
-       w.task_names,
-       w.slots,
-       coalesce(r.running, 0) AS running,
-       w.labels,
-       w.backend_pid,
-       w.registered_at,
-       w.last_heartbeat,
-       w.stopped_at,
-       w.stop_reason
-FROM sluice.worker w
--- one pass over the unfinished tasks for all workers (no index by worker: see task_run)
-LEFT JOIN (SELECT t.worker_id, count(*) AS running FROM sluice.task_run t
-            WHERE t.finished_at IS NULL AND t.status = 'running'
-            GROUP BY t.worker_id) r ON r.worker_id = w.id;
+-- sluice.tasks, sluice.queue_stats, sluice.workers and sluice.concurrency are defined at the end
+-- of sql/api.sql: they overlay the claims held in memory (sluice._claims()).
 
 -- Every attempt of every task: the ended ones from sluice.task_attempt plus each task's
 -- current or final attempt from sluice.task_run.
@@ -248,21 +200,6 @@ FROM sluice.task_run t
 WHERE t.attempt > 0
   AND NOT EXISTS (SELECT 1 FROM sluice.task_attempt a
                    WHERE a.task_id = t.id AND a.attempt = t.attempt);
-
--- Per concurrency key with unfinished tasks: how many run and how many wait.
-CREATE VIEW sluice.concurrency AS
-SELECT t.task_name,
-       t.concurrency_key AS key,
-       d.max_runs,
-       d.concurrency_strategy AS strategy,
-       count(*) FILTER (WHERE t.status = 'running') AS running,
-       count(*) FILTER (WHERE t.status = 'queued')  AS waiting
-FROM (-- through the unfinished tasks' index (no index of its own: it would cost every
-      -- keyed task more index writes)
-      SELECT r.task_name, r.concurrency_key, r.status FROM sluice.task_run r
-       WHERE r.finished_at IS NULL AND r.concurrency_key IS NOT NULL) t
-LEFT JOIN sluice.task_definition d ON d.name = t.task_name
-GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;
 
 -- Per rate-limit key: every declared key, and each dynamic key with starts in its window.
 -- Usage counts the starts (claims) of the last `per`, as the scheduler does after a restart.

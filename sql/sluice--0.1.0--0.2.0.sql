@@ -50,6 +50,16 @@ CREATE FUNCTION sluice._tasks_deleted() RETURNS void
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'tasks_deleted_sql_wrapper';
 CREATE FUNCTION sluice._cron_next(cron text, after timestamp) RETURNS timestamp
 IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'cron_next_sql_wrapper';
+-- Claims held in memory (extension/src/claims.rs).
+CREATE FUNCTION sluice._claims(task_ids bigint[] DEFAULT NULL)
+RETURNS TABLE (task_id bigint, attempt int, worker_id bigint, picked_at timestamptz,
+               timeout_at timestamptz)
+LANGUAGE c AS 'MODULE_PATHNAME', 'claims_sql_wrapper';
+CREATE FUNCTION sluice._claim_picked_at(task_id bigint, attempt int, worker_id bigint)
+RETURNS timestamptz
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'claim_picked_at_sql_wrapper';
+CREATE FUNCTION sluice._claims_settled(task_ids bigint[], attempts int[]) RETURNS void
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'claims_settled_sql_wrapper';
 
 -- Flow control: concurrency keys and rate limits.
 ALTER TABLE sluice.task_definition
@@ -211,7 +221,8 @@ HAVING p.kind = 'static' OR count(p.started_at) FILTER (WHERE p.started_at > now
 --                              the table at commit (never an error)
 --   and, declared below as LANGUAGE c: sluice.enqueue (its common case), sluice.fetch_tasks
 --   (takes the worker's assignments from shared memory, put back if the transaction aborts,
---   and claims them), sluice._array_position.
+--   and claims them, in memory: extension/src/claims.rs), sluice.complete_many,
+--   sluice._array_position.
 --
 -- Error codes callers can branch on:
 --   42704 unknown task name            22023 invalid parameter value
@@ -715,6 +726,10 @@ BEGIN
     IF t.status NOT IN ('queued', 'running') THEN
         RETURN false;
     END IF;
+    -- A queued row may be running under a claim held in memory: write it first.
+    IF t.status = 'queued' AND sluice._settle_claims(ARRAY[t.id]) > 0 THEN
+        SELECT * INTO t FROM sluice.task_run r WHERE r.id = t.id;
+    END IF;
     IF t.status = 'queued' THEN
         -- It may be posted to a worker (not claimed yet): its slot is free again.
         PERFORM sluice._attempts_ended(ARRAY[t.id], ARRAY[t.attempt + 1]);
@@ -890,6 +905,9 @@ CREATE OR REPLACE FUNCTION sluice.heartbeat(worker_id bigint, task_ids bigint[] 
 RETURNS SETOF bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
     SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    held_ids      bigint[];
+    held_attempts int[];
 BEGIN
     PERFORM sluice._live_worker(worker_id);
     IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts) THEN
@@ -901,6 +919,10 @@ BEGIN
     IF cardinality(task_ids) = 0 THEN
         RETURN;
     END IF;
+    -- Claims held in memory (crate::claims) are read before the rows: one that leaves
+    -- meanwhile was settled into its row, or ended, by a commit the rows' snapshot sees.
+    SELECT array_agg(c.task_id), array_agg(c.attempt) INTO held_ids, held_attempts
+      FROM sluice._claims(task_ids) c WHERE c.worker_id = heartbeat.worker_id;
     RETURN QUERY
     SELECT a.task_id
       FROM (SELECT u.task_id, u.attempt FROM unnest(task_ids, attempts) AS u(task_id, attempt)
@@ -908,7 +930,10 @@ BEGIN
             -- id = ANY: primary-key lookups, never a scan of every running task
             SELECT t.id, t.attempt FROM sluice.task_run t
              WHERE t.id = ANY(task_ids) AND t.worker_id = heartbeat.worker_id
-               AND t.status::text = 'running') a;
+               AND t.status::text = 'running'
+            EXCEPT
+            SELECT h.task_id, h.attempt FROM unnest(held_ids, held_attempts) AS h(task_id, attempt)
+           ) a;
 END
 $$;
 
@@ -918,11 +943,61 @@ $$;
 CREATE OR REPLACE FUNCTION sluice._array_position(ids bigint[], id bigint) RETURNS int
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'sluice_array_position';
 
+-- Writes the claims held in memory (extension/src/claims.rs) of these tasks into their rows, as
+-- a claim in the row would have been: running, at the claimed attempt, under its worker, with
+-- its times. Everything that must see a running attempt in its row (a failure, a cancel, a
+-- durable step, a spawn, a lost worker, a timeout) calls this first. The claims leave memory
+-- when the transaction commits; a claim whose row moved on (the attempt ended) leaves too.
+-- Returns how many rows it wrote.
+CREATE OR REPLACE FUNCTION sluice._settle_claims(task_ids bigint[]) RETURNS int
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    ids      bigint[];
+    attempts int[];
+    written  int;
+BEGIN
+    IF coalesce(cardinality(task_ids), 0) = 0 THEN  -- never `id = ANY('{}')`: see _maintain
+        RETURN 0;
+    END IF;
+    SELECT array_agg(c.task_id), array_agg(c.attempt) INTO ids, attempts
+      FROM sluice._claims(task_ids) c;
+    IF ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    UPDATE sluice.task_run t
+       SET status = 'running', attempt = c.attempt, worker_id = c.worker_id,
+           assigned_at = c.picked_at, picked_at = c.picked_at, timeout_at = c.timeout_at
+      FROM sluice._claims(ids) c
+     WHERE t.id = ANY(ids) AND t.id = c.task_id
+       AND t.status::text = 'queued' AND t.attempt = c.attempt - 1;
+    GET DIAGNOSTICS written = ROW_COUNT;
+    PERFORM sluice._claims_settled(ids, attempts);
+    RETURN written;
+END
+$$;
+
 -- Hands the worker the tasks the scheduler assigned to it, at most max_tasks, and claims them:
 -- each becomes running under this worker as a new attempt, and its execution timeout starts.
 -- The scheduler posts assignments in shared memory (see extension/src/wake.rs) instead of
 -- writing each row itself; an assignment whose task is no longer queued at the expected
 -- attempt (cancelled meanwhile, or assigned twice after a scheduler restart) claims nothing.
+--
+-- The claim is held in shared memory, not written to the row (extension/src/claims.rs): the
+-- fetch only reads the rows, which stay queued at the attempt before until the attempt ends;
+-- sluice.tasks and the other views show such a task as running. Tasks with rate limits, and
+-- claims beyond the table's room, are claimed in the row:
+--
+--   UPDATE sluice.task_run t
+--      SET status = 'running', attempt = t.attempt + 1, worker_id = <worker_id>,
+--          assigned_at = now(), picked_at = now(), rate_limited_at = <now() if rate limited>,
+--          timeout_at = now() + <the posted execution timeout, or the definition's>
+--    WHERE t.id = ANY(<ids>) AND t.attempt = <the posted attempt> - 1
+--      AND t.status::text = 'queued'
+--
+-- One primary-key lookup per id (no join the planner could turn into a scan); each row's
+-- expected attempt and execution timeout (posted by the scheduler, which holds the
+-- definitions: a join with task_definition was a third of this statement's cost per row) are
+-- found by its position in the arrays.
 --
 -- The fetch's own commit does not wait for the disk (synchronous_commit off for the calling
 -- transaction, which in the worker protocol is just this call): a crash can only lose claims,
@@ -931,64 +1006,20 @@ LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'sluice_array_po
 CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DEFAULT 100)
 RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_fetch_tasks';
--- In Rust (extension/src/fetch.rs): it takes the assignments from shared memory and claims
--- them with one statement, as a plan kept for the session:
---
---   UPDATE sluice.task_run t
---      SET status = 'running', attempt = t.attempt + 1, worker_id = <worker_id>,
---          assigned_at = now(), picked_at = now(),
---          -- left alone (NULL) without rate limits: no indexed column changes (HOT)
---          rate_limited_at = CASE WHEN t.rate_limit_keys IS NOT NULL THEN now()
---                                 ELSE t.rate_limited_at END,
---          timeout_at = now() + <the posted execution timeout, or the definition's>
---    WHERE t.id = ANY(<ids>) AND t.attempt = <the posted attempt> - 1
---      AND t.status::text = 'queued'
---   RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at
---
--- One primary-key lookup per id (no join the planner could turn into a scan); each row's
--- expected attempt and execution timeout (posted by the scheduler, which holds the
--- definitions: a join with task_definition was a third of this statement's cost per row) are
--- found by its position in the arrays.
 
--- Completes attempts. Only the current attempt of a running task, held by this worker, can
--- complete: a late or duplicate completion changes nothing and is left out of the result.
+-- Completes attempts. Only the current attempt of a task, held by this worker, can complete: a
+-- late or duplicate completion changes nothing and is left out of the result. Returns the ids
+-- it completed.
+--
+-- In Rust (extension/src/complete.rs). An attempt claimed in memory by this worker is
+-- completed with one update that writes the claim and the ending together (the row must still
+-- be queued at the attempt before); one running in its row is completed if the row is running
+-- at that attempt under this worker. Both are primary-key lookups, each row's attempt and
+-- output found by its position in the arrays.
 CREATE OR REPLACE FUNCTION sluice.complete_many(worker_id bigint, task_ids bigint[], attempts int[],
                                      outputs jsonb[])
 RETURNS SETOF bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
-    SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    done_ids      bigint[];
-    done_attempts int[];
-BEGIN
-    IF cardinality(task_ids) IS DISTINCT FROM cardinality(attempts)
-       OR cardinality(task_ids) IS DISTINCT FROM cardinality(outputs) THEN
-        RAISE EXCEPTION 'task_ids, attempts and outputs must have the same length (%, %, %)',
-            cardinality(task_ids), cardinality(attempts), cardinality(outputs)
-            USING ERRCODE = '22023';
-    END IF;
-    IF cardinality(task_ids) = 0 THEN  -- never `id = ANY('{}')`: see _maintain
-        RETURN;
-    END IF;
-    WITH done AS (
-        -- One primary-key lookup per id whatever the statistics say, and no join (a join with
-        -- unnest() probed the whole id list once per row); each row's attempt and output are
-        -- found by its position in the arrays.
-        UPDATE sluice.task_run t
-           SET status = 'succeeded', output = outputs[sluice._array_position(task_ids, t.id)],
-               finished_at = now(), timeout_at = NULL
-         WHERE t.id = ANY(task_ids) AND t.attempt = attempts[sluice._array_position(task_ids, t.id)]
-           AND t.worker_id = complete_many.worker_id AND t.status::text = 'running'
-        RETURNING t.id, t.attempt
-    )
-    SELECT array_agg(id), array_agg(attempt) INTO done_ids, done_attempts FROM done;
-    IF done_ids IS NOT NULL THEN
-        PERFORM sluice._attempts_ended(done_ids, done_attempts);
-        PERFORM sluice._wake_scheduler();
-        RETURN QUERY SELECT unnest(done_ids);
-    END IF;
-END
-$$;
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_complete_many';
 
 CREATE OR REPLACE FUNCTION sluice.complete(worker_id bigint, task_id bigint, attempt int,
                                 output jsonb DEFAULT NULL)
@@ -1015,6 +1046,7 @@ BEGIN
         RAISE EXCEPTION 'task_ids, attempts, errors and retryable must have the same length'
             USING ERRCODE = '22023';
     END IF;
+    PERFORM sluice._settle_claims(task_ids);
     FOR f IN SELECT * FROM unnest(task_ids, attempts, errors,
                                   coalesce(retryable, array_fill(true, ARRAY[cardinality(task_ids)])))
                            AS x(task_id, attempt, error, retryable)
@@ -1171,6 +1203,8 @@ BEGIN
     -- subtransaction each, a bad row quarantined): a subtransaction per row would give the
     -- tick hundreds of subtransaction ids when a worker with hundreds of tasks dies, more than
     -- a backend caches (64), which slows every other session's snapshots meanwhile.
+    -- Attempts claimed in memory are written into their rows first (crate::claims).
+    PERFORM sluice._settle_claims(lost_task_ids || timed_out_task_ids);
     -- 1. Running tasks whose worker is stopped or gone: the attempt is lost, the task requeued.
     IF cardinality(lost_task_ids) > 0 THEN
         BEGIN
@@ -1247,6 +1281,8 @@ BEGIN
             SELECT q.id FROM sluice.task_run q
              WHERE q.id = ANY(task_ids) AND q.status::text = 'queued'
                AND q.schedule_deadline < now()
+               -- an attempt claimed in memory has started: its deadline no longer applies
+               AND q.id <> ALL(ARRAY(SELECT c.task_id FROM sluice._claims(task_ids) c))
                FOR UPDATE SKIP LOCKED) q;
         IF expired IS NOT NULL THEN
             UPDATE sluice.task_run r
@@ -1351,6 +1387,12 @@ $$;
 CREATE OR REPLACE FUNCTION sluice._fail_tasks_of_deleted_definitions() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- Attempts claimed in memory are running, though their rows still say queued: written into
+    -- their rows first, they finish or fail as running ones do.
+    PERFORM sluice._settle_claims(ARRAY(
+        SELECT c.task_id FROM sluice._claims() c
+          JOIN sluice.task_run t ON t.id = c.task_id
+          JOIN deleted d ON d.name = t.task_name));
     UPDATE sluice.task_run t
        SET status = 'failed', finished_at = now(),
            last_error = format('task definition "%s" no longer exists', t.task_name)
@@ -1398,6 +1440,113 @@ $$;
 CREATE OR REPLACE TRIGGER task_rows_deleted
     AFTER DELETE OR TRUNCATE ON sluice.task_run
     FOR EACH STATEMENT EXECUTE FUNCTION sluice._task_rows_deleted();
+
+-- Views over tasks ---------------------------------------------------------------------------
+-- A task claimed in memory (extension/src/claims.rs) is still queued at the attempt before in
+-- its row until the attempt ends or is settled; these views show it running, as its claim has
+-- it. (sluice.task_attempts lists such an attempt once it has ended.)
+
+-- A task, with its workflow run and step, or its parent and key, if it has them.
+-- Claims are few (one per running task) and cheap to list: estimated as such, a view's
+-- per-row lookup of a claimed row's worker is not costed as a full listing per row (which
+-- turned JIT on for a scan of sluice.tasks).
+ALTER FUNCTION sluice._claims(bigint[]) ROWS 10;
+
+-- The views overlay the claims held in memory (extension/src/claims.rs): a row queued at the
+-- attempt before a claim's is running on that claim. The test is written out in each view as
+--   t.status = 'queued' AND (t.id, t.attempt + 1) IN (SELECT task_id, attempt FROM sluice._claims())
+-- which Postgres runs as a hashed subplan: the claims are read once per statement and each
+-- queued row costs a hash probe, whatever the planner estimates. (A join with _claims() became
+-- a nested loop over every claim per row when the table's statistics were stale; a SQL
+-- function holding the test is not inlined because of the subquery, so it would read the
+-- claims once per row.)
+CREATE OR REPLACE VIEW sluice.tasks AS
+SELECT t.id,
+       t.task_name,
+       CASE WHEN t.claimed THEN 'running' ELSE t.status END AS status,
+       CASE WHEN t.claimed THEN t.attempt + 1 ELSE t.attempt END AS attempt,
+       t.priority,
+       t.input,
+       t.output,
+       t.last_error,
+       t.worker_id,
+       w.name AS worker_name,
+       t.idempotency_key,
+       t.enqueued_at,
+       t.run_at,
+       t.started_at,
+       t.finished_at,
+       t.failures,
+       t.lost_attempts,
+       t.run_id,
+       t.step,
+       t.parent_id,
+       t.child_key
+FROM (SELECT r.id, r.task_name, r.status, r.attempt, r.priority, r.input, r.output,
+             r.last_error, r.idempotency_key, r.enqueued_at, r.run_at, r.finished_at,
+             r.failures, r.lost_attempts, r.run_id, r.step, r.parent_id, r.child_key,
+             r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c) AS claimed,
+             -- the claim's worker and time, looked up only for a claimed row
+             CASE WHEN r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c)
+                  THEN (SELECT c.worker_id FROM sluice._claims(ARRAY[r.id]) c)
+                  ELSE r.worker_id END AS worker_id,
+             CASE WHEN r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c)
+                  THEN (SELECT c.picked_at FROM sluice._claims(ARRAY[r.id]) c)
+                  ELSE r.assigned_at END AS started_at
+        FROM sluice.task_run r) t
+LEFT JOIN sluice.worker w ON w.id = t.worker_id;
+
+CREATE OR REPLACE VIEW sluice.queue_stats AS
+SELECT t.task_name,
+       count(*) FILTER (WHERE t.status = 'queued' AND NOT t.claimed) AS queued,
+       count(*) FILTER (WHERE t.status = 'running' OR t.claimed) AS running,
+       count(*) FILTER (WHERE t.status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE t.status = 'failed')    AS failed,
+       count(*) FILTER (WHERE t.status = 'cancelled') AS cancelled,
+       now() - min(t.run_at) FILTER (WHERE t.status = 'queued' AND NOT t.claimed
+                                       AND t.run_at <= now())
+           AS oldest_queued_age
+FROM (SELECT r.task_name, r.status, r.run_at, r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c) AS claimed
+        FROM sluice.task_run r) t
+GROUP BY t.task_name;
+
+CREATE OR REPLACE VIEW sluice.workers AS
+SELECT w.id,
+       w.name,
+       w.task_names,
+       w.slots,
+       coalesce(r.running, 0) + coalesce(m.running, 0) AS running,
+       w.labels,
+       w.backend_pid,
+       w.registered_at,
+       w.last_heartbeat,
+       w.stopped_at,
+       w.stop_reason
+FROM sluice.worker w
+-- one pass over the unfinished tasks for all workers (no index by worker: see task_run)
+LEFT JOIN (SELECT t.worker_id, count(*) AS running FROM sluice.task_run t
+            WHERE t.finished_at IS NULL AND t.status = 'running'
+            GROUP BY t.worker_id) r ON r.worker_id = w.id
+LEFT JOIN (SELECT c.worker_id, count(*) AS running FROM sluice._claims() c
+            GROUP BY c.worker_id) m ON m.worker_id = w.id;
+
+-- Per concurrency key with unfinished tasks: how many run and how many wait.
+CREATE OR REPLACE VIEW sluice.concurrency AS
+SELECT t.task_name,
+       t.concurrency_key AS key,
+       d.max_runs,
+       d.concurrency_strategy AS strategy,
+       count(*) FILTER (WHERE t.status = 'running') AS running,
+       count(*) FILTER (WHERE t.status = 'queued')  AS waiting
+FROM (-- through the unfinished tasks' index (no index of its own: it would cost every
+      -- keyed task more index writes)
+      SELECT r.task_name, r.concurrency_key,
+             CASE WHEN r.status = 'queued' AND (r.id, r.attempt + 1) IN (SELECT c.task_id, c.attempt FROM sluice._claims() c)
+                  THEN 'running' ELSE r.status END AS status
+        FROM sluice.task_run r
+       WHERE r.finished_at IS NULL AND r.concurrency_key IS NOT NULL) t
+LEFT JOIN sluice.task_definition d ON d.name = t.task_name
+GROUP BY t.task_name, t.concurrency_key, d.max_runs, d.concurrency_strategy;
 -- ---- copy of sql/workflows.sql ----
 -- Workflows: DAGs of task runs.
 --
@@ -2426,6 +2575,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     parent_status sluice.task_status;
 BEGIN
+    -- a parent claimed in memory is written into its row first (sluice._settle_claims)
+    PERFORM sluice._settle_claims(ARRAY[parent_id]);
     SELECT t.status INTO parent_status FROM sluice.task_run t
      WHERE t.id = _require_running_parent.parent_id;
     IF parent_status IS NULL THEN
@@ -3343,11 +3494,21 @@ SELECT d.task_id, d.seq, d.kind, d.name, d.state, d.value, d.wake_at, d.filter, 
 -- The current attempt of a running task held by this worker, locked; NULL if it is not.
 CREATE OR REPLACE FUNCTION sluice._current_attempt(worker_id bigint, task_id bigint, attempt int)
 RETURNS sluice.task_run
-LANGUAGE sql AS $$
-    SELECT t.* FROM sluice.task_run t
-     WHERE t.id = task_id AND t.attempt = _current_attempt.attempt
-       AND t.worker_id = _current_attempt.worker_id AND t.status::text = 'running'
-       FOR UPDATE
+LANGUAGE plpgsql AS $$
+DECLARE
+    t sluice.task_run;
+BEGIN
+    -- an attempt claimed in memory is written into its row first (sluice._settle_claims)
+    PERFORM sluice._settle_claims(ARRAY[_current_attempt.task_id]);
+    SELECT * INTO t FROM sluice.task_run r
+     WHERE r.id = _current_attempt.task_id AND r.attempt = _current_attempt.attempt
+       AND r.worker_id = _current_attempt.worker_id AND r.status::text = 'running'
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN t;
+END
 $$;
 
 -- Ends the attempt without an outcome: the task waits in the queue until `until` (or an event)

@@ -1025,6 +1025,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     parent_status sluice.task_status;
 BEGIN
+    -- a parent claimed in memory is written into its row first (sluice._settle_claims)
+    PERFORM sluice._settle_claims(ARRAY[parent_id]);
     SELECT t.status INTO parent_status FROM sluice.task_run t
      WHERE t.id = _require_running_parent.parent_id;
     IF parent_status IS NULL THEN

@@ -1,5 +1,8 @@
 //! `sluice.fetch_tasks`: takes the worker's posted assignments and claims them, in Rust.
 //!
+//! A claim is recorded in shared memory (`crate::claims`) and the row is only read; tasks with
+//! rate limits, and any beyond the claim table's room, are claimed by updating the row.
+//!
 //! Every pickup waits for this call, and a worker with few slots makes it once per handful of
 //! tasks. As plpgsql it was two functions (the outer one sets `synchronous_commit` for the
 //! transaction, which the inner one's SET clauses would undo on return), two materialized
@@ -19,6 +22,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
 
+use crate::claims::{self, Claim, NotRecorded};
 use crate::wake;
 
 const CLAIM_SQL: &CStr = c"UPDATE sluice.task_run t
@@ -34,10 +38,23 @@ const CLAIM_SQL: &CStr = c"UPDATE sluice.task_run t
    AND t.status::text = 'queued'
 RETURNING t.id, t.attempt, t.task_name, t.input, t.timeout_at";
 
+/// The read of tasks claimed in memory: what the claim returns, plus whether the task has rate
+/// limits (those are claimed in the row) and the time of the read.
+const READ_SQL: &CStr = c"SELECT t.id, t.attempt + 1, t.task_name, t.input,
+       now() + coalesce(
+           nullif($3[sluice._array_position($1, t.id)], -1) * interval '1 millisecond',
+           (SELECT d.execution_timeout FROM sluice.task_definition d
+             WHERE d.name = t.task_name)),
+       t.rate_limit_keys IS NOT NULL, now()
+  FROM sluice.task_run t
+ WHERE t.id = ANY($1) AND t.attempt = $2[sluice._array_position($1, t.id)] - 1
+   AND t.status::text = 'queued'";
+
 thread_local! {
-    // Kept for the life of the backend (SPI_keepplan); the plan cache revalidates it when the
-    // table or a function it calls changes.
+    // Kept for the life of the backend (SPI_keepplan); the plan cache revalidates them when
+    // the table or a function they call changes.
     static CLAIM_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    static READ_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 /// The version-1 calling convention marker Postgres looks up for a C function.
@@ -80,22 +97,10 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
         if taken.is_empty() {
             return pg_sys::Datum::from(0);
         }
-        // In the function's memory context: they outlive SPI_finish.
-        let ids: Vec<i64> = taken.iter().map(|p| p.task_id).collect();
-        let attempts: Vec<i32> = taken.iter().map(|p| p.attempt).collect();
-        let timeouts: Vec<i32> = taken.iter().map(|p| p.execution_timeout_ms).collect();
-        let mut values = [
-            pg_sys::Datum::from(worker_id),
-            ids.into_datum().expect("an array is never NULL"),
-            attempts.into_datum().expect("an array is never NULL"),
-            timeouts.into_datum().expect("an array is never NULL"),
-        ];
-        let nulls = [b' ' as std::ffi::c_char; 4];
-
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("sluice.fetch_tasks: SPI_connect failed");
         }
-        let plan = claim_plan();
+        let desc = (*(*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()).setDesc;
         // As the plpgsql version's SET clauses did, for a (re)planning inside the execution.
         let nest_level = pg_sys::NewGUCNestLevel();
         set_guc(
@@ -104,40 +109,191 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
             pg_sys::GucAction::GUC_ACTION_SAVE,
         );
         set_guc(c"jit", c"off", pg_sys::GucAction::GUC_ACTION_SAVE);
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+
+        // 1. Read the rows still queued at the attempt before the posted one, and record the
+        // claims of those without rate limits in memory.
+        let read = read_queued(&taken);
+        let mut in_memory = Vec::with_capacity(read.len());
+        let mut in_row: Vec<i64> = Vec::new();
+        for row in &read {
+            if row.rate_limited {
+                in_row.push(row.claim.task_id);
+            } else {
+                in_memory.push(row.claim);
+            }
+        }
+        let recorded = claims::record(&in_memory);
+        for (claim, outcome) in in_memory.iter().zip(&recorded) {
+            match outcome {
+                Ok(()) => {}
+                // no room: the row takes this claim, as before claims were kept in memory
+                Err(NotRecorded::Full) => in_row.push(claim.task_id),
+                // claimed already (a second post of this attempt): not this worker's
+                Err(NotRecorded::Taken) => {}
+            }
+        }
+        for (row, outcome) in read.iter().filter(|r| !r.rate_limited).zip(&recorded) {
+            if outcome.is_ok() {
+                let mut values = [
+                    pg_sys::Datum::from(row.claim.task_id),
+                    pg_sys::Datum::from(row.claim.attempt),
+                    row.task_name,
+                    row.input,
+                    pg_sys::Datum::from(row.claim.timeout_at),
+                ];
+                let mut nulls = [false; 5];
+                pg_sys::tuplestore_putvalues(result, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            }
+        }
+
+        // 2. Claim the others in their rows.
+        if !in_row.is_empty() {
+            let chosen: Vec<&wake::Posted> = taken
+                .iter()
+                .filter(|p| in_row.contains(&p.task_id))
+                .collect();
+            let ids: Vec<i64> = chosen.iter().map(|p| p.task_id).collect();
+            let attempts: Vec<i32> = chosen.iter().map(|p| p.attempt).collect();
+            let timeouts: Vec<i32> = chosen.iter().map(|p| p.execution_timeout_ms).collect();
+            let mut values = [
+                pg_sys::Datum::from(worker_id),
+                ids.into_datum().expect("an array is never NULL"),
+                attempts.into_datum().expect("an array is never NULL"),
+                timeouts.into_datum().expect("an array is never NULL"),
+            ];
+            let nulls = [b' ' as std::ffi::c_char; 4];
+            let plan = kept_plan(
+                &CLAIM_PLAN,
+                CLAIM_SQL,
+                &[
+                    pg_sys::INT8OID,
+                    pg_sys::INT8ARRAYOID,
+                    pg_sys::INT4ARRAYOID,
+                    pg_sys::INT4ARRAYOID,
+                ],
+            );
+            let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+            if rc != pg_sys::SPI_OK_UPDATE_RETURNING as i32 || pg_sys::SPI_tuptable.is_null() {
+                error!("sluice.fetch_tasks: the claim failed (SPI code {rc})");
+            }
+            let table = pg_sys::SPI_tuptable;
+            for i in 0..pg_sys::SPI_processed as usize {
+                // Copied into the result set's own memory.
+                pg_sys::tuplestore_puttuple(result, *(*table).vals.add(i));
+            }
+        }
         pg_sys::AtEOXact_GUC(true, nest_level);
-        if rc != pg_sys::SPI_OK_UPDATE_RETURNING as i32 || pg_sys::SPI_tuptable.is_null() {
-            error!("sluice.fetch_tasks: the claim failed (SPI code {rc})");
-        }
-        let table = pg_sys::SPI_tuptable;
-        for i in 0..pg_sys::SPI_processed as usize {
-            // Copied into the result set's own memory.
-            pg_sys::tuplestore_puttuple(result, *(*table).vals.add(i));
-        }
         pg_sys::SPI_finish();
         pg_sys::Datum::from(0)
     }
 }
 
-/// The claim's plan, prepared (generic, kept) on first use. Inside SPI.
-unsafe fn claim_plan() -> pg_sys::SPIPlanPtr {
-    CLAIM_PLAN.with(|slot| {
-        if slot.get().is_null() {
-            let mut types = [
-                pg_sys::INT8OID,
+/// A row read for a claim in memory. `task_name` and `input` are datums in the caller's
+/// memory (copied out of SPI's).
+struct ReadRow {
+    claim: Claim,
+    task_name: pg_sys::Datum,
+    input: pg_sys::Datum,
+    rate_limited: bool,
+}
+
+/// Reads the posted tasks still queued at the attempt before the posted one. Inside SPI.
+unsafe fn read_queued(taken: &[wake::Posted]) -> Vec<ReadRow> {
+    unsafe {
+        let ids: Vec<i64> = taken.iter().map(|p| p.task_id).collect();
+        let attempts: Vec<i32> = taken.iter().map(|p| p.attempt).collect();
+        let timeouts: Vec<i32> = taken.iter().map(|p| p.execution_timeout_ms).collect();
+        let worker_of: std::collections::HashMap<i64, i64> =
+            taken.iter().map(|p| (p.task_id, p.worker_id)).collect();
+        let mut values = [
+            ids.into_datum().expect("an array is never NULL"),
+            attempts.into_datum().expect("an array is never NULL"),
+            timeouts.into_datum().expect("an array is never NULL"),
+        ];
+        let nulls = [b' ' as std::ffi::c_char; 3];
+        let plan = kept_plan(
+            &READ_PLAN,
+            READ_SQL,
+            &[
                 pg_sys::INT8ARRAYOID,
                 pg_sys::INT4ARRAYOID,
                 pg_sys::INT4ARRAYOID,
-            ];
+            ],
+        );
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), true, 0);
+        if rc != pg_sys::SPI_OK_SELECT as i32 || pg_sys::SPI_tuptable.is_null() {
+            error!("sluice.fetch_tasks: reading the tasks failed (SPI code {rc})");
+        }
+        let table = pg_sys::SPI_tuptable;
+        let desc = (*table).tupdesc;
+        let mut rows = Vec::with_capacity(pg_sys::SPI_processed as usize);
+        for i in 0..pg_sys::SPI_processed as usize {
+            let tuple = *(*table).vals.add(i);
+            let column = |n: i32| {
+                let mut is_null = false;
+                let datum = pg_sys::SPI_getbinval(tuple, desc, n, &mut is_null);
+                (!is_null).then_some(datum)
+            };
+            let (
+                Some(id),
+                Some(attempt),
+                Some(name),
+                Some(input),
+                Some(timeout_at),
+                Some(limited),
+                Some(now),
+            ) = (
+                column(1),
+                column(2),
+                column(3),
+                column(4),
+                column(5),
+                column(6),
+                column(7),
+            )
+            else {
+                continue;
+            };
+            let task_id = id.value() as i64;
+            rows.push(ReadRow {
+                claim: Claim {
+                    task_id,
+                    worker_id: worker_of.get(&task_id).copied().unwrap_or(0),
+                    picked_at: now.value() as i64,
+                    timeout_at: timeout_at.value() as i64,
+                    attempt: attempt.value() as i32,
+                },
+                // Out of SPI's memory, which SPI_finish frees.
+                task_name: pg_sys::SPI_datumTransfer(name, false, -1),
+                input: pg_sys::SPI_datumTransfer(input, false, -1),
+                rate_limited: limited.value() != 0,
+            });
+        }
+        rows
+    }
+}
+
+/// A statement's plan, prepared (generic, kept for the session) on first use. Inside SPI.
+pub(crate) unsafe fn kept_plan(
+    slot: &'static std::thread::LocalKey<Cell<pg_sys::SPIPlanPtr>>,
+    sql: &CStr,
+    types: &[pg_sys::Oid],
+) -> pg_sys::SPIPlanPtr {
+    slot.with(|slot| {
+        if slot.get().is_null() {
+            let mut types = types.to_vec();
             unsafe {
                 let plan = pg_sys::SPI_prepare_cursor(
-                    CLAIM_SQL.as_ptr(),
-                    4,
+                    sql.as_ptr(),
+                    types.len() as i32,
                     types.as_mut_ptr(),
                     pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
                 );
                 if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                    error!("sluice.fetch_tasks: preparing the claim failed");
+                    error!(
+                        "sluice: preparing a statement failed: {}",
+                        sql.to_string_lossy()
+                    );
                 }
                 slot.set(plan);
             }
@@ -148,7 +304,7 @@ unsafe fn claim_plan() -> pg_sys::SPIPlanPtr {
 
 /// Sets a user-settable parameter, as a SET clause (`GUC_ACTION_SAVE`, undone by the
 /// surrounding `AtEOXact_GUC`) or `set_config(..., true)` (`GUC_ACTION_LOCAL`) would.
-unsafe fn set_guc(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
+pub(crate) unsafe fn set_guc(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
     unsafe {
         pg_sys::set_config_option(
             name.as_ptr(),

@@ -11,6 +11,8 @@ mod array_position;
 mod arrivals;
 pub mod assign;
 mod catalog;
+pub(crate) mod claims;
+mod complete;
 pub mod cron_expr;
 mod definition_cache;
 mod direct_insert;
@@ -160,6 +162,59 @@ fn posted_assignments_sql() -> TableIterator<
             .into_iter()
             .map(|p| (p.worker_id, p.task_id, p.attempt)),
     )
+}
+
+/// Claims held in memory (`crate::claims`): attempts fetched by a worker whose rows still say
+/// `queued` at the attempt before; all of them, or those of the given tasks.
+#[pg_extern(name = "_claims")]
+fn claims_sql(
+    task_ids: default!(Option<Vec<i64>>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(task_id, i64),
+        name!(attempt, i32),
+        name!(worker_id, i64),
+        name!(picked_at, TimestampWithTimeZone),
+        name!(timeout_at, TimestampWithTimeZone),
+    ),
+> {
+    let claims = match task_ids {
+        Some(ids) => claims::of_tasks(&ids),
+        None => claims::all(),
+    };
+    TableIterator::new(claims.into_iter().map(|c| {
+        (
+            c.task_id,
+            c.attempt,
+            c.worker_id,
+            timestamptz(c.picked_at),
+            timestamptz(c.timeout_at),
+        )
+    }))
+}
+
+/// When the worker fetched this attempt of the task, if it holds that claim in memory.
+#[pg_extern(name = "_claim_picked_at", strict)]
+fn claim_picked_at_sql(
+    task_id: i64,
+    attempt: i32,
+    worker_id: i64,
+) -> Option<TimestampWithTimeZone> {
+    claims::held(task_id, attempt, worker_id).map(|c| timestamptz(c.picked_at))
+}
+
+/// These claims were written into their rows (or found stale) by the current transaction:
+/// they leave memory when it commits.
+#[pg_extern(name = "_claims_settled", strict)]
+fn claims_settled_sql(task_ids: Vec<i64>, attempts: Vec<i32>) {
+    claims::settled_in_transaction(task_ids.into_iter().zip(attempts));
+}
+
+fn timestamptz(at: i64) -> TimestampWithTimeZone {
+    TimestampWithTimeZone::try_from(at).unwrap_or_else(|_| {
+        TimestampWithTimeZone::try_from(i64::MAX).expect("infinity is a timestamptz")
+    })
 }
 
 // #[pg_schema] needs an inline module; the tests live in their own file.

@@ -19,6 +19,8 @@ use crate::assign::Candidate;
 use crate::flow::{Blocked, RateLimits, RateUse};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::rc::Rc;
 
 /// A Postgres `timestamptz`: microseconds since 2000-01-01 UTC.
@@ -106,7 +108,7 @@ struct KeyQueue {
 /// The waiting tasks of one task name with a concurrency rule, per key.
 #[derive(Debug, Default)]
 struct KeyedName {
-    keys: HashMap<String, KeyQueue>,
+    keys: FxHashMap<String, KeyQueue>,
     /// The keys with waiting tasks, least recently served first: the round-robin order.
     by_served: BTreeSet<(u64, String)>,
     /// Waiting tasks per priority: with a single level, the best candidates come from the
@@ -218,29 +220,29 @@ pub enum RowState {
 pub struct QueueState {
     /// Per task name: highest priority first, then oldest (lowest id). Tasks of a name with a
     /// concurrency rule wait in `keyed` instead.
-    ready: HashMap<String, BTreeSet<(Reverse<i32>, i64)>>,
+    ready: FxHashMap<String, BTreeSet<(Reverse<i32>, i64)>>,
     /// Per task name with a concurrency rule, per key.
-    keyed: HashMap<String, KeyedName>,
+    keyed: FxHashMap<String, KeyedName>,
     rules: HashMap<String, ConcurrencyRule>,
     /// Flow facts (and task name) of ready and running tasks that have any.
-    flow: HashMap<i64, (String, TaskFlow)>,
+    flow: FxHashMap<i64, (String, TaskFlow)>,
     /// Running (or posted) task ids per (task name, concurrency key).
-    key_running: HashMap<String, HashMap<String, BTreeSet<i64>>>,
+    key_running: FxHashMap<String, FxHashMap<String, BTreeSet<i64>>>,
     /// Counts admissions of keyed tasks; a key's `served` is the count at its last admission.
     served_seq: u64,
     ready_len: usize,
     /// Every ready task, and the same in the arrivals index's order and by schedule deadline
     /// (the schedule timeouts come from memory: no index of queued tasks by deadline).
-    ready_tasks: HashMap<i64, ReadyTask>,
+    ready_tasks: FxHashMap<i64, ReadyTask>,
     by_position: BTreeSet<Cursor>,
     by_deadline: BTreeSet<(Micros, i64)>,
     /// One copy of each task name for `ready_tasks`.
-    names: HashSet<Rc<str>>,
+    names: FxHashSet<Rc<str>>,
     cursor: Cursor,
-    running: HashMap<i64, RunningAttempt>,
-    running_per_worker: HashMap<i64, i32>,
+    running: FxHashMap<i64, RunningAttempt>,
+    running_per_worker: FxHashMap<i64, i32>,
     /// Running attempts (by task id) whose assignment is posted but not seen claimed.
-    posted: HashMap<i64, Posted>,
+    posted: FxHashMap<i64, Posted>,
 }
 
 impl Default for QueueState {
@@ -252,21 +254,21 @@ impl Default for QueueState {
 impl QueueState {
     pub fn new() -> Self {
         QueueState {
-            ready: HashMap::new(),
-            keyed: HashMap::new(),
+            ready: FxHashMap::default(),
+            keyed: FxHashMap::default(),
             rules: HashMap::new(),
-            flow: HashMap::new(),
-            key_running: HashMap::new(),
+            flow: FxHashMap::default(),
+            key_running: FxHashMap::default(),
             served_seq: 0,
             ready_len: 0,
-            ready_tasks: HashMap::new(),
+            ready_tasks: FxHashMap::default(),
             by_position: BTreeSet::new(),
             by_deadline: BTreeSet::new(),
-            names: HashSet::new(),
+            names: FxHashSet::default(),
             cursor: FROM_START,
-            running: HashMap::new(),
-            running_per_worker: HashMap::new(),
-            posted: HashMap::new(),
+            running: FxHashMap::default(),
+            running_per_worker: FxHashMap::default(),
+            posted: FxHashMap::default(),
         }
     }
 
@@ -289,19 +291,19 @@ impl QueueState {
     }
 
     /// A row read as queued. A task already known is not counted twice (rewinds and sweeps
-    /// reread rows), and one posted to a worker but not claimed yet stays posted. A task read
-    /// as queued that is otherwise remembered as running was requeued by someone else (its
-    /// worker deregistered): that attempt is over.
+    /// reread rows), and one posted to a worker, or claimed by it in memory (its row is
+    /// queued at the attempt before until the attempt ends, see crate::claims), stays
+    /// running. A task read as queued that is otherwise remembered as running at another
+    /// attempt was requeued by someone else (its worker deregistered): that attempt is over.
     fn note_queued(&mut self, a: Arrival) {
         if self.ready_tasks.contains_key(&a.task_id) {
             return;
         }
-        let posted_unclaimed = self.posted.contains_key(&a.task_id)
-            && self
-                .running
-                .get(&a.task_id)
-                .is_some_and(|r| r.attempt == a.attempt + 1);
-        if posted_unclaimed {
+        let posted_or_claimed = self
+            .running
+            .get(&a.task_id)
+            .is_some_and(|r| r.attempt == a.attempt + 1);
+        if posted_or_claimed {
             return;
         }
         self.end_running(a.task_id);
@@ -1138,8 +1140,19 @@ mod unit_tests {
         q.start_running(1, running(7, 1_000));
         assert_eq!(q.ready_len(), 1);
         assert_eq!(q.running_on(7), 1);
-        // Read as queued again (its worker deregistered and gave it back): running no more.
+        // Read as queued at the attempt before (claimed in memory, see crate::claims): still
+        // running.
         q.add_arrivals([arrival(1, "a", 1)], (3, 1));
+        assert_eq!((q.ready_len(), q.running_on(7)), (1, 1));
+        // Read as queued at its own attempt (its worker deregistered and gave it back):
+        // running no more.
+        q.add_arrivals(
+            [Arrival {
+                attempt: 1,
+                ..arrival(1, "a", 1)
+            }],
+            (3, 1),
+        );
         assert_eq!(q.ready_len(), 2);
         assert_eq!(
             q.candidates(&[("a".into(), 10)], &mut RateLimits::default(), 0)

@@ -14,7 +14,7 @@ use crate::queue::{
     Arrival, ConcurrencyRule, Cursor, Micros, QueueState, RowState, RunningAttempt, Strategy,
     TaskFlow, FROM_START,
 };
-use crate::{arrivals, gucs, wake};
+use crate::{arrivals, claims, gucs, wake};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
@@ -1178,6 +1178,63 @@ fn load_running(client: &mut SpiClient<'_>, queue: &mut QueueState) {
             },
         );
     }
+    load_claims(client, queue);
+}
+
+/// The attempts claimed in memory (crate::claims), which a scheduler restart does not lose:
+/// running too, while their rows are still queued at the attempt before.
+fn load_claims(client: &mut SpiClient<'_>, queue: &mut QueueState) {
+    let held = claims::all();
+    if held.is_empty() {
+        return;
+    }
+    let ids: Vec<i64> = held.iter().map(|c| c.task_id).collect();
+    let rows: HashMap<i64, (String, Option<String>, String, i32)> = client
+        .update(
+            "SELECT id, task_name, concurrency_key, status::text, attempt
+               FROM sluice.task_run WHERE id = ANY($1)",
+            None,
+            &[ids.into()],
+        )
+        .expect("loading claimed tasks failed")
+        .filter_map(|row| {
+            Some((
+                row.get::<i64>(1).ok()??,
+                (
+                    row.get::<String>(2).ok()??,
+                    row.get::<String>(3).ok()?,
+                    row.get::<String>(4).ok()??,
+                    row.get::<i32>(5).ok()??,
+                ),
+            ))
+        })
+        .collect();
+    let mut stale = Vec::new();
+    for c in held {
+        match rows.get(&c.task_id) {
+            Some((name, key, status, attempt))
+                if status == "queued" && *attempt == c.attempt - 1 =>
+            {
+                let flow = key.clone().map(|k| TaskFlow {
+                    concurrency_key: Some(k),
+                    rates: Vec::new(),
+                });
+                queue.end_running(c.task_id);
+                queue.load_running(
+                    c.task_id,
+                    name,
+                    flow,
+                    RunningAttempt {
+                        worker_id: c.worker_id,
+                        attempt: c.attempt,
+                        timeout_at: c.timeout_at,
+                    },
+                );
+            }
+            _ => stale.push((c.task_id, c.attempt)),
+        }
+    }
+    claims::forget(&stale);
 }
 
 /// Brings every running attempt in line with its row by primary key (see
@@ -1193,6 +1250,12 @@ fn check_running(
         return;
     }
     let (ids, attempts) = queue.running_attempts();
+    // The claims first, then the rows: a claim that leaves meanwhile left at the commit of
+    // its attempt's end or settlement, which the rows' later snapshot then sees.
+    let held: HashMap<i64, claims::Claim> = claims::of_tasks(&ids)
+        .into_iter()
+        .map(|c| (c.task_id, c))
+        .collect();
     let rows: HashMap<i64, (i32, String, Option<i64>, Option<Micros>)> = client
         .update(&statements.check_running, None, &[ids.clone().into()])
         .expect("checking running tasks failed")
@@ -1210,6 +1273,7 @@ fn check_running(
             ))
         })
         .collect();
+    let mut stale = Vec::new();
     for (id, attempt) in ids.into_iter().zip(attempts) {
         let state = match rows.get(&id) {
             Some((a, status, Some(worker_id), timeout_at))
@@ -1221,12 +1285,25 @@ fn check_running(
                 }
             }
             Some((a, status, _, _)) if *a == attempt - 1 && status == "queued" => {
-                RowState::Unclaimed
+                match held.get(&id) {
+                    Some(c) if c.attempt == attempt => RowState::Running {
+                        worker_id: c.worker_id,
+                        timeout_at: c.timeout_at,
+                    },
+                    _ => RowState::Unclaimed,
+                }
             }
-            _ => RowState::Ended,
+            _ => {
+                // A claim a fetch recorded on a row a concurrent cancel had ended.
+                if let Some(c) = held.get(&id) {
+                    stale.push((c.task_id, c.attempt));
+                }
+                RowState::Ended
+            }
         };
         queue.reconcile(id, state);
     }
+    claims::forget(&stale);
     let stale = queue.posted_before(now.saturating_sub(UNCLAIMED_GRACE_MICROS));
     if !stale.is_empty() {
         let on_board = wake::posted_task_ids();

@@ -170,6 +170,7 @@ pub fn init_shared_memory() {
     pg_shmem_init!(DELETIONS_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(ENDED);
     pg_shmem_init!(ASSIGNMENTS);
+    crate::claims::init_shared_memory();
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -531,6 +532,8 @@ unsafe extern "C-unwind" fn on_xact_event(
                 .unwrap_or_else(|e| e.into_inner())
                 .1
                 .clear();
+            // Claims of ended attempts go before the scheduler hears of the ends.
+            crate::claims::at_commit(&ended);
             if PRELOADED.load(Ordering::Relaxed) && !ended.is_empty() {
                 publish_ended(&ended);
             }
@@ -558,6 +561,7 @@ unsafe extern "C-unwind" fn on_xact_event(
             // A prepared fetch keeps its claims (they commit with it); an aborted one never
             // claimed anything.
             if event == XACT_EVENT_PREPARE {
+                crate::claims::at_prepare();
                 TAKEN_IN_TRANSACTION
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -565,6 +569,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                     .clear();
             } else {
                 put_back_taken();
+                crate::claims::at_abort();
             }
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             PLAIN_WAKE_AT_COMMIT.store(false, Ordering::Relaxed);

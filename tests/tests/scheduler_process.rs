@@ -53,3 +53,102 @@ async fn a_terminated_scheduler_is_restarted_and_keeps_scheduling() {
     wait_finished(&client, &ids, Duration::from_secs(20)).await;
     assert_eq!(status_summary(&client, &ids).await, "succeeded=3");
 }
+
+/// A scheduler terminated while workers run attempts it claimed in memory (the rows still say
+/// queued, extension/src/claims.rs): the new scheduler takes them as running, under the same
+/// attempt and worker. It neither hands them out again nor gives their slots to queued tasks,
+/// and each task runs once.
+#[tokio::test]
+async fn a_scheduler_restarted_under_running_attempts_keeps_them_and_their_slots() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "restart_running", "").await;
+    let _worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 2);
+    let running = enqueue_copies(&client, &task, json!({"sleep_ms": 5000}), 2).await;
+    for id in &running {
+        wait_execution(&client, *id, None).await;
+    }
+    let held: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sluice._claims($1) c JOIN sluice.task_run t ON t.id = c.task_id
+              WHERE t.status = 'queued' AND t.attempt = 0 AND c.attempt = 1",
+            &[&running],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        held, 2,
+        "both attempts must be claimed in memory, rows still queued"
+    );
+    let waiting = enqueue_copies(&client, &task, json!({}), 3).await;
+
+    let before = scheduler_pid(&client).await.unwrap();
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&before])
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "a new scheduler process",
+        || async {
+            match scheduler_pid(&client).await {
+                Ok(pid) if pid != before => Ok(pid),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    // Time for the new scheduler to load its state and assign what it thinks it may.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Still running under the new scheduler, as attempt 1, with nothing else started: both
+    // slots are taken.
+    let (still_running, started): (i64, i64) = {
+        let r = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM sluice.tasks
+                          WHERE id = ANY($1) AND status = 'running' AND attempt = 1),
+                        (SELECT count(*) FROM sluice_test.execution WHERE task_id = ANY($2))",
+                &[&running, &waiting],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (still_running, started),
+        (2, 0),
+        "after the restart: {}",
+        describe_tasks(&client, &[running.clone(), waiting.clone()].concat()).await
+    );
+
+    let all = [running.clone(), waiting.clone()].concat();
+    wait_finished(&client, &all, Duration::from_secs(20)).await;
+    assert_eq!(status_summary(&client, &all).await, "succeeded=5");
+    for id in &running {
+        assert_eq!(
+            executions(&client, *id).await.len(),
+            1,
+            "task {id} must run once: {}",
+            describe_tasks(&client, &[*id]).await
+        );
+        assert_eq!(task_state(&client, *id).await.1, 1, "task {id}'s attempt");
+    }
+    // No more than the two slots ran at once, across the restart.
+    let overlapping: i64 = client
+        .query_one(
+            "SELECT max(n) FROM (
+               SELECT (SELECT count(*) FROM sluice_test.execution o
+                        WHERE o.task_id = ANY($1) AND o.started_at <= e.started_at
+                          AND coalesce(o.finished_at, 'infinity') > e.started_at) AS n
+                 FROM sluice_test.execution e WHERE e.task_id = ANY($1)) s",
+            &[&all],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        overlapping <= 2,
+        "{overlapping} handlers ran at once on 2 slots"
+    );
+}

@@ -59,8 +59,13 @@ async fn tasks_enqueued_while_no_worker_has_a_slot_start_as_soon_as_one_register
             || async {
                 let row = client
                     .query_one(
-                        "SELECT status::text, (timeout_at - picked_at)::text FROM sluice.task_run
-                          WHERE id = $1",
+                        // The attempt's times are in the claim held in memory, or in the
+                        // row once written there (extension/src/claims.rs).
+                        "SELECT t.status::text, coalesce(c.timeout_at - c.picked_at,
+                                                         r.timeout_at - r.picked_at)::text
+                           FROM sluice.tasks t JOIN sluice.task_run r ON r.id = t.id
+                           LEFT JOIN sluice._claims(ARRAY[t.id]) c ON true
+                          WHERE t.id = $1",
                         &[&id],
                     )
                     .await

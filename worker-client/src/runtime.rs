@@ -191,7 +191,9 @@ struct Runtime<'a> {
     /// The latest registration, kept after its connection broke so that shutdown can still
     /// deregister it.
     last_worker_id: Option<i64>,
-    in_flight: HashMap<TaskAttempt, InFlight>,
+    /// By registration too: after a server restart the same attempt of a task can be fetched
+    /// again (its claim was held in memory) while the handler of the lost session winds down.
+    in_flight: HashMap<AttemptKey, InFlight>,
     batcher: CompletionBatcher,
     finished_tx: mpsc::UnboundedSender<Finished>,
     finished_rx: mpsc::UnboundedReceiver<Finished>,
@@ -343,10 +345,7 @@ impl Runtime<'_> {
     /// to another task (see InFlight::may_have_ended), so that a fetch this slot held back may
     /// have left an assignment behind.
     fn on_finished(&mut self, finished: Finished) -> bool {
-        let Some(in_flight) = self
-            .in_flight
-            .remove(&(finished.key.task_id, finished.key.attempt))
-        else {
+        let Some(in_flight) = self.in_flight.remove(&finished.key) else {
             return false;
         };
         let completed = in_flight.completed_in_transaction.load(Ordering::Acquire);
@@ -436,7 +435,7 @@ impl Runtime<'_> {
         );
         let abort = spawn_reporting(key, handler(context, input), self.finished_tx.clone());
         self.in_flight.insert(
-            (key.task_id, key.attempt),
+            key,
             InFlight {
                 task_name,
                 cancel: cancel_tx,
@@ -455,8 +454,8 @@ impl Runtime<'_> {
         let running: Vec<TaskAttempt> = self
             .in_flight
             .iter()
-            .filter(|(_, in_flight)| !in_flight.cancelled)
-            .map(|(key, _)| *key)
+            .filter(|(key, in_flight)| key.worker_id == worker_id && !in_flight.cancelled)
+            .map(|(key, _)| (key.task_id, key.attempt))
             .collect();
         let (current, superseded) = split_superseded(running);
         let (task_ids, attempts): (Vec<i64>, Vec<i32>) = current.iter().copied().unzip();
@@ -472,7 +471,12 @@ impl Runtime<'_> {
                 .map_err(|e| Error::postgres("reading the heartbeat result", e))?;
             to_stop.extend(current.iter().filter(|(id, _)| *id == task_id).copied());
         }
-        for key in to_stop {
+        for (task_id, attempt) in to_stop {
+            let key = AttemptKey {
+                worker_id,
+                task_id,
+                attempt,
+            };
             if let Some(in_flight) = self.in_flight.get_mut(&key) {
                 in_flight.cancel();
             }
