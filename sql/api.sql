@@ -1292,6 +1292,26 @@ FROM (SELECT r.id, r.task_name, r.status, r.attempt, r.priority, r.input, r.outp
         FROM sluice.task_run r) t
 LEFT JOIN sluice.worker w ON w.id = t.worker_id;
 
+-- Every attempt of every task: the ended ones from sluice.task_attempt, each task's current or
+-- final attempt from sluice.task_run, and the attempts running on claims held in memory (their
+-- rows are still queued at the attempt before).
+CREATE OR REPLACE VIEW sluice.task_attempts AS
+SELECT a.task_id, a.attempt, a.worker_id, a.assigned_at AS started_at, a.finished_at,
+       a.outcome, a.error
+FROM sluice.task_attempt a
+UNION ALL
+SELECT t.id, t.attempt, t.worker_id, t.assigned_at, t.finished_at,
+       t.status::text,
+       CASE WHEN t.status IN ('failed', 'cancelled') THEN t.last_error END
+FROM sluice.task_run t
+WHERE t.attempt > 0
+  AND NOT EXISTS (SELECT 1 FROM sluice.task_attempt a
+                   WHERE a.task_id = t.id AND a.attempt = t.attempt)
+UNION ALL
+SELECT c.task_id, c.attempt, c.worker_id, c.picked_at, NULL, 'running', NULL
+FROM sluice._claims() c
+JOIN sluice.task_run t ON t.id = c.task_id AND t.status = 'queued' AND t.attempt = c.attempt - 1;
+
 CREATE OR REPLACE VIEW sluice.queue_stats AS
 SELECT t.task_name,
        count(*) FILTER (WHERE t.status = 'queued' AND NOT t.claimed) AS queued,

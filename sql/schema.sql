@@ -183,23 +183,9 @@ CREATE UNLOGGED TABLE sluice.worker_signal (
 
 -- Public views ------------------------------------------------------------------------------
 
--- sluice.tasks, sluice.queue_stats, sluice.workers and sluice.concurrency are defined at the end
--- of sql/api.sql: they overlay the claims held in memory (sluice._claims()).
-
--- Every attempt of every task: the ended ones from sluice.task_attempt plus each task's
--- current or final attempt from sluice.task_run.
-CREATE VIEW sluice.task_attempts AS
-SELECT a.task_id, a.attempt, a.worker_id, a.assigned_at AS started_at, a.finished_at,
-       a.outcome, a.error
-FROM sluice.task_attempt a
-UNION ALL
-SELECT t.id, t.attempt, t.worker_id, t.assigned_at, t.finished_at,
-       t.status::text,
-       CASE WHEN t.status IN ('failed', 'cancelled') THEN t.last_error END
-FROM sluice.task_run t
-WHERE t.attempt > 0
-  AND NOT EXISTS (SELECT 1 FROM sluice.task_attempt a
-                   WHERE a.task_id = t.id AND a.attempt = t.attempt);
+-- sluice.tasks, sluice.task_attempts, sluice.queue_stats, sluice.workers and sluice.concurrency
+-- are defined at the end of sql/api.sql: they overlay the claims held in memory
+-- (sluice._claims()).
 
 -- Per rate-limit key: every declared key, and each dynamic key with starts in its window.
 -- Usage counts the starts (claims) of the last `per`, as the scheduler does after a restart.

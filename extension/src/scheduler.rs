@@ -1538,7 +1538,8 @@ fn post(
     execution_timeouts: &HashMap<String, Micros>,
     now: Micros,
 ) -> (HashSet<i64>, usize, bool) {
-    let by_id: HashMap<i64, &Candidate> = candidates.iter().map(|c| (c.task_id, c)).collect();
+    let by_id: rustc_hash::FxHashMap<i64, &Candidate> =
+        candidates.iter().map(|c| (c.task_id, c)).collect();
     let mut posts = Vec::with_capacity(plan.len());
     let mut orphans = Vec::new();
     let mut rate_skipped = false;
