@@ -99,14 +99,16 @@ impl ClaimTable {
         self.find(task_id).map(|i| self.slots[i])
     }
 
-    pub fn insert(&mut self, claim: Claim) -> Result<(), NotRecorded> {
+    /// Records a claim unless the task has one, or the table holds `limit` claims (at most
+    /// `MAX_CLAIMS`, whatever the limit).
+    pub fn insert(&mut self, claim: Claim, limit: usize) -> Result<(), NotRecorded> {
         if claim.task_id == 0 {
             return Err(NotRecorded::Taken);
         }
         if self.find(claim.task_id).is_some() {
             return Err(NotRecorded::Taken);
         }
-        if self.len >= MAX_CLAIMS {
+        if self.len >= limit.min(MAX_CLAIMS) {
             return Err(NotRecorded::Full);
         }
         let mut i = Self::home(claim.task_id);
@@ -174,9 +176,10 @@ pub fn record(claims: &[Claim]) -> Vec<Result<(), NotRecorded>> {
     if !preloaded() {
         return claims.iter().map(|_| Err(NotRecorded::Full)).collect();
     }
+    let limit = crate::gucs::CLAIMS_IN_MEMORY.get().max(0) as usize;
     let results: Vec<_> = {
         let mut table = CLAIMS.exclusive();
-        claims.iter().map(|c| table.insert(*c)).collect()
+        claims.iter().map(|c| table.insert(*c, limit)).collect()
     };
     let mut recorded = lock(&RECORDED_IN_TRANSACTION);
     for (c, r) in claims.iter().zip(&results) {
@@ -442,8 +445,8 @@ mod tests {
     #[test]
     fn a_claim_is_found_until_its_own_attempt_is_removed() {
         let mut t = empty();
-        t.insert(claim(5, 1)).unwrap();
-        assert_eq!(t.insert(claim(5, 2)), Err(NotRecorded::Taken));
+        t.insert(claim(5, 1), MAX_CLAIMS).unwrap();
+        assert_eq!(t.insert(claim(5, 2), MAX_CLAIMS), Err(NotRecorded::Taken));
         assert!(!t.remove(5, 2), "another attempt's removal leaves it");
         assert_eq!(t.get(5).map(|c| c.attempt), Some(1));
         assert!(t.remove(5, 1));
@@ -452,14 +455,28 @@ mod tests {
     }
 
     #[test]
+    fn a_lower_limit_sends_claims_to_the_row_sooner() {
+        let mut t = empty();
+        assert_eq!(t.insert(claim(1, 1), 0), Err(NotRecorded::Full));
+        t.insert(claim(1, 1), 2).unwrap();
+        t.insert(claim(2, 1), 2).unwrap();
+        assert_eq!(t.insert(claim(3, 1), 2), Err(NotRecorded::Full));
+        assert_eq!(
+            t.insert(claim(3, 1), usize::MAX),
+            Ok(()),
+            "capped at MAX_CLAIMS, not below"
+        );
+    }
+
+    #[test]
     fn removals_keep_every_other_claim_reachable() {
         // Many ids, so that probe runs form and wrap; remove every third and check the rest.
         let mut t = empty();
         let ids: Vec<i64> = (1..=MAX_CLAIMS as i64).map(|i| i * 7919).collect();
         for &id in &ids {
-            t.insert(claim(id, 1)).unwrap();
+            t.insert(claim(id, 1), MAX_CLAIMS).unwrap();
         }
-        assert_eq!(t.insert(claim(1, 1)), Err(NotRecorded::Full));
+        assert_eq!(t.insert(claim(1, 1), MAX_CLAIMS), Err(NotRecorded::Full));
         for &id in ids.iter().step_by(3) {
             assert!(t.remove(id, 1));
         }
@@ -468,7 +485,7 @@ mod tests {
         }
         assert_eq!(t.len(), ids.len() - ids.len().div_ceil(3));
         assert_eq!(t.all().len(), t.len());
-        t.insert(claim(1, 1)).unwrap();
+        t.insert(claim(1, 1), MAX_CLAIMS).unwrap();
     }
 
     #[test]
@@ -483,7 +500,7 @@ mod tests {
             .collect();
         assert_eq!(same.len(), 4);
         for &id in &same {
-            t.insert(claim(id, 3)).unwrap();
+            t.insert(claim(id, 3), MAX_CLAIMS).unwrap();
         }
         assert!(t.remove(same[0], 3));
         for &id in &same[1..] {

@@ -16,6 +16,10 @@ pub static MAX_LOST_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static SUCCEEDED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static FAILED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// At most this many claims are held in shared memory at once (`crate::claims`); beyond that, and
+/// with 0 always, a fetch claims in the task's row.
+pub static CLAIMS_IN_MEMORY: GucSetting<i32> =
+    GucSetting::<i32>::new(crate::claims::MAX_CLAIMS as i32);
 /// Log the scheduler's tick statistics every 10 seconds (for diagnosing slow assignment).
 pub static LOG_SCHEDULER_STATS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
@@ -52,6 +56,18 @@ pub fn define(preloading: bool) {
         86_400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"sluice.claims_in_memory",
+        c"Most attempts claimed in shared memory at once; 0 claims every attempt in its row.",
+        c"A claim in memory writes nothing until the attempt ends (one row update per task); a \
+          server crash loses it, and its task runs again under the same attempt number without \
+          being counted as lost. Claims beyond this are written to the row as they are made.",
+        &CLAIMS_IN_MEMORY,
+        0,
+        crate::claims::MAX_CLAIMS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"sluice.max_lost_attempts",

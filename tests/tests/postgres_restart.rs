@@ -1,5 +1,7 @@
 //! Postgres crash-restarted (immediate mode) in the middle of a run, on a private cluster: every
-//! task still succeeds exactly once, and the worker processes reconnect by themselves.
+//! task still succeeds exactly once, and the worker processes reconnect by themselves. Once with
+//! claims held in memory (the default) and once with every claim in its row
+//! (`sluice.claims_in_memory = 0`), where the attempts in flight are recorded as lost.
 
 use serde_json::json;
 use sluice_tests::*;
@@ -10,7 +12,19 @@ const TASKS: i32 = 300;
 
 #[tokio::test]
 async fn postgres_restarted_in_immediate_mode_mid_run_loses_nothing_and_completes_nothing_twice() {
-    let cluster = PrivateCluster::start("restart", true, &[]);
+    crash_mid_run("restart", &[], false).await;
+}
+
+#[tokio::test]
+async fn with_claims_in_rows_the_attempts_in_flight_at_a_crash_are_recorded_as_lost() {
+    crash_mid_run("restart_rows", &[("sluice.claims_in_memory", "0")], true).await;
+}
+
+/// `lost_recorded`: the attempts in flight at the crash must show as `lost` in
+/// sluice.task_attempts (claims in rows); with claims in memory the crash takes them and the
+/// tasks run again under the same attempt numbers.
+async fn crash_mid_run(name: &str, settings: &[(&str, &str)], lost_recorded: bool) {
+    let cluster = PrivateCluster::start(name, true, settings);
     let client = connect(&cluster.dsn()).await;
     create_test_tables(&client).await;
     let task = define_unique_task(&client, "restart", "").await;
@@ -119,6 +133,12 @@ async fn postgres_restarted_in_immediate_mode_mid_run_loses_nothing_and_complete
         reexecuted >= 1,
         "no attempt was in flight at the crash (no task ran twice, {lost} lost attempts recorded)"
     );
+    if lost_recorded {
+        assert!(
+            lost >= 1,
+            "claims in rows: the attempts in flight at the crash must be recorded as lost"
+        );
+    }
 
     // The same two processes reconnected by themselves: each registered again after the
     // restart and completed tasks under that registration.
