@@ -46,7 +46,8 @@ fn fit(worker: &WorkerCapacity, desired: &[DesiredLabel]) -> Option<i64> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     pub task_id: i64,
-    pub task_name: String,
+    /// Shared with the scheduler's queue (`crate::queue`): no copy per candidate.
+    pub task_name: std::rc::Rc<str>,
     pub priority: i32,
     /// Round-robin order across concurrency keys: the n-th waiting task of its key has rank
     /// n (0 without a key), and `served` is when its key was last served (0: never, or no key).
@@ -63,7 +64,7 @@ pub struct Assignment {
 /// How many tasks of each name could be placed right now: the free slots of all workers that
 /// serve it. The scheduler reads at most that many candidates per name.
 pub fn demand(workers: &[WorkerCapacity]) -> Vec<(String, i32)> {
-    let mut per_name: HashMap<&str, i32> = HashMap::new();
+    let mut per_name: rustc_hash::FxHashMap<&str, i32> = Default::default();
     for w in workers.iter().filter(|w| w.free_slots > 0) {
         for name in &w.task_names {
             let slot = per_name.entry(name.as_str()).or_insert(0);
@@ -90,7 +91,7 @@ pub fn plan(
     desired: &HashMap<String, Vec<DesiredLabel>>,
 ) -> Vec<Assignment> {
     let mut free: Vec<i32> = workers.iter().map(|w| w.free_slots.max(0)).collect();
-    let mut serving: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut serving: rustc_hash::FxHashMap<&str, Vec<usize>> = Default::default();
     for (i, w) in workers.iter().enumerate() {
         for name in &w.task_names {
             serving.entry(name.as_str()).or_default().push(i);
@@ -116,12 +117,10 @@ pub fn plan(
     let mut previous: Option<usize> = None;
     let mut out = Vec::new();
     for c in order {
-        let Some(indexes) = serving.get(c.task_name.as_str()) else {
+        let Some(indexes) = serving.get(&*c.task_name) else {
             continue;
         };
-        let wanted = desired
-            .get(c.task_name.as_str())
-            .map_or(&[][..], Vec::as_slice);
+        let wanted = desired.get(&*c.task_name).map_or(&[][..], Vec::as_slice);
         let best = indexes
             .iter()
             .copied()
@@ -223,7 +222,7 @@ mod unit_tests {
     fn task(id: i64, name: &str, priority: i32) -> Candidate {
         Candidate {
             task_id: id,
-            task_name: name.to_string(),
+            task_name: name.into(),
             priority,
             rank: 0,
             served: 0,

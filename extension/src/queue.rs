@@ -198,7 +198,7 @@ pub struct RunningAttempt {
 /// An assignment posted to a worker and not seen claimed yet: enough to queue it again.
 #[derive(Debug, Clone, PartialEq)]
 struct Posted {
-    task_name: String,
+    task_name: Rc<str>,
     priority: i32,
     run_at: Micros,
     schedule_deadline: Micros,
@@ -566,7 +566,7 @@ impl QueueState {
             (ready.attempt + 1, ready.run_at, ready.schedule_deadline);
         if let Some(key) = self.key_of(&c.task_name, c.task_id).map(str::to_string) {
             self.served_seq += 1;
-            if let Some(keyed) = self.keyed.get_mut(&c.task_name) {
+            if let Some(keyed) = self.keyed.get_mut(&*c.task_name) {
                 keyed.set_served(&key, self.served_seq);
             }
         }
@@ -612,7 +612,13 @@ impl QueueState {
                 run_at: p.run_at,
                 schedule_deadline: p.schedule_deadline,
             };
-            self.insert_ready(p.task_name, p.priority, task_id, attempt - 1, place);
+            self.insert_ready(
+                p.task_name.to_string(),
+                p.priority,
+                task_id,
+                attempt - 1,
+                place,
+            );
         }
     }
 
@@ -667,13 +673,19 @@ impl QueueState {
         let mut set = CandidateSet::default();
         for (name, n) in demand {
             let n = (*n).max(0) as usize;
+            // The queue's own copy of the name (every ready task's name is interned): a
+            // candidate shares it instead of allocating one.
+            let shared: Rc<str> = match self.names.get(name.as_str()) {
+                Some(shared) => shared.clone(),
+                None => Rc::from(name.as_str()),
+            };
             if let Some(queue) = self.ready.get(name) {
-                self.walk(&mut set, limits, now, name, queue, n);
+                self.walk(&mut set, limits, now, &shared, queue, n);
             }
             let (Some(keys), Some(rule)) = (self.keyed.get(name), self.rules.get(name)) else {
                 continue;
             };
-            self.merge_keys(&mut set, limits, now, name, keys, rule, n);
+            self.merge_keys(&mut set, limits, now, &shared, keys, rule, n);
         }
         set.candidates
             .sort_by_key(|c| (Reverse(c.priority), c.rank, c.served, c.task_id));
@@ -690,7 +702,7 @@ impl QueueState {
         set: &mut CandidateSet,
         limits: &mut RateLimits,
         now: Micros,
-        name: &str,
+        name: &Rc<str>,
         keyed: &KeyedName,
         rule: &ConcurrencyRule,
         n: usize,
@@ -758,7 +770,7 @@ impl QueueState {
             };
             set.candidates.push(Candidate {
                 task_id: id,
-                task_name: name.to_string(),
+                task_name: name.clone(),
                 priority,
                 rank,
                 served,
@@ -812,7 +824,7 @@ impl QueueState {
         set: &mut CandidateSet,
         limits: &mut RateLimits,
         now: Micros,
-        name: &str,
+        name: &Rc<str>,
         queue: &BTreeSet<(Reverse<i32>, i64)>,
         n: usize,
     ) {
@@ -828,7 +840,7 @@ impl QueueState {
             }
             set.candidates.push(Candidate {
                 task_id: *id,
-                task_name: name.to_string(),
+                task_name: name.clone(),
                 priority: *priority,
                 rank: 0,
                 served: 0,

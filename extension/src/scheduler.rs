@@ -358,7 +358,7 @@ struct Scheduler {
 struct Definitions {
     /// Execution timeout per task name (microseconds): estimates a posted task's timeout until
     /// its claim's own is read.
-    execution_timeouts: HashMap<String, Micros>,
+    execution_timeouts: rustc_hash::FxHashMap<String, Micros>,
     rules: HashMap<String, ConcurrencyRule>,
     /// Per task name, per entry of its rate_limits: the limit of a dynamic key.
     dynamic_limits: HashMap<String, Vec<Option<Limit>>>,
@@ -836,7 +836,7 @@ impl Scheduler {
                 !self
                     .definitions
                     .execution_timeouts
-                    .contains_key(&c.task_name)
+                    .contains_key(&*c.task_name)
             }) {
                 self.reload_definitions(client);
             }
@@ -1535,7 +1535,7 @@ fn post(
     limits: &mut RateLimits,
     candidates: &[Candidate],
     plan: &[assign::Assignment],
-    execution_timeouts: &HashMap<String, Micros>,
+    execution_timeouts: &rustc_hash::FxHashMap<String, Micros>,
     now: Micros,
 ) -> (HashSet<i64>, usize, bool) {
     let by_id: rustc_hash::FxHashMap<i64, &Candidate> =
@@ -1547,7 +1547,7 @@ fn post(
         let Some(c) = by_id.get(&a.task_id) else {
             continue;
         };
-        let Some(&timeout) = execution_timeouts.get(&c.task_name) else {
+        let Some(&timeout) = execution_timeouts.get(&*c.task_name) else {
             orphans.push(c.task_id);
             queue.remove_ready(&c.task_name, c.priority, c.task_id);
             continue;
