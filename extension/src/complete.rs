@@ -21,7 +21,7 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 
 use crate::claims;
-use crate::fetch::{kept_plan, set_guc};
+use crate::spi_plans;
 use crate::wake;
 
 /// Attempts claimed in memory. $1 worker, $2 all ids, $3 their attempts, $4 their outputs,
@@ -112,17 +112,7 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
             picked[i] = Some(crate::timestamptz(claim.picked_at));
         }
 
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            error!("sluice.complete_many: SPI_connect failed");
-        }
-        // As the plpgsql version's SET clauses did, for a (re)planning inside the execution.
-        let nest_level = pg_sys::NewGUCNestLevel();
-        set_guc(
-            c"enable_seqscan",
-            c"off",
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-        );
-        set_guc(c"jit", c"off", pg_sys::GucAction::GUC_ACTION_SAVE);
+        let nest_level = spi_plans::connect("sluice.complete_many");
 
         let mut ended_ids: Vec<i64> = Vec::with_capacity(ids.len());
         let mut ended_attempts: Vec<i32> = Vec::with_capacity(ids.len());
@@ -144,8 +134,15 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
                 pg_sys::TIMESTAMPTZARRAYOID,
                 pg_sys::INT8ARRAYOID,
             ];
-            let plan = kept_plan(&HELD_PLAN, HELD_SQL, &types);
-            run_update(plan, &mut values, &mut ended_ids, &mut ended_attempts);
+            let table = spi_plans::execute(
+                &HELD_PLAN,
+                HELD_SQL,
+                &types,
+                &mut values,
+                false,
+                pg_sys::SPI_OK_UPDATE_RETURNING,
+            );
+            collect_ended(table, &mut ended_ids, &mut ended_attempts);
         }
         if ended_ids.len() < ids.len() {
             let ended: std::collections::HashSet<i64> = ended_ids.iter().copied().collect();
@@ -168,11 +165,17 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
                 pg_sys::JSONBARRAYOID,
                 pg_sys::INT8ARRAYOID,
             ];
-            let plan = kept_plan(&RUNNING_PLAN, RUNNING_SQL, &types);
-            run_update(plan, &mut values, &mut ended_ids, &mut ended_attempts);
+            let table = spi_plans::execute(
+                &RUNNING_PLAN,
+                RUNNING_SQL,
+                &types,
+                &mut values,
+                false,
+                pg_sys::SPI_OK_UPDATE_RETURNING,
+            );
+            collect_ended(table, &mut ended_ids, &mut ended_attempts);
         }
-        pg_sys::AtEOXact_GUC(true, nest_level);
-        pg_sys::SPI_finish();
+        spi_plans::finish(nest_level);
 
         if !ended_ids.is_empty() {
             wake::attempts_ended(&ended_ids, &ended_attempts);
@@ -188,20 +191,13 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
     }
 }
 
-/// Runs one of the updates and collects the (id, attempt) it returned. Inside SPI.
-unsafe fn run_update(
-    plan: pg_sys::SPIPlanPtr,
-    values: &mut [pg_sys::Datum],
+/// Collects the (id, attempt) an update returned. Inside SPI.
+unsafe fn collect_ended(
+    table: *mut pg_sys::SPITupleTable,
     ended_ids: &mut Vec<i64>,
     ended_attempts: &mut Vec<i32>,
 ) {
     unsafe {
-        let nulls = vec![b' ' as std::ffi::c_char; values.len()];
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-        if rc != pg_sys::SPI_OK_UPDATE_RETURNING as i32 || pg_sys::SPI_tuptable.is_null() {
-            error!("sluice.complete_many: the update failed (SPI code {rc})");
-        }
-        let table = pg_sys::SPI_tuptable;
         let desc = (*table).tupdesc;
         for i in 0..pg_sys::SPI_processed as usize {
             let tuple = *(*table).vals.add(i);

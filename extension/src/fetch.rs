@@ -23,6 +23,7 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 
 use crate::claims::{self, Claim, NotRecorded};
+use crate::spi_plans::{self, set_guc};
 use crate::wake;
 
 const CLAIM_SQL: &CStr = c"UPDATE sluice.task_run t
@@ -97,18 +98,8 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
         if taken.is_empty() {
             return pg_sys::Datum::from(0);
         }
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            error!("sluice.fetch_tasks: SPI_connect failed");
-        }
+        let nest_level = spi_plans::connect("sluice.fetch_tasks");
         let desc = (*(*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()).setDesc;
-        // As the plpgsql version's SET clauses did, for a (re)planning inside the execution.
-        let nest_level = pg_sys::NewGUCNestLevel();
-        set_guc(
-            c"enable_seqscan",
-            c"off",
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-        );
-        set_guc(c"jit", c"off", pg_sys::GucAction::GUC_ACTION_SAVE);
 
         // 1. Read the rows still queued at the attempt before the posted one, and record the
         // claims of those without rate limits in memory.
@@ -161,8 +152,7 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
                 attempts.into_datum().expect("an array is never NULL"),
                 timeouts.into_datum().expect("an array is never NULL"),
             ];
-            let nulls = [b' ' as std::ffi::c_char; 4];
-            let plan = kept_plan(
+            let table = spi_plans::execute(
                 &CLAIM_PLAN,
                 CLAIM_SQL,
                 &[
@@ -171,19 +161,16 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
                     pg_sys::INT4ARRAYOID,
                     pg_sys::INT4ARRAYOID,
                 ],
+                &mut values,
+                false,
+                pg_sys::SPI_OK_UPDATE_RETURNING,
             );
-            let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-            if rc != pg_sys::SPI_OK_UPDATE_RETURNING as i32 || pg_sys::SPI_tuptable.is_null() {
-                error!("sluice.fetch_tasks: the claim failed (SPI code {rc})");
-            }
-            let table = pg_sys::SPI_tuptable;
             for i in 0..pg_sys::SPI_processed as usize {
                 // Copied into the result set's own memory.
                 pg_sys::tuplestore_puttuple(result, *(*table).vals.add(i));
             }
         }
-        pg_sys::AtEOXact_GUC(true, nest_level);
-        pg_sys::SPI_finish();
+        spi_plans::finish(nest_level);
         pg_sys::Datum::from(0)
     }
 }
@@ -210,8 +197,7 @@ unsafe fn read_queued(taken: &[wake::Posted]) -> Vec<ReadRow> {
             attempts.into_datum().expect("an array is never NULL"),
             timeouts.into_datum().expect("an array is never NULL"),
         ];
-        let nulls = [b' ' as std::ffi::c_char; 3];
-        let plan = kept_plan(
+        let table = spi_plans::execute(
             &READ_PLAN,
             READ_SQL,
             &[
@@ -219,12 +205,10 @@ unsafe fn read_queued(taken: &[wake::Posted]) -> Vec<ReadRow> {
                 pg_sys::INT4ARRAYOID,
                 pg_sys::INT4ARRAYOID,
             ],
+            &mut values,
+            true,
+            pg_sys::SPI_OK_SELECT,
         );
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), true, 0);
-        if rc != pg_sys::SPI_OK_SELECT as i32 || pg_sys::SPI_tuptable.is_null() {
-            error!("sluice.fetch_tasks: reading the tasks failed (SPI code {rc})");
-        }
-        let table = pg_sys::SPI_tuptable;
         let desc = (*table).tupdesc;
         let mut rows = Vec::with_capacity(pg_sys::SPI_processed as usize);
         for i in 0..pg_sys::SPI_processed as usize {
@@ -270,51 +254,5 @@ unsafe fn read_queued(taken: &[wake::Posted]) -> Vec<ReadRow> {
             });
         }
         rows
-    }
-}
-
-/// A statement's plan, prepared (generic, kept for the session) on first use. Inside SPI.
-pub(crate) unsafe fn kept_plan(
-    slot: &'static std::thread::LocalKey<Cell<pg_sys::SPIPlanPtr>>,
-    sql: &CStr,
-    types: &[pg_sys::Oid],
-) -> pg_sys::SPIPlanPtr {
-    slot.with(|slot| {
-        if slot.get().is_null() {
-            let mut types = types.to_vec();
-            unsafe {
-                let plan = pg_sys::SPI_prepare_cursor(
-                    sql.as_ptr(),
-                    types.len() as i32,
-                    types.as_mut_ptr(),
-                    pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
-                );
-                if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                    error!(
-                        "sluice: preparing a statement failed: {}",
-                        sql.to_string_lossy()
-                    );
-                }
-                slot.set(plan);
-            }
-        }
-        slot.get()
-    })
-}
-
-/// Sets a user-settable parameter, as a SET clause (`GUC_ACTION_SAVE`, undone by the
-/// surrounding `AtEOXact_GUC`) or `set_config(..., true)` (`GUC_ACTION_LOCAL`) would.
-pub(crate) unsafe fn set_guc(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            action,
-            true,
-            0,
-            false,
-        );
     }
 }

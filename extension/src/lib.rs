@@ -22,6 +22,7 @@ pub mod flow;
 mod gucs;
 pub mod queue;
 mod scheduler;
+mod spi_plans;
 mod wake;
 
 ::pgrx::pg_module_magic!(name, version);
