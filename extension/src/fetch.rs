@@ -105,10 +105,10 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
         // claims of those without rate limits in memory.
         let read = read_queued(&taken);
         let mut in_memory = Vec::with_capacity(read.len());
-        let mut in_row: Vec<i64> = Vec::new();
+        let mut in_row: rustc_hash::FxHashSet<i64> = Default::default();
         for row in &read {
             if row.rate_limited {
-                in_row.push(row.claim.task_id);
+                in_row.insert(row.claim.task_id);
             } else {
                 in_memory.push(row.claim);
             }
@@ -118,7 +118,9 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
             match outcome {
                 Ok(()) => {}
                 // no room: the row takes this claim, as before claims were kept in memory
-                Err(NotRecorded::Full) => in_row.push(claim.task_id),
+                Err(NotRecorded::Full) => {
+                    in_row.insert(claim.task_id);
+                }
                 // claimed already (a second post of this attempt): not this worker's
                 Err(NotRecorded::Taken) => {}
             }
