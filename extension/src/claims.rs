@@ -24,8 +24,10 @@
 //! still queued in their rows and run again. An attempt lost that way is not counted in
 //! `lost_attempts`, which a claim written to the row was.
 //!
-//! When the table is half full, a fetch claims the rest through the row as before; tasks with
-//! rate limits always do (the scheduler rebuilds their windows from the rows after a restart).
+//! Beyond `sluice.claims_in_memory` claims (at most half the table, so that probe runs stay
+//! short), a fetch claims the rest through the row as before, and with 0 it always does; tasks
+//! with rate limits always do (the scheduler rebuilds their windows from the rows after a
+//! restart).
 
 use std::sync::Mutex;
 
