@@ -781,7 +781,7 @@ $$;
 -- The claim is held in shared memory, not written to the row (extension/src/claims.rs): the
 -- fetch only reads the rows, which stay queued at the attempt before until the attempt ends;
 -- sluice.tasks and the other views show such a task as running. Tasks with rate limits, and
--- claims beyond the table's room, are claimed in the row:
+-- claims beyond sluice.claims_in_memory, are claimed in the row:
 --
 --   UPDATE sluice.task_run t
 --      SET status = 'running', attempt = t.attempt + 1, worker_id = <worker_id>,

@@ -55,9 +55,6 @@ CREATE FUNCTION sluice._claims(task_ids bigint[] DEFAULT NULL)
 RETURNS TABLE (task_id bigint, attempt int, worker_id bigint, picked_at timestamptz,
                timeout_at timestamptz)
 LANGUAGE c AS 'MODULE_PATHNAME', 'claims_sql_wrapper';
-CREATE FUNCTION sluice._claim_picked_at(task_id bigint, attempt int, worker_id bigint)
-RETURNS timestamptz
-STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'claim_picked_at_sql_wrapper';
 CREATE FUNCTION sluice._claims_settled(task_ids bigint[], attempts int[]) RETURNS void
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'claims_settled_sql_wrapper';
 
@@ -985,7 +982,7 @@ $$;
 -- The claim is held in shared memory, not written to the row (extension/src/claims.rs): the
 -- fetch only reads the rows, which stay queued at the attempt before until the attempt ends;
 -- sluice.tasks and the other views show such a task as running. Tasks with rate limits, and
--- claims beyond the table's room, are claimed in the row:
+-- claims beyond sluice.claims_in_memory, are claimed in the row:
 --
 --   UPDATE sluice.task_run t
 --      SET status = 'running', attempt = t.attempt + 1, worker_id = <worker_id>,

@@ -205,17 +205,6 @@ pub fn of_tasks(task_ids: &[i64]) -> Vec<Claim> {
     task_ids.iter().filter_map(|id| table.get(*id)).collect()
 }
 
-/// The claim of this attempt of the task by this worker, if it is held.
-pub fn held(task_id: i64, attempt: i32, worker_id: i64) -> Option<Claim> {
-    if !preloaded() {
-        return None;
-    }
-    CLAIMS
-        .share()
-        .get(task_id)
-        .filter(|c| c.attempt == attempt && c.worker_id == worker_id)
-}
-
 /// Of these attempts (task ids and attempts by position), those this worker holds a claim of
 /// in memory: their positions and claims.
 pub fn held_of(task_ids: &[i64], attempts: &[i32], worker_id: i64) -> Vec<(usize, Claim)> {

@@ -145,7 +145,7 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
             collect_ended(table, &mut ended_ids, &mut ended_attempts);
         }
         if ended_ids.len() < ids.len() {
-            let ended: std::collections::HashSet<i64> = ended_ids.iter().copied().collect();
+            let ended: rustc_hash::FxHashSet<i64> = ended_ids.iter().copied().collect();
             let remaining: Vec<i64> = ids
                 .iter()
                 .copied()

@@ -195,16 +195,6 @@ fn claims_sql(
     }))
 }
 
-/// When the worker fetched this attempt of the task, if it holds that claim in memory.
-#[pg_extern(name = "_claim_picked_at", strict)]
-fn claim_picked_at_sql(
-    task_id: i64,
-    attempt: i32,
-    worker_id: i64,
-) -> Option<TimestampWithTimeZone> {
-    claims::held(task_id, attempt, worker_id).map(|c| timestamptz(c.picked_at))
-}
-
 /// These claims were written into their rows (or found stale) by the current transaction:
 /// they leave memory when it commits.
 #[pg_extern(name = "_claims_settled", strict)]
