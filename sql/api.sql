@@ -803,6 +803,18 @@ CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DE
 RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_fetch_tasks';
 
+-- Returns once the scheduler has posted assignments for the worker, or after timeout_ms (kept
+-- below statement_timeout). A worker with nothing in flight calls it with its fetch pipelined
+-- behind it: the scheduler sets this backend's latch when the tick that assigned to the worker
+-- commits, instead of notifying the worker's channel, so the fetch runs at once and the tick
+-- sends no NOTIFY. In Rust (extension/src/await_assignments.rs).
+--
+-- A procedure: it commits the transaction its CALL started before it waits, so a waiting
+-- worker holds no snapshot and never holds back vacuum. It must therefore be CALLed outside a
+-- transaction block (SQLSTATE 2D000 otherwise).
+CREATE OR REPLACE PROCEDURE sluice.await_assignments(worker_id bigint, timeout_ms int)
+LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_await_assignments';
+
 -- Completes attempts. Only the current attempt of a task, held by this worker, can complete: a
 -- late or duplicate completion changes nothing and is left out of the result. Returns the ids
 -- it completed.

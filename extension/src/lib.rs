@@ -9,6 +9,7 @@ use pgrx::PgSqlErrorCode;
 
 mod array_position;
 mod arrivals;
+mod await_assignments;
 pub mod assign;
 mod catalog;
 pub(crate) mod claims;

@@ -176,6 +176,10 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
             let mut this = this;
             Spi::connect_mut(|client| this.tick(client))
         });
+        // After the commit: a woken worker's fetch must find the tick's own writes (tasks it
+        // requeued and assigned again) committed.
+        wake::wake_waiters(&scheduler.waiters_to_wake);
+        scheduler.waiters_to_wake.clear();
         if matches!(outcome, Tick::Ran { .. }) && scheduler.housekeeping_due() {
             let this = std::panic::AssertUnwindSafe(&mut scheduler);
             BackgroundWorker::transaction(move || {
@@ -351,6 +355,9 @@ struct Scheduler {
     /// Rate-limit windows; rebuilt from the table's recent starts when the scheduler starts.
     limits: RateLimits,
     limits_rebuilt: bool,
+    /// Backends waiting for assignments this tick posted (`Posting::waiters`), whose latches
+    /// are set once the tick has committed.
+    waiters_to_wake: Vec<wake::Waiter>,
 }
 
 /// What the scheduler needs from the definitions and rate limits.
@@ -622,6 +629,7 @@ impl Scheduler {
             workers: None,
             limits: RateLimits::default(),
             limits_rebuilt: false,
+            waiters_to_wake: Vec::new(),
         }
     }
 
@@ -841,7 +849,7 @@ impl Scheduler {
                 self.reload_definitions(client);
             }
             if !plan.is_empty() {
-                let (posted_to, posted, more) = post(
+                let posting = post(
                     client,
                     &mut self.queue,
                     &mut self.limits,
@@ -850,9 +858,14 @@ impl Scheduler {
                     &self.definitions.execution_timeouts,
                     admitted_at,
                 );
-                soon |= more;
-                planned = posted;
-                for worker_id in posted_to {
+                soon |= posting.more;
+                planned = posting.posted;
+                // A worker waiting in sluice.await_assignments is woken through its latch after
+                // the commit: a NOTIFY would be delivered only once that call returned, and
+                // costs this transaction an xid and a signal to every listening backend.
+                let waiting: HashSet<i64> = posting.waiters.iter().map(|w| w.worker_id).collect();
+                self.waiters_to_wake.extend(posting.waiters);
+                for worker_id in posting.workers.difference(&waiting).copied() {
                     notify
                         .entry(worker_id)
                         .and_modify(|k| {
@@ -1526,9 +1539,7 @@ fn sweep(
 }
 
 /// Posts a plan to the board in shared memory, where each worker's fetch takes and claims its
-/// own (`sluice.fetch_tasks`). Tasks whose definition is gone are failed instead. Returns the
-/// workers that got work, how many tasks were posted, and whether some of the plan must wait
-/// for room on the board.
+/// own (`sluice.fetch_tasks`). Tasks whose definition is gone are failed instead.
 fn post(
     client: &mut SpiClient<'_>,
     queue: &mut QueueState,
@@ -1537,7 +1548,7 @@ fn post(
     plan: &[assign::Assignment],
     execution_timeouts: &rustc_hash::FxHashMap<String, Micros>,
     now: Micros,
-) -> (HashSet<i64>, usize, bool) {
+) -> Posting {
     let by_id: rustc_hash::FxHashMap<i64, &Candidate> =
         candidates.iter().map(|c| (c.task_id, c)).collect();
     let mut posts = Vec::with_capacity(plan.len());
@@ -1567,12 +1578,30 @@ fn post(
         }
     }
     fail_orphans(client, &orphans);
-    let fitted = wake::post_assignments(&posts);
+    let (fitted, waiters) = wake::post_assignments(&posts);
     for p in &posts[fitted..] {
         queue.unpost(p.task_id, p.attempt);
     }
     let workers = posts[..fitted].iter().map(|p| p.worker_id).collect();
-    (workers, fitted, fitted < posts.len() || rate_skipped)
+    Posting {
+        workers,
+        waiters,
+        posted: fitted,
+        more: fitted < posts.len() || rate_skipped,
+    }
+}
+
+/// What `post` did.
+struct Posting {
+    /// The workers that got work.
+    workers: HashSet<i64>,
+    /// Their backends waiting in `sluice.await_assignments`, woken after the commit instead of
+    /// notified.
+    waiters: Vec<wake::Waiter>,
+    /// How many tasks were posted.
+    posted: usize,
+    /// Some of the plan must wait for room on the board, or for a rate limit.
+    more: bool,
 }
 
 /// Applies recorded workflow step outcomes (`sluice._advance_runs`). Returns how many.

@@ -170,6 +170,7 @@ pub fn init_shared_memory() {
     pg_shmem_init!(DELETIONS_GENERATION = AtomicU64::new(0));
     pg_shmem_init!(ENDED);
     pg_shmem_init!(ASSIGNMENTS);
+    pg_shmem_init!(WAITERS);
     crate::claims::init_shared_memory();
     PRELOADED.store(true, Ordering::Relaxed);
 }
@@ -308,14 +309,144 @@ pub fn clear_assignments() {
     board.len = 0;
 }
 
-/// Posts assignments; returns how many fit (the rest stay with the scheduler for later).
-pub fn post_assignments(posted: &[Posted]) -> usize {
+/// Posts assignments; returns how many fit (the rest stay with the scheduler for later) and
+/// the waiters of the workers that got some, taken off the waiting list: the scheduler sets
+/// their latches once its transaction commits, and does not notify those workers.
+pub fn post_assignments(posted: &[Posted]) -> (usize, Vec<Waiter>) {
     let mut board = ASSIGNMENTS.exclusive();
     let n = posted.len().min(ASSIGNMENTS_CAPACITY - board.len);
     let start = board.len;
     board.entries[start..start + n].copy_from_slice(&posted[..n]);
     board.len += n;
-    n
+    if n == 0 {
+        return (0, Vec::new());
+    }
+    let workers: rustc_hash::FxHashSet<i64> = posted[..n].iter().map(|p| p.worker_id).collect();
+    // Under the board's lock, so that a waiter registers either before this (and is taken
+    // here) or after (and sees these posts): see `register_waiter`.
+    let mut waiters = WAITERS.exclusive();
+    let mut woken = Vec::new();
+    let mut kept = 0;
+    for i in 0..waiters.len {
+        let w = waiters.entries[i];
+        if workers.contains(&w.worker_id) {
+            woken.push(w);
+        } else {
+            waiters.entries[kept] = w;
+            kept += 1;
+        }
+    }
+    waiters.len = kept;
+    (n, woken)
+}
+
+/// A backend waiting in `sluice.await_assignments` for its worker's next assignments.
+#[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
+pub struct Waiter {
+    pub worker_id: i64,
+    /// The backend's PGPROC number and process id: a number whose process has changed since is
+    /// left alone (a backend that exited while waiting).
+    pub procno: i32,
+    pub pid: i32,
+}
+
+/// The waiting list: at most one backend per worker (a worker's session waits on its own
+/// connection), so the room is for that many idle workers at once.
+#[derive(Copy, Clone)]
+pub struct Waiters {
+    len: usize,
+    entries: [Waiter; MAX_WAITERS],
+}
+pub const MAX_WAITERS: usize = 4_096;
+unsafe impl PGRXSharedMemory for Waiters {}
+impl Default for Waiters {
+    fn default() -> Self {
+        Waiters {
+            len: 0,
+            entries: [Waiter::default(); MAX_WAITERS],
+        }
+    }
+}
+static WAITERS: PgLwLock<Waiters> = unsafe { PgLwLock::new(c"sluice_assignment_waiters") };
+
+/// What `register_waiter` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// Assignments are posted for the worker already: no need to wait.
+    Posted,
+    /// This backend's latch is set when the scheduler posts to the worker.
+    Registered,
+    /// The waiting list is full: the caller must look again on its own.
+    Full,
+}
+
+/// Registers this backend as the waiter for the worker's assignments, unless some are posted
+/// already. The board's lock is held throughout, as in `post_assignments`, so a post is never
+/// missed between the look and the registration.
+pub fn register_waiter(worker_id: i64) -> Registration {
+    let board = ASSIGNMENTS.share();
+    if board.entries[..board.len]
+        .iter()
+        .any(|p| p.worker_id == worker_id)
+    {
+        return Registration::Posted;
+    }
+    let me = unsafe {
+        Waiter {
+            worker_id,
+            procno: (*pg_sys::MyProc).pgprocno,
+            pid: pg_sys::MyProcPid,
+        }
+    };
+    let mut waiters = WAITERS.exclusive();
+    let len = waiters.len;
+    if let Some(w) = waiters.entries[..len]
+        .iter_mut()
+        .find(|w| w.worker_id == worker_id || (w.procno == me.procno && w.pid == me.pid))
+    {
+        *w = me;
+        return Registration::Registered;
+    }
+    if len == MAX_WAITERS {
+        return Registration::Full;
+    }
+    waiters.entries[len] = me;
+    waiters.len += 1;
+    Registration::Registered
+}
+
+/// Takes this backend off the waiting list (a wait that ended on its own).
+pub fn unregister_waiter() {
+    let (procno, pid) = unsafe { ((*pg_sys::MyProc).pgprocno, pg_sys::MyProcPid) };
+    let mut waiters = WAITERS.exclusive();
+    let len = waiters.len;
+    if let Some(i) = waiters.entries[..len]
+        .iter()
+        .position(|w| w.procno == procno && w.pid == pid)
+    {
+        waiters.entries[i] = waiters.entries[len - 1];
+        waiters.len -= 1;
+    }
+}
+
+/// Sets the latches of waiters taken by `post_assignments` (after the posting transaction
+/// committed), skipping any whose process is not the one that registered.
+pub fn wake_waiters(waiters: &[Waiter]) {
+    unsafe {
+        let global = pg_sys::ProcGlobal;
+        if global.is_null() {
+            return;
+        }
+        for w in waiters {
+            if w.procno < 0 || w.procno as u32 >= (*global).allProcCount {
+                continue;
+            }
+            let proc_ = (*global).allProcs.add(w.procno as usize);
+            if (*proc_).pid == w.pid {
+                pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+            }
+        }
+    }
 }
 
 /// Removes the posted assignments of these workers (lost or stopped) and returns them.

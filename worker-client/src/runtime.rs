@@ -87,6 +87,8 @@ struct Session {
     client: Client,
     worker_id: i64,
     notifications: mpsc::UnboundedReceiver<String>,
+    /// `CALL sluice.await_assignments`, unless the server lacks it or it failed once.
+    await_assignments: Option<Statement>,
     fetch: Statement,
     heartbeat: Statement,
     complete_many: Statement,
@@ -226,6 +228,29 @@ impl Runtime<'_> {
                 }
                 heartbeat.reset();
             }
+            if self.can_await() {
+                let Some(signalled) = self.take_notifications() else {
+                    self.lose_session("the connection to Postgres was lost");
+                    continue;
+                };
+                let shutdown_requested = match self.await_assignments().await {
+                    Ok(requested) => requested,
+                    Err(error) => {
+                        self.on_session_error(error);
+                        false
+                    }
+                };
+                let heartbeat_due = signalled || heartbeat.tick().now_or_never().is_some();
+                if heartbeat_due {
+                    if let Err(error) = self.step(false, true).await {
+                        self.on_session_error(error);
+                    }
+                }
+                if shutdown_requested {
+                    return Ok(());
+                }
+                continue;
+            }
             let mut fetch_due = false;
             let mut heartbeat_due = false;
             match self.next_event(&mut poll, &mut heartbeat).await {
@@ -355,6 +380,95 @@ impl Runtime<'_> {
         in_flight.may_have_ended()
     }
 
+    /// Whether to wait for work in Postgres (`sluice.await_assignments`) rather than for a
+    /// notification: nothing runs and nothing is left to send, so the connection has nothing
+    /// else to do until work comes.
+    fn can_await(&self) -> bool {
+        !self.shutdown.fired
+            && self.in_flight.is_empty()
+            && self.batcher.is_empty()
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.await_assignments.is_some())
+    }
+
+    /// Empties the notification channel without waiting (an idle wait takes assignments
+    /// itself). Returns whether a heartbeat was asked for, or None if the connection ended.
+    fn take_notifications(&mut self) -> Option<bool> {
+        let session = self.session.as_mut()?;
+        let mut signalled = false;
+        loop {
+            match session.notifications.try_recv() {
+                Ok(payload) => signalled |= notification_kinds(&payload).1,
+                Err(mpsc::error::TryRecvError::Empty) => return Some(signalled),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Waits in Postgres until the scheduler assigns this worker work, or the poll interval
+    /// (at most the heartbeat interval) passes, with the fetch pipelined behind the wait: it
+    /// runs as soon as the wait ends, one round trip in all and no NOTIFY. Returns whether
+    /// shutdown was requested meanwhile (the wait is then cancelled; what the fetch behind it
+    /// claimed is started anyway, and the drain lets it finish or cancels it).
+    async fn await_assignments(&mut self) -> Result<bool, Error> {
+        let Some(session) = self.session.as_ref() else {
+            return Ok(false);
+        };
+        let Some(wait) = session.await_assignments.as_ref() else {
+            return Ok(false);
+        };
+        let timeout = self.config.poll_interval.min(self.config.heartbeat_interval);
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let max_tasks = i32::try_from(slot_count(self.config.slots)).unwrap_or(i32::MAX);
+        let worker_id = session.worker_id;
+        let client = &session.client;
+        let wait_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&worker_id, &timeout_ms];
+        let fetch_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&worker_id, &max_tasks];
+        let mut shutdown_requested = false;
+        let (waited, fetched) = {
+            // Both requests are written before either answer is read (tokio-postgres
+            // pipelines futures polled together), so the fetch is waiting on the connection.
+            let both = futures_util::future::join(
+                client.execute(wait, &wait_params),
+                client.query(&session.fetch, &fetch_params),
+            );
+            tokio::pin!(both);
+            tokio::select! {
+                biased;
+                outcome = &mut both => outcome,
+                _ = self.shutdown.requested() => {
+                    shutdown_requested = true;
+                    // Ends the wait with SQLSTATE 57014; should the cancel fail, the wait
+                    // ends at its timeout.
+                    let _ = client.cancel_token().cancel_query(NoTls).await;
+                    both.await
+                }
+            }
+        };
+        if let Err(e) = waited {
+            let cancelled = e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED);
+            if !cancelled && e.code().is_some() {
+                // Rejected by the server (not a broken connection): wait for notifications
+                // instead from now on.
+                if let Some(session) = self.session.as_mut() {
+                    session.await_assignments = None;
+                }
+                self.warn(&format!(
+                    "waiting for assignments failed ({e}); waiting for notifications instead"
+                ));
+            } else if !cancelled {
+                return Err(Error::postgres("waiting for assignments failed", e));
+            }
+        }
+        let rows = fetched.map_err(|e| Error::postgres("fetching assigned tasks failed", e))?;
+        self.start_fetched(worker_id, rows);
+        Ok(shutdown_requested)
+    }
+
     async fn fetch(&mut self) -> Result<(), Error> {
         if self.shutdown.fired {
             return Ok(());
@@ -382,6 +496,12 @@ impl Runtime<'_> {
         self.more_may_be_assigned =
             rows.len() >= free && self.in_flight.values().any(InFlight::may_have_ended);
         let worker_id = session.worker_id;
+        self.start_fetched(worker_id, rows);
+        Ok(())
+    }
+
+    /// Starts a handler for each fetched task.
+    fn start_fetched(&mut self, worker_id: i64, rows: Vec<tokio_postgres::Row>) {
         for row in rows {
             let fetched = (|| {
                 Ok::<_, tokio_postgres::Error>((
@@ -406,7 +526,6 @@ impl Runtime<'_> {
                 }
             }
         }
-        Ok(())
     }
 
     fn spawn_handler(&mut self, key: AttemptKey, task_name: String, input: Value) {
@@ -775,6 +894,24 @@ async fn prepare_session(
                 .map_err(|e| Error::postgres("preparing the worker protocol statements failed", e))
         }
     };
+    // Absent from a server whose extension predates it: the worker then waits for
+    // notifications only.
+    let await_assignments = match client
+        .prepare_typed(
+            "CALL sluice.await_assignments($1, $2)",
+            &[Type::INT8, Type::INT4],
+        )
+        .await
+    {
+        Ok(statement) => Some(statement),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION) => None,
+        Err(e) => {
+            return Err(Error::postgres(
+                "preparing the worker protocol statements failed",
+                e,
+            ))
+        }
+    };
     let fetch = prepare(
         "SELECT task_id, attempt, task_name, input FROM sluice.fetch_tasks($1, $2)",
         &[Type::INT8, Type::INT4],
@@ -810,6 +947,7 @@ async fn prepare_session(
         client,
         worker_id,
         notifications,
+        await_assignments,
         fetch,
         heartbeat,
         complete_many,
