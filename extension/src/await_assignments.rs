@@ -56,7 +56,9 @@ pub unsafe extern "C-unwind" fn sluice_await_assignments(
             ereport!(
                 ERROR,
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("sluice.await_assignments: timeout_ms must not be negative, got {timeout_ms}")
+                format!(
+                    "sluice.await_assignments: timeout_ms must not be negative, got {timeout_ms}"
+                )
             );
         }
         wake::require_scheduler();

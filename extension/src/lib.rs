@@ -9,8 +9,8 @@ use pgrx::PgSqlErrorCode;
 
 mod array_position;
 mod arrivals;
-mod await_assignments;
 pub mod assign;
+mod await_assignments;
 mod catalog;
 pub(crate) mod claims;
 mod complete;

@@ -419,7 +419,10 @@ impl Runtime<'_> {
         let Some(wait) = session.await_assignments.as_ref() else {
             return Ok(false);
         };
-        let timeout = self.config.poll_interval.min(self.config.heartbeat_interval);
+        let timeout = self
+            .config
+            .poll_interval
+            .min(self.config.heartbeat_interval);
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         let max_tasks = i32::try_from(slot_count(self.config.slots)).unwrap_or(i32::MAX);
         let worker_id = session.worker_id;

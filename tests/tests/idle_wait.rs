@@ -1,0 +1,242 @@
+//! An idle worker waits in Postgres (`CALL sluice.await_assignments`) for its next assignments:
+//! the scheduler sets the waiting backend's latch once the tick that assigned to the worker has
+//! committed, instead of notifying the worker's channel, and the wait holds no snapshot.
+
+use serde_json::json;
+use sluice_tests::*;
+use std::time::{Duration, Instant};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_test_worker");
+
+/// Runs `sql`, expects it to fail; returns (SQLSTATE, message).
+async fn sql_error(client: &tokio_postgres::Client, sql: &str) -> (String, String) {
+    match client.batch_execute(sql).await {
+        Ok(()) => panic!("{sql} should have failed"),
+        Err(e) => {
+            let db = e
+                .as_db_error()
+                .unwrap_or_else(|| panic!("{sql}: not a database error: {e}"));
+            (db.code().code().to_string(), db.message().to_string())
+        }
+    }
+}
+
+async fn register_raw(client: &tokio_postgres::Client, name: &str, task: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT sluice.register_worker($1, ARRAY[$2], 1)",
+            &[&name, &task],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_snapshot() {
+    let client = connect(&shared_dsn()).await;
+    let task = define_unique_task(&client, "idle_wait", "").await;
+    let session = connect(&shared_dsn()).await;
+    let worker_id = register_raw(&session, "raw-waiter", &task).await;
+
+    // A 20 s wait that only the scheduler's latch can cut short.
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        session
+            .execute("CALL sluice.await_assignments($1, 20000)", &[&worker_id])
+            .await
+            .expect("the wait itself succeeds");
+        let waited = started.elapsed();
+        let rows = session
+            .query(
+                "SELECT task_id, attempt FROM sluice.fetch_tasks($1)",
+                &[&worker_id],
+            )
+            .await
+            .expect("fetch after the wait");
+        (
+            waited,
+            rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>(),
+        )
+    });
+    // While it waits: the CALL is active and holds no snapshot (no xmin for vacuum to respect).
+    let (state, xmin_held): (String, bool) = wait_until(
+        Duration::from_secs(10),
+        "the CALL to be waiting",
+        || async {
+            let row = client
+                .query_opt(
+                    "SELECT state, backend_xmin IS NOT NULL FROM pg_stat_activity
+                      WHERE query LIKE 'CALL sluice.await_assignments%' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            row.map(|r| (r.get(0), r.get(1)))
+                .ok_or_else(|| "not waiting yet".to_string())
+        },
+    )
+    .await;
+    assert_eq!(state, "active");
+    assert!(
+        !xmin_held,
+        "the waiting CALL holds a snapshot (backend_xmin set)"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let id = enqueue_sql(&client, &task, json!({})).await;
+    let (waited, fetched) = waiting.await.unwrap();
+    assert_eq!(
+        fetched,
+        vec![id],
+        "the fetch behind the wait claims the task"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "the scheduler woke the waiting backend: it waited {waited:?} of its 20 s"
+    );
+    assert_eq!(task_state(&client, id).await.0, "running");
+}
+
+#[tokio::test]
+async fn a_cancelled_wait_leaves_no_waiter_behind_so_its_worker_is_notified_again() {
+    let client = connect(&shared_dsn()).await;
+    let task = define_unique_task(&client, "idle_wait_cancel", "").await;
+
+    // The worker's session listens like the client does.
+    let (session, mut connection) = tokio_postgres::connect(&shared_dsn(), NoTls).await.unwrap();
+    let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let Ok(AsyncMessage::Notification(n)) = message {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    let worker_id = register_raw(&session, "raw-cancelled-waiter", &task).await;
+    session
+        .batch_execute(&format!("LISTEN sluice_worker_{worker_id}"))
+        .await
+        .unwrap();
+
+    let cancel = session.cancel_token();
+    let waiting = tokio::spawn(async move {
+        let outcome = session
+            .execute("CALL sluice.await_assignments($1, 20000)", &[&worker_id])
+            .await;
+        (session, outcome)
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the CALL to be waiting",
+        || async {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE query LIKE 'CALL sluice.await_assignments%' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if n > 0 {
+                Ok(())
+            } else {
+                Err("not waiting yet".to_string())
+            }
+        },
+    )
+    .await;
+    cancel.cancel_query(NoTls).await.unwrap();
+    let (session, outcome) = waiting.await.unwrap();
+    let error = outcome.expect_err("the cancelled wait fails");
+    assert_eq!(
+        error.code().map(|c| c.code()),
+        Some("57014"),
+        "cancelled: {error}"
+    );
+
+    // Had the cancelled wait stayed on the waiting list, the scheduler would wake its latch
+    // instead of notifying: the notification is what shows it was taken off.
+    let id = enqueue_sql(&client, &task, json!({})).await;
+    let payload = tokio::time::timeout(Duration::from_secs(15), notifications.recv())
+        .await
+        .expect("a notification within 15 s")
+        .expect("the connection is open");
+    assert!(payload.contains("assigned"), "notified: {payload}");
+    assert_eq!(fetch_one(&session, worker_id).await, (id, 1));
+}
+
+#[tokio::test]
+async fn await_assignments_refuses_bad_calls_with_specific_sqlstates() {
+    let client = connect(&shared_dsn()).await;
+    let (code, message) = sql_error(
+        &client,
+        "BEGIN; CALL sluice.await_assignments(1, 10); COMMIT",
+    )
+    .await;
+    assert_eq!(code, "2D000", "{message}");
+    assert!(message.contains("transaction block"), "{message}");
+    client.batch_execute("ROLLBACK").await.unwrap();
+
+    let (code, message) = sql_error(&client, "CALL sluice.await_assignments(1, -5)").await;
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.contains("-5"), "names the bad value: {message}");
+
+    let (code, message) = sql_error(&client, "CALL sluice.await_assignments(NULL, 10)").await;
+    assert_eq!(code, "22004", "{message}");
+
+    // A wait with nothing posted ends at its timeout, capped below statement_timeout.
+    client
+        .batch_execute("SET statement_timeout = 300")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    client
+        .batch_execute("CALL sluice.await_assignments(-1, 60000)")
+        .await
+        .expect("a wait capped below statement_timeout is not cancelled");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(5),
+        "waited {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_client_worker_waits_in_postgres_and_picks_up_work() {
+    let client = connect(&shared_dsn()).await;
+    create_test_tables(&client).await;
+    let task = define_unique_task(&client, "idle_client", "").await;
+    let worker = WorkerProcess::spawn(WORKER, &shared_dsn(), &task, 2);
+    let name = worker.name();
+    // The idle worker's connection sits in the wait, not idle on LISTEN.
+    wait_until(
+        Duration::from_secs(20),
+        "the idle worker to wait in sluice.await_assignments",
+        || async {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity a
+                      WHERE a.query LIKE 'CALL sluice.await_assignments%'
+                        AND a.application_name = $1",
+                    &[&format!("sluice worker {name}")],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if n > 0 {
+                Ok(())
+            } else {
+                Err("not waiting".to_string())
+            }
+        },
+    )
+    .await;
+    let ids = enqueue_copies(&client, &task, json!({}), 20).await;
+    wait_succeeded(&client, &ids, 20, Duration::from_secs(30)).await;
+    for id in ids {
+        assert_eq!(executions(&client, id).await.len(), 1, "task {id} ran once");
+    }
+}
