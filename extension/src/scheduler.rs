@@ -59,6 +59,13 @@ const RUNNING_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// anything else: at 20,000 a tick took up to 160 ms (about 5 µs per row) while a backlog of a
 /// million was read, and every pickup and every rate-limited start waited for it.
 const ARRIVALS_PER_TICK: usize = 5_000;
+/// Arrivals read per tick while memory already holds this many rounds of work for every slot
+/// of the live workers: reading is then not what keeps the workers busy, and a tick spent
+/// reading 5,000 rows (25-90 ms with a million queued) is that long a gap in assignments. At
+/// several hundred ticks a second the backlog is still read faster than it drains, so the
+/// priorities of tasks behind it are seen a few seconds later at most.
+const ARRIVALS_PER_BUSY_TICK: usize = 500;
+const ROUNDS_IN_MEMORY: usize = 8;
 /// Ticks start at least this long after the previous one ended (longer while busy: the last
 /// tick assigned work), so that a stream of commits (enqueues, the completions of many workers)
 /// is taken in one tick instead of one tick each. A scheduler that has been idle for longer
@@ -793,7 +800,20 @@ impl Scheduler {
             // (its row is not committed yet), which the wake-up at commit brings at once.
             self.timers_due = Some(fire_timers(client, now));
         }
-        soon |= read_arrivals(client, statements, &self.definitions, &mut self.queue, now);
+        let slots: usize = workers.iter().map(|w| w.free_slots.max(0) as usize).sum();
+        let arrivals_limit = if self.queue.ready_len() >= ROUNDS_IN_MEMORY * slots.max(1) {
+            ARRIVALS_PER_BUSY_TICK
+        } else {
+            ARRIVALS_PER_TICK
+        };
+        soon |= read_arrivals(
+            client,
+            statements,
+            &self.definitions,
+            &mut self.queue,
+            now,
+            arrivals_limit,
+        );
         // After the read: the steps this starts are committed with the tick and read by the
         // next one (a task assigned before its row commits could not be claimed).
         // Only when a commit recorded outcomes since (plus maintenance, as a safety net): in a
@@ -1335,12 +1355,13 @@ fn read_arrivals(
     definitions: &Definitions,
     queue: &mut QueueState,
     now: Micros,
+    per_tick: usize,
 ) -> bool {
     let room = MAX_READY_IN_MEMORY.saturating_sub(queue.ready_len());
     if room == 0 {
         return false;
     }
-    let limit = room.min(ARRIVALS_PER_TICK);
+    let limit = room.min(per_tick);
     let (after_run_at, after_id) = queue.cursor();
     // The index scan of crate::arrivals, or the same read in SQL when it cannot run.
     let (arrivals, last) = match arrivals::read((after_run_at, after_id), now, limit) {
