@@ -1,5 +1,7 @@
 //! The worker's main loop: one connection that registers, listens, fetches, heartbeats and
-//! sends batched attempt endings, and the handlers it spawns.
+//! sends batched attempt endings, and the handlers it spawns. While nothing runs and nothing is
+//! left to send, the connection waits in Postgres for the next assignments instead
+//! (`sluice.await_assignments`, with the fetch pipelined behind it).
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};

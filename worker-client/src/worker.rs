@@ -126,7 +126,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// How often to look for assigned tasks when no notification arrives; default 1 s.
+    /// How often to look for assigned tasks when no notification arrives; default 1 s. An idle
+    /// worker waits in Postgres for its assignments (`sluice.await_assignments`) up to this
+    /// long (at most the heartbeat interval) at a time.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d;
         self
