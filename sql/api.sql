@@ -803,17 +803,22 @@ CREATE OR REPLACE FUNCTION sluice.fetch_tasks(worker_id bigint, max_tasks int DE
 RETURNS TABLE (task_id bigint, attempt int, task_name text, input jsonb, timeout_at timestamptz)
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_fetch_tasks';
 
--- Returns once the scheduler has posted assignments for the worker, or after timeout_ms (kept
--- below statement_timeout). A worker with nothing in flight calls it with its fetch pipelined
--- behind it: the scheduler sets this backend's latch when the tick that assigned to the worker
--- commits, instead of notifying the worker's channel, so the fetch runs at once and the tick
--- sends no NOTIFY. In Rust (extension/src/await_assignments.rs).
+-- sluice.fetch_tasks for a worker with nothing in flight: waits until the scheduler has posted
+-- assignments for the worker, or timeout_ms passes (kept below statement_timeout), then claims up
+-- to max_tasks of them as sluice.fetch_tasks does and returns them as arrays (empty after a
+-- timeout). The scheduler sets this backend's latch when the tick that assigned to the worker
+-- commits, instead of notifying the worker's channel: the tick sends no NOTIFY, and the worker
+-- gets its tasks in the answer to one statement. In Rust (extension/src/await_tasks.rs).
 --
 -- A procedure: it commits the transaction its CALL started before it waits, so a waiting
 -- worker holds no snapshot and never holds back vacuum. It must therefore be CALLed outside a
--- transaction block (SQLSTATE 2D000 otherwise).
-CREATE OR REPLACE PROCEDURE sluice.await_assignments(worker_id bigint, timeout_ms int)
-LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_await_assignments';
+-- transaction block (SQLSTATE 2D000 otherwise):
+--   CALL sluice.await_tasks(worker_id, max_tasks, timeout_ms, NULL, NULL, NULL, NULL, NULL)
+CREATE OR REPLACE PROCEDURE sluice.await_tasks(worker_id bigint, max_tasks int, timeout_ms int,
+                                               OUT task_ids bigint[], OUT attempts int[],
+                                               OUT task_names text[], OUT inputs jsonb[],
+                                               OUT timeouts_at timestamptz[])
+LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_await_tasks';
 
 -- Completes attempts. Only the current attempt of a task, held by this worker, can complete: a
 -- late or duplicate completion changes nothing and is left out of the result. Returns the ids

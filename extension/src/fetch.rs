@@ -98,12 +98,44 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
         if taken.is_empty() {
             return pg_sys::Datum::from(0);
         }
-        let nest_level = spi_plans::connect("sluice.fetch_tasks");
         let desc = (*(*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>()).setDesc;
+        for task in claim(worker_id, &taken) {
+            let mut values = [
+                pg_sys::Datum::from(task.task_id),
+                pg_sys::Datum::from(task.attempt),
+                task.task_name,
+                task.input,
+                pg_sys::Datum::from(task.timeout_at),
+            ];
+            let mut nulls = [false; 5];
+            pg_sys::tuplestore_putvalues(result, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        }
+        pg_sys::Datum::from(0)
+    }
+}
+
+/// A task claimed for the caller: its new attempt. `task_name` (text) and `input` (jsonb) are
+/// datums in the caller's memory context.
+pub(crate) struct ClaimedTask {
+    pub task_id: i64,
+    pub attempt: i32,
+    pub task_name: pg_sys::Datum,
+    pub input: pg_sys::Datum,
+    pub timeout_at: pg_sys::TimestampTz,
+}
+
+/// Claims assignments taken from the board for this worker (`wake::take_assignments`): those
+/// without rate limits in memory while there is room, the others in their rows. Assignments
+/// whose task is no longer queued at the attempt before claim nothing. The caller sets
+/// `synchronous_commit` for its transaction (see sql/api.sql).
+pub(crate) unsafe fn claim(worker_id: i64, taken: &[wake::Posted]) -> Vec<ClaimedTask> {
+    unsafe {
+        let mut claimed = Vec::with_capacity(taken.len());
+        let nest_level = spi_plans::connect("sluice.fetch_tasks");
 
         // 1. Read the rows still queued at the attempt before the posted one, and record the
         // claims of those without rate limits in memory.
-        let read = read_queued(&taken);
+        let read = read_queued(taken);
         let mut in_memory = Vec::with_capacity(read.len());
         let mut in_row: rustc_hash::FxHashSet<i64> = Default::default();
         for row in &read {
@@ -127,15 +159,13 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
         }
         for (row, outcome) in read.iter().filter(|r| !r.rate_limited).zip(&recorded) {
             if outcome.is_ok() {
-                let mut values = [
-                    pg_sys::Datum::from(row.claim.task_id),
-                    pg_sys::Datum::from(row.claim.attempt),
-                    row.task_name,
-                    row.input,
-                    pg_sys::Datum::from(row.claim.timeout_at),
-                ];
-                let mut nulls = [false; 5];
-                pg_sys::tuplestore_putvalues(result, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                claimed.push(ClaimedTask {
+                    task_id: row.claim.task_id,
+                    attempt: row.claim.attempt,
+                    task_name: row.task_name,
+                    input: row.input,
+                    timeout_at: row.claim.timeout_at,
+                });
             }
         }
 
@@ -167,13 +197,31 @@ pub unsafe extern "C-unwind" fn sluice_fetch_tasks(
                 false,
                 pg_sys::SPI_OK_UPDATE_RETURNING,
             );
+            let desc = (*table).tupdesc;
             for i in 0..pg_sys::SPI_processed as usize {
-                // Copied into the result set's own memory.
-                pg_sys::tuplestore_puttuple(result, *(*table).vals.add(i));
+                let tuple = *(*table).vals.add(i);
+                let column = |n: i32| {
+                    let mut is_null = false;
+                    let datum = pg_sys::SPI_getbinval(tuple, desc, n, &mut is_null);
+                    (!is_null).then_some(datum)
+                };
+                let (Some(id), Some(attempt), Some(name), Some(input), Some(timeout_at)) =
+                    (column(1), column(2), column(3), column(4), column(5))
+                else {
+                    continue;
+                };
+                claimed.push(ClaimedTask {
+                    task_id: id.value() as i64,
+                    attempt: attempt.value() as i32,
+                    // Out of SPI's memory, which SPI_finish frees.
+                    task_name: pg_sys::SPI_datumTransfer(name, false, -1),
+                    input: pg_sys::SPI_datumTransfer(input, false, -1),
+                    timeout_at: timeout_at.value() as i64,
+                });
             }
         }
         spi_plans::finish(nest_level);
-        pg_sys::Datum::from(0)
+        claimed
     }
 }
 

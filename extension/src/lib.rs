@@ -10,7 +10,7 @@ use pgrx::PgSqlErrorCode;
 mod array_position;
 mod arrivals;
 pub mod assign;
-mod await_assignments;
+mod await_tasks;
 mod catalog;
 pub(crate) mod claims;
 mod complete;

@@ -880,7 +880,7 @@ impl Scheduler {
                 );
                 soon |= posting.more;
                 planned = posting.posted;
-                // A worker waiting in sluice.await_assignments is woken through its latch after
+                // A worker waiting in sluice.await_tasks is woken through its latch after
                 // the commit: a NOTIFY would be delivered only once that call returned, and
                 // costs this transaction an xid and a signal to every listening backend.
                 let waiting: HashSet<i64> = posting.waiters.iter().map(|w| w.worker_id).collect();
@@ -1616,7 +1616,7 @@ fn post(
 struct Posting {
     /// The workers that got work.
     workers: HashSet<i64>,
-    /// Their backends waiting in `sluice.await_assignments`, woken after the commit instead of
+    /// Their backends waiting in `sluice.await_tasks`, woken after the commit instead of
     /// notified.
     waiters: Vec<wake::Waiter>,
     /// How many tasks were posted.

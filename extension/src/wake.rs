@@ -340,7 +340,7 @@ pub fn post_assignments(posted: &[Posted]) -> (usize, Vec<Waiter>) {
     (n, woken)
 }
 
-/// A backend waiting in `sluice.await_assignments` for its worker's next assignments.
+/// A backend waiting in `sluice.await_tasks` for its worker's next assignments.
 #[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
 pub struct Waiter {
     pub worker_id: i64,

@@ -1,6 +1,7 @@
-//! An idle worker waits in Postgres (`CALL sluice.await_assignments`) for its next assignments:
-//! the scheduler sets the waiting backend's latch once the tick that assigned to the worker has
-//! committed, instead of notifying the worker's channel, and the wait holds no snapshot.
+//! An idle worker waits in Postgres (`CALL sluice.await_tasks`) for its next assignments and
+//! gets them claimed in the answer: the scheduler sets the waiting backend's latch once the tick
+//! that assigned to the worker has committed, instead of notifying the worker's channel, and
+//! the wait holds no snapshot.
 
 use serde_json::json;
 use sluice_tests::*;
@@ -43,22 +44,19 @@ async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_sn
     // A 20 s wait that only the scheduler's latch can cut short.
     let waiting = tokio::spawn(async move {
         let started = Instant::now();
-        session
-            .execute("CALL sluice.await_assignments($1, 20000)", &[&worker_id])
-            .await
-            .expect("the wait itself succeeds");
-        let waited = started.elapsed();
-        let rows = session
-            .query(
-                "SELECT task_id, attempt FROM sluice.fetch_tasks($1)",
+        let row = session
+            .query_one(
+                "CALL sluice.await_tasks($1, 5, 20000, NULL, NULL, NULL, NULL, NULL)",
                 &[&worker_id],
             )
             .await
-            .expect("fetch after the wait");
-        (
-            waited,
-            rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>(),
-        )
+            .expect("the wait itself succeeds");
+        let waited = started.elapsed();
+        let ids: Vec<i64> = row.get("task_ids");
+        let attempts: Vec<i32> = row.get("attempts");
+        let names: Vec<String> = row.get("task_names");
+        let inputs: Vec<serde_json::Value> = row.get("inputs");
+        (waited, ids, attempts, names, inputs)
     });
     // While it waits: the CALL is active and holds no snapshot (no xmin for vacuum to respect).
     let (state, xmin_held): (String, bool) = wait_until(
@@ -68,7 +66,7 @@ async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_sn
             let row = client
                 .query_opt(
                     "SELECT state, backend_xmin IS NOT NULL FROM pg_stat_activity
-                      WHERE query LIKE 'CALL sluice.await_assignments%' AND state = 'active'",
+                      WHERE query LIKE 'CALL sluice.await_tasks%' AND state = 'active'",
                     &[],
                 )
                 .await
@@ -85,13 +83,12 @@ async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_sn
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let id = enqueue_sql(&client, &task, json!({})).await;
-    let (waited, fetched) = waiting.await.unwrap();
-    assert_eq!(
-        fetched,
-        vec![id],
-        "the fetch behind the wait claims the task"
-    );
+    let id = enqueue_sql(&client, &task, json!({"n": 7})).await;
+    let (waited, ids, attempts, names, inputs) = waiting.await.unwrap();
+    assert_eq!(ids, vec![id], "the wait claims the task");
+    assert_eq!(attempts, vec![1]);
+    assert_eq!(names, vec![task.clone()]);
+    assert_eq!(inputs, vec![json!({"n": 7})]);
     assert!(
         waited < Duration::from_secs(10),
         "the scheduler woke the waiting backend: it waited {waited:?} of its 20 s"
@@ -123,7 +120,10 @@ async fn a_cancelled_wait_leaves_no_waiter_behind_so_its_worker_is_notified_agai
     let cancel = session.cancel_token();
     let waiting = tokio::spawn(async move {
         let outcome = session
-            .execute("CALL sluice.await_assignments($1, 20000)", &[&worker_id])
+            .execute(
+                "CALL sluice.await_tasks($1, 1, 20000, NULL, NULL, NULL, NULL, NULL)",
+                &[&worker_id],
+            )
             .await;
         (session, outcome)
     });
@@ -134,7 +134,7 @@ async fn a_cancelled_wait_leaves_no_waiter_behind_so_its_worker_is_notified_agai
             let n: i64 = client
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                  WHERE query LIKE 'CALL sluice.await_assignments%' AND state = 'active'",
+                  WHERE query LIKE 'CALL sluice.await_tasks%' AND state = 'active'",
                     &[],
                 )
                 .await
@@ -169,22 +169,30 @@ async fn a_cancelled_wait_leaves_no_waiter_behind_so_its_worker_is_notified_agai
 }
 
 #[tokio::test]
-async fn await_assignments_refuses_bad_calls_with_specific_sqlstates() {
+async fn await_tasks_refuses_bad_calls_with_specific_sqlstates() {
     let client = connect(&shared_dsn()).await;
     let (code, message) = sql_error(
         &client,
-        "BEGIN; CALL sluice.await_assignments(1, 10); COMMIT",
+        "BEGIN; CALL sluice.await_tasks(1, 1, 10, NULL, NULL, NULL, NULL, NULL); COMMIT",
     )
     .await;
     assert_eq!(code, "2D000", "{message}");
     assert!(message.contains("transaction block"), "{message}");
     client.batch_execute("ROLLBACK").await.unwrap();
 
-    let (code, message) = sql_error(&client, "CALL sluice.await_assignments(1, -5)").await;
+    let (code, message) = sql_error(
+        &client,
+        "CALL sluice.await_tasks(1, 1, -5, NULL, NULL, NULL, NULL, NULL)",
+    )
+    .await;
     assert_eq!(code, "22023", "{message}");
     assert!(message.contains("-5"), "names the bad value: {message}");
 
-    let (code, message) = sql_error(&client, "CALL sluice.await_assignments(NULL, 10)").await;
+    let (code, message) = sql_error(
+        &client,
+        "CALL sluice.await_tasks(NULL, 1, 10, NULL, NULL, NULL, NULL, NULL)",
+    )
+    .await;
     assert_eq!(code, "22004", "{message}");
 
     // A wait with nothing posted ends at its timeout, capped below statement_timeout.
@@ -194,7 +202,7 @@ async fn await_assignments_refuses_bad_calls_with_specific_sqlstates() {
         .unwrap();
     let started = Instant::now();
     client
-        .batch_execute("CALL sluice.await_assignments(-1, 60000)")
+        .batch_execute("CALL sluice.await_tasks(-1, 1, 60000, NULL, NULL, NULL, NULL, NULL)")
         .await
         .expect("a wait capped below statement_timeout is not cancelled");
     let waited = started.elapsed();
@@ -214,12 +222,12 @@ async fn an_idle_client_worker_waits_in_postgres_and_picks_up_work() {
     // The idle worker's connection sits in the wait, not idle on LISTEN.
     wait_until(
         Duration::from_secs(20),
-        "the idle worker to wait in sluice.await_assignments",
+        "the idle worker to wait in sluice.await_tasks",
         || async {
             let n: i64 = client
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity a
-                      WHERE a.query LIKE 'CALL sluice.await_assignments%'
+                      WHERE a.query LIKE 'CALL sluice.await_tasks%'
                         AND a.application_name = $1",
                     &[&format!("sluice worker {name}")],
                 )

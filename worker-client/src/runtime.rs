@@ -1,7 +1,7 @@
 //! The worker's main loop: one connection that registers, listens, fetches, heartbeats and
 //! sends batched attempt endings, and the handlers it spawns. While nothing runs and nothing is
 //! left to send, the connection waits in Postgres for the next assignments instead
-//! (`sluice.await_assignments`, with the fetch pipelined behind it).
+//! (`sluice.await_tasks`, which also claims them).
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -89,8 +89,8 @@ struct Session {
     client: Client,
     worker_id: i64,
     notifications: mpsc::UnboundedReceiver<String>,
-    /// `CALL sluice.await_assignments`, unless the server lacks it or it failed once.
-    await_assignments: Option<Statement>,
+    /// `CALL sluice.await_tasks`, unless the server lacks it or rejected it once.
+    await_tasks: Option<Statement>,
     fetch: Statement,
     heartbeat: Statement,
     complete_many: Statement,
@@ -235,7 +235,7 @@ impl Runtime<'_> {
                     self.lose_session("the connection to Postgres was lost");
                     continue;
                 };
-                let shutdown_requested = match self.await_assignments().await {
+                let shutdown_requested = match self.await_tasks().await {
                     Ok(requested) => requested,
                     Err(error) => {
                         self.on_session_error(error);
@@ -382,7 +382,7 @@ impl Runtime<'_> {
         in_flight.may_have_ended()
     }
 
-    /// Whether to wait for work in Postgres (`sluice.await_assignments`) rather than for a
+    /// Whether to wait for work in Postgres (`sluice.await_tasks`) rather than for a
     /// notification: nothing runs and nothing is left to send, so the connection has nothing
     /// else to do until work comes.
     fn can_await(&self) -> bool {
@@ -392,7 +392,7 @@ impl Runtime<'_> {
             && self
                 .session
                 .as_ref()
-                .is_some_and(|s| s.await_assignments.is_some())
+                .is_some_and(|s| s.await_tasks.is_some())
     }
 
     /// Empties the notification channel without waiting (an idle wait takes assignments
@@ -410,15 +410,15 @@ impl Runtime<'_> {
     }
 
     /// Waits in Postgres until the scheduler assigns this worker work, or the poll interval
-    /// (at most the heartbeat interval) passes, with the fetch pipelined behind the wait: it
-    /// runs as soon as the wait ends, one round trip in all and no NOTIFY. Returns whether
-    /// shutdown was requested meanwhile (the wait is then cancelled; what the fetch behind it
-    /// claimed is started anyway, and the drain lets it finish or cancels it).
-    async fn await_assignments(&mut self) -> Result<bool, Error> {
+    /// (at most the heartbeat interval) passes, and starts what the wait claimed: one
+    /// statement, no NOTIFY. Returns whether shutdown was requested meanwhile (the wait is then
+    /// cancelled; should it have claimed tasks first, they are started anyway, and the drain
+    /// lets them finish or cancels them).
+    async fn await_tasks(&mut self) -> Result<bool, Error> {
         let Some(session) = self.session.as_ref() else {
             return Ok(false);
         };
-        let Some(wait) = session.await_assignments.as_ref() else {
+        let Some(statement) = session.await_tasks.as_ref() else {
             return Ok(false);
         };
         let timeout = self
@@ -429,48 +429,75 @@ impl Runtime<'_> {
         let max_tasks = i32::try_from(slot_count(self.config.slots)).unwrap_or(i32::MAX);
         let worker_id = session.worker_id;
         let client = &session.client;
-        let wait_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-            [&worker_id, &timeout_ms];
-        let fetch_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-            [&worker_id, &max_tasks];
         let mut shutdown_requested = false;
-        let (waited, fetched) = {
-            // Both requests are written before either answer is read (tokio-postgres
-            // pipelines futures polled together), so the fetch is waiting on the connection.
-            let both = futures_util::future::join(
-                client.execute(wait, &wait_params),
-                client.query(&session.fetch, &fetch_params),
-            );
-            tokio::pin!(both);
+        let outcome = {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&worker_id, &max_tasks, &timeout_ms];
+            let waiting = client.query_one(statement, &params);
+            tokio::pin!(waiting);
             tokio::select! {
                 biased;
-                outcome = &mut both => outcome,
+                outcome = &mut waiting => outcome,
                 _ = self.shutdown.requested() => {
                     shutdown_requested = true;
                     // Ends the wait with SQLSTATE 57014; should the cancel fail, the wait
                     // ends at its timeout.
                     let _ = client.cancel_token().cancel_query(NoTls).await;
-                    both.await
+                    waiting.await
                 }
             }
         };
-        if let Err(e) = waited {
-            let cancelled = e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED);
-            if !cancelled && e.code().is_some() {
-                // Rejected by the server (not a broken connection): wait for notifications
-                // instead from now on.
-                if let Some(session) = self.session.as_mut() {
-                    session.await_assignments = None;
+        let row = match outcome {
+            Ok(row) => row,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                return Ok(shutdown_requested);
+            }
+            Err(e) => {
+                let error = Error::postgres("waiting for tasks failed", e);
+                let rejected = error.code().is_some()
+                    && !error.is_transient()
+                    && !error.has_code(&worker_not_registered());
+                if !rejected {
+                    return Err(error);
                 }
-                self.warn(&format!(
-                    "waiting for assignments failed ({e}); waiting for notifications instead"
-                ));
-            } else if !cancelled {
-                return Err(Error::postgres("waiting for assignments failed", e));
+                // Rejected by the server for good (not a broken connection, not a stopped
+                // registration): wait for notifications instead from now on.
+                if let Some(session) = self.session.as_mut() {
+                    session.await_tasks = None;
+                }
+                self.warn(&format!("{error}; waiting for notifications instead"));
+                return Ok(shutdown_requested);
+            }
+        };
+        let claimed = (|| {
+            Ok::<_, tokio_postgres::Error>((
+                row.try_get::<_, Vec<i64>>(0)?,
+                row.try_get::<_, Vec<i32>>(1)?,
+                row.try_get::<_, Vec<String>>(2)?,
+                row.try_get::<_, Vec<Value>>(3)?,
+            ))
+        })();
+        match claimed {
+            Ok((task_ids, attempts, task_names, inputs)) => {
+                let tasks = task_ids
+                    .into_iter()
+                    .zip(attempts)
+                    .zip(task_names)
+                    .zip(inputs);
+                for (((task_id, attempt), task_name), input) in tasks {
+                    let key = AttemptKey {
+                        worker_id,
+                        task_id,
+                        attempt,
+                    };
+                    self.spawn_handler(key, task_name, input);
+                }
+            }
+            Err(e) => {
+                let error = Error::postgres("reading the tasks a wait claimed", e);
+                self.warn(&error.to_string());
             }
         }
-        let rows = fetched.map_err(|e| Error::postgres("fetching assigned tasks failed", e))?;
-        self.start_fetched(worker_id, rows);
         Ok(shutdown_requested)
     }
 
@@ -901,10 +928,10 @@ async fn prepare_session(
     };
     // Absent from a server whose extension predates it: the worker then waits for
     // notifications only.
-    let await_assignments = match client
+    let await_tasks = match client
         .prepare_typed(
-            "CALL sluice.await_assignments($1, $2)",
-            &[Type::INT8, Type::INT4],
+            "CALL sluice.await_tasks($1, $2, $3, NULL, NULL, NULL, NULL, NULL)",
+            &[Type::INT8, Type::INT4, Type::INT4],
         )
         .await
     {
@@ -952,7 +979,7 @@ async fn prepare_session(
         client,
         worker_id,
         notifications,
-        await_assignments,
+        await_tasks,
         fetch,
         heartbeat,
         complete_many,

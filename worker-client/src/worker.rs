@@ -127,7 +127,7 @@ impl WorkerBuilder {
     }
 
     /// How often to look for assigned tasks when no notification arrives; default 1 s. An idle
-    /// worker waits in Postgres for its assignments (`sluice.await_assignments`) up to this
+    /// worker waits in Postgres for its assignments (`sluice.await_tasks`) up to this
     /// long (at most the heartbeat interval) at a time.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d;
