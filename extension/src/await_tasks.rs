@@ -83,14 +83,15 @@ pub unsafe extern "C-unwind" fn sluice_await_tasks(
 
         // The CALL's transaction has done nothing; committing it drops the portal's snapshot.
         // The wait then runs in a fresh transaction that takes none.
-        pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32);
-        pg_sys::SPI_commit();
-        pg_sys::SPI_finish();
+        commit_and_start_afresh();
 
         let deadline = Instant::now() + wait_limit(timeout_ms);
         PgTryBuilder::new(|| wait(worker_id, deadline))
             .finally(|| wake::unregister_waiter())
             .execute();
+        // The claims take their times from now(), the transaction's start: not the wait's.
+        commit_and_start_afresh();
+        reload_config_if_pending();
 
         // The claims' commit does not wait for the disk, as sluice.fetch_tasks' (sql/api.sql).
         set_guc(
@@ -178,6 +179,26 @@ unsafe fn result_row(desc: pg_sys::TupleDesc, claimed: &[fetch::ClaimedTask]) ->
     }
 }
 
+/// A normal backend rereads the configuration between statements; this one may stay in the
+/// wait for long, and its claims follow `sluice.claims_in_memory`.
+fn reload_config_if_pending() {
+    unsafe {
+        if pg_sys::ConfigReloadPending != 0 {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+    }
+}
+
+/// Commits the current transaction and starts a new one. Only in a non-atomic CALL.
+unsafe fn commit_and_start_afresh() {
+    unsafe {
+        pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32);
+        pg_sys::SPI_commit();
+        pg_sys::SPI_finish();
+    }
+}
+
 /// Whether the procedure was called where it may end the transaction (CALL outside a
 /// transaction block).
 unsafe fn non_atomic(fcinfo: pg_sys::FunctionCallInfo) -> bool {
@@ -227,5 +248,6 @@ fn wait(worker_id: i64, deadline: Instant) {
         }
         // Query cancel, statement timeout, termination.
         pgrx::check_for_interrupts!();
+        reload_config_if_pending();
     }
 }
