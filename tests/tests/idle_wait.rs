@@ -94,6 +94,17 @@ async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_sn
         "the scheduler woke the waiting backend: it waited {waited:?} of its 20 s"
     );
     assert_eq!(task_state(&client, id).await.0, "running");
+    // The claim's times are the claim's, not the start of the wait (now() is a transaction's
+    // start: the claim runs in one started after the wait).
+    let claimed_after_enqueue: bool = client
+        .query_one(
+            "SELECT started_at >= enqueued_at FROM sluice.tasks WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(claimed_after_enqueue, "task {id} was claimed before it was enqueued");
 }
 
 #[tokio::test]
