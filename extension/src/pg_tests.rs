@@ -556,3 +556,37 @@ fn sql_arrivals(after_at: pg_sys::TimestampTz, after_id: i64, limit: usize) -> V
     .unwrap()
     .unwrap()
 }
+
+/// The waiting list of `sluice.await_tasks` against the board: a post to a waiting worker takes
+/// its waiter (whose latch the scheduler then sets), a post to another worker does not, and a
+/// worker with posts registers no waiter but is told to go ahead. Shared memory, not the
+/// transaction: the test cleans the board up itself.
+#[pg_test]
+fn a_post_takes_its_workers_waiter_and_a_waiter_sees_earlier_posts() {
+    use crate::wake::{self, Posted, Registration};
+    let (w, other) = (9_000_000_001_i64, 9_000_000_002_i64);
+    let post = |worker_id: i64, task_id: i64| Posted {
+        worker_id,
+        task_id,
+        attempt: 1,
+        execution_timeout_ms: 1_000,
+    };
+    assert_eq!(wake::register_waiter(w), Registration::Registered);
+    let (posted, woken) = wake::post_assignments(&[post(other, -1)]);
+    assert_eq!((posted, woken.len()), (1, 0), "a post to another worker wakes nobody");
+    let (posted, woken) = wake::post_assignments(&[post(w, -2), post(w, -3)]);
+    assert_eq!(posted, 2);
+    assert_eq!(woken.len(), 1, "one waiter, taken once");
+    assert_eq!(woken[0].worker_id, w);
+    assert_eq!(woken[0].pid, unsafe { pg_sys::MyProcPid });
+    // Taken off the list: a second post finds nobody, and registering again finds the posts.
+    assert!(wake::post_assignments(&[post(w, -4)]).1.is_empty());
+    assert_eq!(wake::register_waiter(w), Registration::Posted);
+    let withdrawn = wake::withdraw_assignments(&[w, other].into_iter().collect());
+    assert_eq!(withdrawn.len(), 4);
+    // With the board empty again the worker waits, and unregistering takes it off.
+    assert_eq!(wake::register_waiter(w), Registration::Registered);
+    wake::unregister_waiter();
+    assert!(wake::post_assignments(&[post(w, -5)]).1.is_empty());
+    assert_eq!(wake::withdraw_assignments(&[w].into_iter().collect()).len(), 1);
+}

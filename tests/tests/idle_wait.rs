@@ -104,7 +104,10 @@ async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_sn
         .await
         .unwrap()
         .get(0);
-    assert!(claimed_after_enqueue, "task {id} was claimed before it was enqueued");
+    assert!(
+        claimed_after_enqueue,
+        "task {id} was claimed before it was enqueued"
+    );
 }
 
 #[tokio::test]
