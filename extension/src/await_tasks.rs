@@ -23,6 +23,15 @@ use crate::wake::{self, Registration};
 
 /// With the waiting list full, the board is looked at this often instead.
 const FULL_LIST_POLL: Duration = Duration::from_millis(10);
+/// The client's connection is checked at least this often during a wait: a backend whose
+/// client went away ends then, not when a long wait would have.
+const CONNECTION_CHECK: Duration = Duration::from_secs(1);
+
+unsafe extern "C" {
+    /// libpq/pqcomm.c (what `client_connection_check_interval` uses): false once the client's
+    /// socket is closed. Does not raise errors.
+    fn pq_check_connection() -> bool;
+}
 
 /// The version-1 calling convention marker Postgres looks up for a C function.
 #[unsafe(no_mangle)]
@@ -235,7 +244,7 @@ fn wait(worker_id: i64, deadline: Instant) {
         }
         let nap = match registration {
             Registration::Full => remaining.min(FULL_LIST_POLL),
-            _ => remaining,
+            _ => remaining.min(CONNECTION_CHECK),
         };
         unsafe {
             pg_sys::WaitLatch(
@@ -245,6 +254,12 @@ fn wait(worker_id: i64, deadline: Instant) {
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
+            if !pq_check_connection() {
+                // As ProcessInterrupts does for client_connection_check_interval: the
+                // interrupt check below ends the session (FATAL, connection to client lost).
+                pg_sys::ClientConnectionLost = 1;
+                pg_sys::InterruptPending = 1;
+            }
         }
         // Query cancel, statement timeout, termination.
         pgrx::check_for_interrupts!();

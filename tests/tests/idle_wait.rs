@@ -262,3 +262,73 @@ async fn an_idle_client_worker_waits_in_postgres_and_picks_up_work() {
         assert_eq!(executions(&client, id).await.len(), 1, "task {id} ran once");
     }
 }
+
+#[tokio::test]
+async fn a_wait_whose_client_went_away_ends_within_seconds() {
+    let client = connect(&shared_dsn()).await;
+    let (session, connection) = tokio_postgres::connect(&shared_dsn(), NoTls).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let pid: i32 = session
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waiting = tokio::spawn(async move {
+        let _ = session
+            .query_one(
+                "CALL sluice.await_tasks(-7, 1, 600000, NULL, NULL, NULL, NULL, NULL)",
+                &[],
+            )
+            .await;
+    });
+    let active = |pid: i32| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the CALL to be waiting",
+        || async {
+            if active(pid).await == 1 {
+                Ok(())
+            } else {
+                Err("not waiting yet".to_string())
+            }
+        },
+    )
+    .await;
+    // The client goes away: its socket closes with the connection's driver.
+    driver.abort();
+    waiting.abort();
+    let gone_after = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the backend of the vanished client to end (its wait was 10 minutes)",
+        || async {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("backend {pid} still there"))
+            }
+        },
+    )
+    .await;
+    assert!(gone_after.elapsed() < Duration::from_secs(10));
+}
