@@ -1021,6 +1021,13 @@ CREATE OR REPLACE PROCEDURE sluice.await_tasks(worker_id bigint, max_tasks int, 
                                                OUT timeouts_at timestamptz[])
 LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_await_tasks';
 
+-- Ends the worker's sluice.await_tasks wait, if one waits: it returns at once without claiming
+-- anything. For a worker shutting down (from a second connection: its own is busy in the wait),
+-- instead of cancelling the wait, which logs an ERROR. Returns whether one was waiting.
+CREATE OR REPLACE FUNCTION sluice.end_wait(worker_id bigint)
+RETURNS boolean
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'sluice_end_wait';
+
 -- Completes attempts. Only the current attempt of a task, held by this worker, can complete: a
 -- late or duplicate completion changes nothing and is left out of the result. Returns the ids
 -- it completed.

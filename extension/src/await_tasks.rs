@@ -95,7 +95,7 @@ pub unsafe extern "C-unwind" fn sluice_await_tasks(
         commit_and_start_afresh();
 
         let deadline = Instant::now() + wait_limit(timeout_ms);
-        PgTryBuilder::new(|| wait(worker_id, deadline))
+        let ended = PgTryBuilder::new(|| wait(worker_id, deadline))
             .finally(|| wake::unregister_waiter())
             .execute();
         // The claims take their times from now(), the transaction's start: not the wait's.
@@ -108,7 +108,8 @@ pub unsafe extern "C-unwind" fn sluice_await_tasks(
             c"off",
             pg_sys::GucAction::GUC_ACTION_LOCAL,
         );
-        let taken = wake::take_assignments(worker_id, max_tasks.max(0) as usize);
+        let max_tasks = if ended { 0 } else { max_tasks.max(0) as usize };
+        let taken = wake::take_assignments(worker_id, max_tasks);
         let claimed = if taken.is_empty() {
             Vec::new()
         } else {
@@ -208,6 +209,28 @@ unsafe fn commit_and_start_afresh() {
     }
 }
 
+/// The version-1 calling convention marker Postgres looks up for a C function.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_sluice_end_wait() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `sluice.end_wait(worker_id bigint) RETURNS boolean`, strict: ends the worker's
+/// `sluice.await_tasks` wait, which then returns without claiming; whether one was waiting.
+///
+/// # Safety
+/// Called by Postgres through the version-1 convention with the argument above.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn sluice_end_wait(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let worker_id = (*fcinfo).args.as_slice(1)[0].value.value() as i64;
+        wake::require_scheduler();
+        pg_sys::Datum::from(wake::end_wait(worker_id))
+    }
+}
+
 /// Whether the procedure was called where it may end the transaction (CALL outside a
 /// transaction block).
 unsafe fn non_atomic(fcinfo: pg_sys::FunctionCallInfo) -> bool {
@@ -232,15 +255,19 @@ fn wait_limit(timeout_ms: i32) -> Duration {
     }
 }
 
-fn wait(worker_id: i64, deadline: Instant) {
+/// Waits until assignments are posted for the worker or the deadline passes; returns true if
+/// `sluice.end_wait` ended the wait instead (nothing is to be claimed then).
+fn wait(worker_id: i64, deadline: Instant) -> bool {
     loop {
         let registration = wake::register_waiter(worker_id);
-        if registration == Registration::Posted {
-            return;
+        match registration {
+            Registration::Posted => return false,
+            Registration::Ended => return true,
+            Registration::Registered | Registration::Full => {}
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return;
+            return false;
         }
         let nap = match registration {
             Registration::Full => remaining.min(FULL_LIST_POLL),

@@ -348,6 +348,8 @@ pub struct Waiter {
     /// left alone (a backend that exited while waiting).
     pub procno: i32,
     pub pid: i32,
+    /// Set by `end_wait`: the wait returns without claiming (a worker shutting down).
+    pub ended: bool,
 }
 
 /// The waiting list: at most one backend per worker (a worker's session waits on its own
@@ -378,6 +380,8 @@ pub enum Registration {
     Registered,
     /// The waiting list is full: the caller must look again on its own.
     Full,
+    /// `end_wait` ended this backend's wait.
+    Ended,
 }
 
 /// Registers this backend as the waiter for the worker's assignments, unless some are posted
@@ -396,6 +400,7 @@ pub fn register_waiter(worker_id: i64) -> Registration {
             worker_id,
             procno: (*pg_sys::MyProc).pgprocno,
             pid: pg_sys::MyProcPid,
+            ended: false,
         }
     };
     let mut waiters = WAITERS.exclusive();
@@ -404,6 +409,9 @@ pub fn register_waiter(worker_id: i64) -> Registration {
         .iter_mut()
         .find(|w| w.worker_id == worker_id || (w.procno == me.procno && w.pid == me.pid))
     {
+        if w.ended && w.procno == me.procno && w.pid == me.pid {
+            return Registration::Ended;
+        }
         *w = me;
         return Registration::Registered;
     }
@@ -427,6 +435,27 @@ pub fn unregister_waiter() {
         waiters.entries[i] = waiters.entries[len - 1];
         waiters.len -= 1;
     }
+}
+
+/// Ends the wait of the worker's backend, if one waits: it returns without claiming. Returns
+/// whether one was waiting.
+pub fn end_wait(worker_id: i64) -> bool {
+    let ended = {
+        let mut waiters = WAITERS.exclusive();
+        let len = waiters.len;
+        match waiters.entries[..len]
+            .iter_mut()
+            .find(|w| w.worker_id == worker_id)
+        {
+            Some(w) => {
+                w.ended = true;
+                *w
+            }
+            None => return false,
+        }
+    };
+    wake_waiters(&[ended]);
+    true
 }
 
 /// Sets the latches of waiters taken by `post_assignments` (after the posting transaction

@@ -261,6 +261,63 @@ async fn an_idle_client_worker_waits_in_postgres_and_picks_up_work() {
     for id in ids {
         assert_eq!(executions(&client, id).await.len(), 1, "task {id} ran once");
     }
+    // Stopped while idle, it ends its wait (sluice.end_wait) and stops at once.
+    let mut worker = worker;
+    let stopping = Instant::now();
+    let status = worker.terminate();
+    assert!(status.success(), "the worker stops cleanly: {status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn end_wait_ends_a_wait_without_an_error_and_without_claiming() {
+    let client = connect(&shared_dsn()).await;
+    let task = define_unique_task(&client, "idle_wait_end", "").await;
+    let session = connect(&shared_dsn()).await;
+    let worker_id = register_raw(&session, "raw-ended-waiter", &task).await;
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let row = session
+            .query_one(
+                "CALL sluice.await_tasks($1, 5, 20000, NULL, NULL, NULL, NULL, NULL)",
+                &[&worker_id],
+            )
+            .await;
+        (
+            started.elapsed(),
+            row.map(|r| r.get::<_, Vec<i64>>("task_ids")),
+        )
+    });
+    let ended: bool = wait_until(Duration::from_secs(10), "a wait to end", || async {
+        let ended: bool = client
+            .query_one("SELECT sluice.end_wait($1)", &[&worker_id])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if ended {
+            Ok(true)
+        } else {
+            Err("not waiting yet".to_string())
+        }
+    })
+    .await;
+    assert!(ended);
+    let (waited, ids) = waiting.await.unwrap();
+    assert_eq!(ids.expect("an ended wait is no error"), Vec::<i64>::new());
+    assert!(
+        waited < Duration::from_secs(10),
+        "waited {waited:?} of 20 s"
+    );
+    let again: bool = client
+        .query_one("SELECT sluice.end_wait($1)", &[&worker_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!again, "nothing waits any more");
 }
 
 #[tokio::test]

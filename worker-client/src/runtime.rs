@@ -412,7 +412,7 @@ impl Runtime<'_> {
     /// Waits in Postgres until the scheduler assigns this worker work, or the poll interval
     /// (at most the heartbeat interval) passes, and starts what the wait claimed: one
     /// statement, no NOTIFY. Returns whether shutdown was requested meanwhile (the wait is then
-    /// cancelled; should it have claimed tasks first, they are started anyway, and the drain
+    /// ended; should it have claimed tasks first, they are started anyway, and the drain
     /// lets them finish or cancels them).
     async fn await_tasks(&mut self) -> Result<bool, Error> {
         let Some(session) = self.session.as_ref() else {
@@ -440,9 +440,13 @@ impl Runtime<'_> {
                 outcome = &mut waiting => outcome,
                 _ = self.shutdown.requested() => {
                     shutdown_requested = true;
-                    // Ends the wait with SQLSTATE 57014; should the cancel fail, the wait
-                    // ends at its timeout.
-                    let _ = client.cancel_token().cancel_query(NoTls).await;
+                    // sluice.end_wait from a second connection ends the wait without an error.
+                    // Should it find no wait (the CALL has not begun waiting yet) or fail, a
+                    // cancel ends it (SQLSTATE 57014, logged by the server as an ERROR), or
+                    // else its timeout does.
+                    if !end_wait(&self.config.connection, worker_id).await {
+                        let _ = client.cancel_token().cancel_query(NoTls).await;
+                    }
                     waiting.await
                 }
             }
@@ -985,6 +989,24 @@ async fn prepare_session(
         complete_many,
         fail_many,
     })
+}
+
+/// Ends the worker's `sluice.await_tasks` wait through a connection of its own (the worker's
+/// is busy in the wait). Returns whether a wait was ended.
+async fn end_wait(config: &tokio_postgres::Config, worker_id: i64) -> bool {
+    let Ok((client, connection)) = config.connect(NoTls).await else {
+        return false;
+    };
+    let driver = tokio::spawn(connection);
+    let ended = client
+        .query_one("SELECT sluice.end_wait($1)", &[&worker_id])
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<_, bool>(0).ok())
+        .unwrap_or(false);
+    drop(client);
+    let _ = driver.await;
+    ended
 }
 
 /// Connects and spawns the task that drives the connection, forwarding notification payloads.
