@@ -318,13 +318,14 @@ pub fn post_assignments(posted: &[Posted]) -> (usize, Vec<Waiter>) {
     let start = board.len;
     board.entries[start..start + n].copy_from_slice(&posted[..n]);
     board.len += n;
-    if n == 0 {
-        return (0, Vec::new());
-    }
-    let workers: rustc_hash::FxHashSet<i64> = posted[..n].iter().map(|p| p.worker_id).collect();
     // Under the board's lock, so that a waiter registers either before this (and is taken
     // here) or after (and sees these posts): see `register_waiter`.
     let mut waiters = WAITERS.exclusive();
+    // Busy workers do not wait: a drain's posts usually find the list empty.
+    if n == 0 || waiters.len == 0 {
+        return (n, Vec::new());
+    }
+    let workers: rustc_hash::FxHashSet<i64> = posted[..n].iter().map(|p| p.worker_id).collect();
     let mut woken = Vec::new();
     let mut kept = 0;
     for i in 0..waiters.len {

@@ -34,12 +34,44 @@ async fn register_raw(client: &tokio_postgres::Client, name: &str, task: &str) -
         .get(0)
 }
 
+async fn backend_pid(session: &tokio_postgres::Client) -> i32 {
+    session
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until backend `pid` is in its `CALL sluice.await_tasks` (by pid: the tests of this
+/// file run at once, each with its own waiting session); returns whether it holds a snapshot.
+async fn wait_for_waiting(client: &tokio_postgres::Client, pid: i32) -> bool {
+    wait_until(
+        Duration::from_secs(10),
+        "the CALL to be waiting",
+        || async {
+            let row = client
+                .query_opt(
+                    "SELECT backend_xmin IS NOT NULL FROM pg_stat_activity
+                      WHERE pid = $1 AND state = 'active'
+                        AND query LIKE 'CALL sluice.await_tasks%'",
+                    &[&pid],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            row.map(|r| r.get(0))
+                .ok_or_else(|| "not waiting yet".to_string())
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_snapshot() {
     let client = connect(&shared_dsn()).await;
     let task = define_unique_task(&client, "idle_wait", "").await;
     let session = connect(&shared_dsn()).await;
     let worker_id = register_raw(&session, "raw-waiter", &task).await;
+    let pid = backend_pid(&session).await;
 
     // A 20 s wait that only the scheduler's latch can cut short.
     let waiting = tokio::spawn(async move {
@@ -59,24 +91,7 @@ async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_sn
         (waited, ids, attempts, names, inputs)
     });
     // While it waits: the CALL is active and holds no snapshot (no xmin for vacuum to respect).
-    let (state, xmin_held): (String, bool) = wait_until(
-        Duration::from_secs(10),
-        "the CALL to be waiting",
-        || async {
-            let row = client
-                .query_opt(
-                    "SELECT state, backend_xmin IS NOT NULL FROM pg_stat_activity
-                      WHERE query LIKE 'CALL sluice.await_tasks%' AND state = 'active'",
-                    &[],
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            row.map(|r| (r.get(0), r.get(1)))
-                .ok_or_else(|| "not waiting yet".to_string())
-        },
-    )
-    .await;
-    assert_eq!(state, "active");
+    let xmin_held = wait_for_waiting(&client, pid).await;
     assert!(
         !xmin_held,
         "the waiting CALL holds a snapshot (backend_xmin set)"
@@ -132,6 +147,7 @@ async fn a_cancelled_wait_leaves_no_waiter_behind_so_its_worker_is_notified_agai
         .unwrap();
 
     let cancel = session.cancel_token();
+    let pid = backend_pid(&session).await;
     let waiting = tokio::spawn(async move {
         let outcome = session
             .execute(
@@ -141,27 +157,7 @@ async fn a_cancelled_wait_leaves_no_waiter_behind_so_its_worker_is_notified_agai
             .await;
         (session, outcome)
     });
-    wait_until(
-        Duration::from_secs(10),
-        "the CALL to be waiting",
-        || async {
-            let n: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                  WHERE query LIKE 'CALL sluice.await_tasks%' AND state = 'active'",
-                    &[],
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if n > 0 {
-                Ok(())
-            } else {
-                Err("not waiting yet".to_string())
-            }
-        },
-    )
-    .await;
+    wait_for_waiting(&client, pid).await;
     cancel.cancel_query(NoTls).await.unwrap();
     let (session, outcome) = waiting.await.unwrap();
     let error = outcome.expect_err("the cancelled wait fails");
@@ -325,11 +321,7 @@ async fn a_wait_whose_client_went_away_ends_within_seconds() {
     let client = connect(&shared_dsn()).await;
     let (session, connection) = tokio_postgres::connect(&shared_dsn(), NoTls).await.unwrap();
     let driver = tokio::spawn(connection);
-    let pid: i32 = session
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid = backend_pid(&session).await;
     let waiting = tokio::spawn(async move {
         let _ = session
             .query_one(
@@ -338,31 +330,7 @@ async fn a_wait_whose_client_went_away_ends_within_seconds() {
             )
             .await;
     });
-    let active = |pid: i32| {
-        let client = &client;
-        async move {
-            client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
-                    &[&pid],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
-    wait_until(
-        Duration::from_secs(10),
-        "the CALL to be waiting",
-        || async {
-            if active(pid).await == 1 {
-                Ok(())
-            } else {
-                Err("not waiting yet".to_string())
-            }
-        },
-    )
-    .await;
+    wait_for_waiting(&client, pid).await;
     // The client goes away: its socket closes with the connection's driver.
     driver.abort();
     waiting.abort();

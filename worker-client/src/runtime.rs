@@ -532,12 +532,6 @@ impl Runtime<'_> {
         self.more_may_be_assigned =
             rows.len() >= free && self.in_flight.values().any(InFlight::may_have_ended);
         let worker_id = session.worker_id;
-        self.start_fetched(worker_id, rows);
-        Ok(())
-    }
-
-    /// Starts a handler for each fetched task.
-    fn start_fetched(&mut self, worker_id: i64, rows: Vec<tokio_postgres::Row>) {
         for row in rows {
             let fetched = (|| {
                 Ok::<_, tokio_postgres::Error>((
@@ -562,6 +556,7 @@ impl Runtime<'_> {
                 }
             }
         }
+        Ok(())
     }
 
     fn spawn_handler(&mut self, key: AttemptKey, task_name: String, input: Value) {
