@@ -23,6 +23,7 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 
 use crate::claims::{self, Claim, NotRecorded};
+use crate::posted_read;
 use crate::spi_plans::{self, set_guc};
 use crate::wake;
 
@@ -131,11 +132,18 @@ pub(crate) struct ClaimedTask {
 pub(crate) unsafe fn claim(worker_id: i64, taken: &[wake::Posted]) -> Vec<ClaimedTask> {
     unsafe {
         let mut claimed = Vec::with_capacity(taken.len());
-        let nest_level = spi_plans::connect("sluice.fetch_tasks");
+        // SPI only where a statement runs: the read by hand is the rule.
+        let mut spi_nest_level = None;
 
         // 1. Read the rows still queued at the attempt before the posted one, and record the
         // claims of those without rate limits in memory.
-        let read = read_queued(taken);
+        let read = match posted_read::read(taken) {
+            Some(rows) => queued_rows(worker_id, taken, rows),
+            None => {
+                spi_nest_level = Some(spi_plans::connect("sluice.fetch_tasks"));
+                read_queued(taken)
+            }
+        };
         let mut in_memory = Vec::with_capacity(read.len());
         let mut in_row: rustc_hash::FxHashSet<i64> = Default::default();
         for row in &read {
@@ -171,6 +179,7 @@ pub(crate) unsafe fn claim(worker_id: i64, taken: &[wake::Posted]) -> Vec<Claime
 
         // 2. Claim the others in their rows.
         if !in_row.is_empty() {
+            spi_nest_level.get_or_insert_with(|| spi_plans::connect("sluice.fetch_tasks"));
             let chosen: Vec<&wake::Posted> = taken
                 .iter()
                 .filter(|p| in_row.contains(&p.task_id))
@@ -220,9 +229,42 @@ pub(crate) unsafe fn claim(worker_id: i64, taken: &[wake::Posted]) -> Vec<Claime
                 });
             }
         }
-        spi_plans::finish(nest_level);
+        if let Some(nest_level) = spi_nest_level {
+            spi_plans::finish(nest_level);
+        }
         claimed
     }
+}
+
+/// The claims of the rows `posted_read` found: picked now, timing out after the posted
+/// execution timeout (which that read requires to be on the board).
+fn queued_rows(
+    worker_id: i64,
+    taken: &[wake::Posted],
+    rows: Vec<posted_read::QueuedRow>,
+) -> Vec<ReadRow> {
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let timeout_of: rustc_hash::FxHashMap<i64, i32> = taken
+        .iter()
+        .map(|p| (p.task_id, p.execution_timeout_ms))
+        .collect();
+    rows.into_iter()
+        .map(|row| {
+            let timeout_ms = timeout_of.get(&row.task_id).copied().unwrap_or(0);
+            ReadRow {
+                claim: Claim {
+                    task_id: row.task_id,
+                    worker_id,
+                    picked_at: now,
+                    timeout_at: now.saturating_add(i64::from(timeout_ms) * 1000),
+                    attempt: row.attempt,
+                },
+                task_name: row.task_name,
+                input: row.input,
+                rate_limited: row.rate_limited,
+            }
+        })
+        .collect()
 }
 
 /// A row read for a claim in memory. `task_name` and `input` are datums in the caller's

@@ -21,6 +21,7 @@ mod enqueue;
 mod fetch;
 pub mod flow;
 mod gucs;
+mod posted_read;
 pub mod queue;
 mod scheduler;
 mod spi_plans;

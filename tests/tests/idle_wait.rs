@@ -88,7 +88,9 @@ async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_sn
         let attempts: Vec<i32> = row.get("attempts");
         let names: Vec<String> = row.get("task_names");
         let inputs: Vec<serde_json::Value> = row.get("inputs");
-        (waited, ids, attempts, names, inputs)
+        // The session is handed back: dropping it here would end the worker's session, and
+        // the scheduler's next maintenance would stop the worker as lost before the checks.
+        (waited, ids, attempts, names, inputs, session)
     });
     // While it waits: the CALL is active and holds no snapshot (no xmin for vacuum to respect).
     let xmin_held = wait_for_waiting(&client, pid).await;
@@ -99,7 +101,7 @@ async fn a_waiting_call_returns_when_its_worker_is_assigned_work_and_holds_no_sn
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let id = enqueue_sql(&client, &task, json!({"n": 7})).await;
-    let (waited, ids, attempts, names, inputs) = waiting.await.unwrap();
+    let (waited, ids, attempts, names, inputs, _session) = waiting.await.unwrap();
     assert_eq!(ids, vec![id], "the wait claims the task");
     assert_eq!(attempts, vec![1]);
     assert_eq!(names, vec![task.clone()]);
@@ -356,4 +358,99 @@ async fn a_wait_whose_client_went_away_ends_within_seconds() {
     )
     .await;
     assert!(gone_after.elapsed() < Duration::from_secs(10));
+}
+
+/// A claim reads the posted rows by hand (crate `posted_read`), not through SQL: an input large
+/// enough to be stored out of line (TOAST) must still arrive whole, through the wait's arrays and
+/// through `sluice.fetch_tasks`'s rows, with the claim's timeout from the definition.
+#[tokio::test]
+async fn a_large_input_stored_out_of_line_arrives_whole_through_await_and_fetch() {
+    let client = connect(&shared_dsn()).await;
+    let task = define_unique_task(
+        &client,
+        "idle_wait_large",
+        ", execution_timeout => '7 seconds'",
+    )
+    .await;
+    // 300 kB of digits that compress to about 220 kB: stored out of line.
+    let digits: String = (0..60_000u64)
+        .map(|i| format!("{:05}", (i * 2_654_435_761) % 100_000))
+        .collect();
+    let input = json!({ "digits": digits });
+
+    // Through the wait.
+    let session = connect(&shared_dsn()).await;
+    let worker_id = register_raw(&session, "raw-large-waiter", &task).await;
+    let pid = backend_pid(&session).await;
+    let waiting = tokio::spawn(async move {
+        let row = session
+            .query_one(
+                "CALL sluice.await_tasks($1, 5, 20000, NULL, NULL, NULL, NULL, NULL)",
+                &[&worker_id],
+            )
+            .await
+            .expect("the wait succeeds");
+        let ids: Vec<i64> = row.get("task_ids");
+        let inputs: Vec<serde_json::Value> = row.get("inputs");
+        let timeouts: Vec<std::time::SystemTime> = row.get("timeouts_at");
+        (ids, inputs, timeouts, session)
+    });
+    wait_for_waiting(&client, pid).await;
+    let id = enqueue_sql(&client, &task, input.clone()).await;
+    let stored_out_of_line: bool = client
+        .query_one(
+            "SELECT pg_column_size(input) > current_setting('block_size')::int FROM sluice.task_run WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        stored_out_of_line,
+        "the input must be larger than a page, so stored out of line"
+    );
+    let (ids, inputs, timeouts, _session) = waiting.await.unwrap();
+    assert_eq!(ids, vec![id]);
+    assert!(inputs[0] == input, "the waited-for input arrived changed");
+    let (started, timeout_at): (std::time::SystemTime, std::time::SystemTime) = {
+        let r = client
+            .query_one(
+                "SELECT started_at, started_at + interval '7 seconds' FROM sluice.tasks WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(started < timeouts[0]);
+    assert_eq!(
+        timeouts[0], timeout_at,
+        "the claim's timeout is its start plus 7 s"
+    );
+
+    // Through a fetch.
+    let fetcher = connect(&shared_dsn()).await;
+    let fetcher_id = register_raw(&fetcher, "raw-large-fetcher", &task).await;
+    let id = enqueue_sql(&client, &task, input.clone()).await;
+    let fetched: serde_json::Value = wait_until(
+        Duration::from_secs(15),
+        "the large task fetched",
+        || async {
+            let rows = fetcher
+                .query(
+                    "SELECT task_id, input FROM sluice.fetch_tasks($1)",
+                    &[&fetcher_id],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            match rows.first() {
+                Some(r) if r.get::<_, i64>(0) == id => Ok(r.get(1)),
+                Some(r) => Err(format!("fetched task {} instead", r.get::<_, i64>(0))),
+                None => Err("nothing assigned yet".into()),
+            }
+        },
+    )
+    .await;
+    assert!(fetched == input, "the fetched input arrived changed");
+    assert_eq!(task_state(&client, id).await.0, "running");
 }

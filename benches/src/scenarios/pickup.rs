@@ -234,6 +234,28 @@ fn latencies(recorder: &Recorder, committed: &[Instant], check: Check) -> Latenc
             })
         })
         .collect();
+    dump_series(&sorted_ms);
     sorted_ms.sort_by(f64::total_cmp);
     Latencies { sorted_ms, check }
+}
+
+/// For finding where a tail comes from: with `SLUICE_BENCH_PICKUP_DUMP=<path>` set, each
+/// system's latencies are appended to that file in enqueue order (one line per system), so slow
+/// pickups can be matched against time. Not part of any result.
+fn dump_series(in_order_ms: &[f64]) {
+    let Ok(path) = std::env::var("SLUICE_BENCH_PICKUP_DUMP") else {
+        return;
+    };
+    let line: Vec<String> = in_order_ms.iter().map(|ms| format!("{ms:.3}")).collect();
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| {
+            use std::io::Write;
+            writeln!(file, "{}", line.join(" "))
+        });
+    if let Err(e) = appended {
+        eprintln!("SLUICE_BENCH_PICKUP_DUMP: cannot write {path}: {e}");
+    }
 }
