@@ -234,19 +234,29 @@ fn latencies(recorder: &Recorder, committed: &[Instant], check: Check) -> Latenc
             })
         })
         .collect();
-    dump_series(&sorted_ms);
+    dump_series(committed.first().copied(), &sorted_ms);
     sorted_ms.sort_by(f64::total_cmp);
     Latencies { sorted_ms, check }
 }
 
 /// For finding where a tail comes from: with `SLUICE_BENCH_PICKUP_DUMP=<path>` set, each
-/// system's latencies are appended to that file in enqueue order (one line per system), so slow
-/// pickups can be matched against time. Not part of any result.
-fn dump_series(in_order_ms: &[f64]) {
+/// system's latencies are appended to that file in enqueue order (one line per system, after
+/// the Unix time of the first commit; one enqueue every `INTERVAL`), so slow pickups can be
+/// matched against a server log. Not part of any result.
+fn dump_series(first_commit: Option<Instant>, in_order_ms: &[f64]) {
     let Ok(path) = std::env::var("SLUICE_BENCH_PICKUP_DUMP") else {
         return;
     };
-    let line: Vec<String> = in_order_ms.iter().map(|ms| format!("{ms:.3}")).collect();
+    // The wall-clock time of the first commit, to match against a server log.
+    let first = first_commit.map_or(std::time::SystemTime::now(), |at| {
+        std::time::SystemTime::now() - at.elapsed()
+    });
+    let first_s = first
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let line: Vec<String> = std::iter::once(format!("{first_s:.3}"))
+        .chain(in_order_ms.iter().map(|ms| format!("{ms:.3}")))
+        .collect();
     let appended = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
