@@ -40,11 +40,16 @@ const SWEEP_TICK: Duration = Duration::from_millis(10);
 /// A commit that deleted task rows starts a sweep at once, but not sooner than this after the
 /// last sweep started (see `Scheduler::tick`).
 const DELETION_SWEEP_SPACING: Duration = Duration::from_secs(5);
-/// Finished tasks past their retention are deleted at most this often, this many per status
-/// per call (about 5 ms per 1,000); a full batch is followed by another one with the next
-/// maintenance, so a backlog goes at up to 50,000 per second per status.
+/// Finished tasks past their retention are deleted once a second, this many per status per
+/// call (3-5 ms per 1,000); a full batch is followed by another one after the next tick, at
+/// least `PURGE_AGAIN_SPACING` later, so a backlog goes at up to 200,000 per second per status.
+/// The scheduler assigns nothing while it purges: batches of 5,000 every maintenance (20-30 ms
+/// each, eight a second at 40,000 completions a second) left the workers idle for longer than
+/// their claimed work lasted, and the churn scenario's rate dropped by a fifth once its
+/// retention began to purge. A batch of 1,000 is shorter than what a worker has in hand.
 const PURGE_INTERVAL: Duration = Duration::from_secs(1);
-const PURGE_BATCH: i32 = 5_000;
+const PURGE_BATCH: i32 = 1_000;
+const PURGE_AGAIN_SPACING: Duration = Duration::from_millis(5);
 /// Workflow step outcomes applied per tick, at most (about 0.2 ms each: a tick stays short
 /// enough that assignments are not held up behind a burst of outcomes).
 const ADVANCE_PER_TICK: i32 = 250;
@@ -212,7 +217,10 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
                 let maintenance = (scheduler.queue.running_len() > 0)
                     .then(|| MAINTENANCE_INTERVAL.saturating_sub(scheduler.since_maintenance()));
                 let deferred = scheduler.upkeep_deferred.then_some(Duration::ZERO);
-                [next_due, maintenance, deferred, Some(poll)]
+                let purge_again = scheduler
+                    .purge_again
+                    .then(|| PURGE_AGAIN_SPACING.saturating_sub(scheduler.last_purge.elapsed()));
+                [next_due, maintenance, deferred, purge_again, Some(poll)]
                     .into_iter()
                     .flatten()
                     .min()
@@ -341,6 +349,7 @@ struct Scheduler {
     last_purge: Instant,
     /// The last purge deleted a full batch: more are due.
     purge_again: bool,
+    last_history_purge: Instant,
     /// A maintenance tick found a purge due: the housekeeping after it runs one.
     purge_due: bool,
     /// Where the next purge starts, per status (succeeded, failed, cancelled) of tasks, then
@@ -637,6 +646,7 @@ impl Scheduler {
             swept_out: 0,
             last_purge: Instant::now(),
             purge_again: false,
+            last_history_purge: Instant::now(),
             purge_due: false,
             purge_after: [i64::MIN; 6],
             purged: 0,
@@ -807,7 +817,7 @@ impl Scheduler {
                 expire_queued(client, &mut self.queue, expired, now);
             }
             self.last_maintenance = Some(Instant::now());
-            if self.purge_again || self.last_purge.elapsed() >= PURGE_INTERVAL {
+            if self.last_purge.elapsed() >= PURGE_INTERVAL {
                 self.purge_due = true;
             }
             // Windows of dynamic keys (one per user, say) are dropped once nothing counts.
@@ -815,6 +825,9 @@ impl Scheduler {
         }
         // Endings are reported through shared memory (crate::wake); checking every running
         // attempt in the table is the safety net, once a second or when reports overflowed.
+        if self.purge_again && !defer && self.last_purge.elapsed() >= PURGE_AGAIN_SPACING {
+            self.purge_due = true;
+        }
         // A check forced by overflowed reports is not deferred: until it runs, ended attempts
         // keep their slots.
         if self.check_all_running || (running_check_due && !defer) {
@@ -986,7 +999,12 @@ impl Scheduler {
         if self.purge_due {
             self.purge_due = false;
             let (purged, more) = purge_finished(client, &mut self.purge_after);
-            purge_history(client);
+            // History (its own batches) at most once per maintenance interval, as before
+            // task batches came this often.
+            if self.last_history_purge.elapsed() >= MAINTENANCE_INTERVAL {
+                purge_history(client);
+                self.last_history_purge = Instant::now();
+            }
             self.purge_again = more;
             self.purged += purged;
             self.last_purge = Instant::now();

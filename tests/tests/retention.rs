@@ -194,6 +194,93 @@ async fn finished_tasks_are_deleted_after_their_retention_and_no_sooner() {
     );
 }
 
+/// A backlog of finished tasks past their retention, several purge batches long, is deleted in
+/// one go, batch after batch, not a batch per purge interval (a second): the scheduler purges
+/// in short batches so that it is never long away from assigning, and continues while a batch
+/// comes back full.
+#[tokio::test]
+async fn a_backlog_of_finished_tasks_is_purged_batch_after_batch_without_waiting_a_second_each() {
+    // Kept for an hour while the backlog builds up; then the retention drops to a second and
+    // all of it is due at once.
+    let cluster = PrivateCluster::start(
+        "retention_backlog",
+        true,
+        &[("sluice.succeeded_task_retention", "3600")],
+    );
+    let client = connect(&cluster.dsn()).await;
+    create_test_tables(&client).await;
+    client
+        .batch_execute(
+            "CREATE TABLE sluice_test.deleted (id bigint, finished_at timestamptz,
+                                               deleted_at timestamptz);
+             CREATE FUNCTION sluice_test.log_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO sluice_test.deleted VALUES (OLD.id, OLD.finished_at, clock_timestamp());
+                 RETURN OLD;
+             END $$;
+             CREATE TRIGGER log_delete AFTER DELETE ON sluice.task_run
+                 FOR EACH ROW EXECUTE FUNCTION sluice_test.log_delete();",
+        )
+        .await
+        .unwrap();
+    let task = define_unique_task(&client, "retention_backlog", "").await;
+    // Six purge batches (1,000 each).
+    let ids = enqueue_copies(&client, &task, json!({}), 6_000).await;
+    let _worker = WorkerProcess::spawn(WORKER, &cluster.dsn(), &task, 100);
+    wait_finished(&client, &ids, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let due_since: std::time::SystemTime =
+        client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    client
+        .batch_execute("ALTER SYSTEM SET sluice.succeeded_task_retention = 1")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the backlog to be deleted",
+        || async {
+            let left: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sluice.task_run WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            match left {
+                0 => Ok(()),
+                n => Err(format!("{n} of {} left", ids.len())),
+            }
+        },
+    )
+    .await;
+    let (deleted, early, took_s): (i64, i64, f64) = {
+        let r = client
+            .query_one(
+                "SELECT count(DISTINCT id),
+                        count(*) FILTER (WHERE deleted_at < finished_at + interval '1 s'),
+                        extract(epoch FROM max(deleted_at) - $2::timestamptz)::float8
+                   FROM sluice_test.deleted WHERE id = ANY($1)",
+                &[&ids, &due_since],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(deleted, ids.len() as i64);
+    assert_eq!(early, 0, "tasks deleted before their retention");
+    // The first purge after the reload comes within a second; one batch a second after it
+    // would take five more.
+    assert!(
+        took_s < 3.5,
+        "the backlog took {took_s:.2} s to be deleted once it was due"
+    );
+}
+
 /// The history around tasks follows retention too: pushed events after
 /// `sluice.event_retention` (never sooner), fired cron ticks with the succeeded tasks, and a
 /// durable task's record with its task.

@@ -39,6 +39,8 @@ struct Churn {
     sizes_before: Value,
     /// When half the executions were done.
     sizes_halfway: Value,
+    /// At every tenth of the executions: the schema's size and task table's row counts.
+    curve: Value,
     sizes_after: Value,
     held: Value,
     check: Check,
@@ -52,6 +54,7 @@ impl Churn {
             overall_rate: NOT_MEASURED,
             sizes_before: Value::Null,
             sizes_halfway: Value::Null,
+            curve: Value::Null,
             sizes_after: Value::Null,
             held: Value::Null,
             check: Check::failed(format!("run failed: {error}")),
@@ -80,12 +83,32 @@ fn total_bytes(sizes: &Value) -> f64 {
 }
 
 pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
-    let total = if ctx.scale.quick { 100_000 } else { 2_000_000 };
+    // For showing where sizes level off (not a result of the suite's shape): a longer run with
+    // SLUICE_BENCH_CHURN_TASKS, and only Sluice's run without a held transaction with
+    // SLUICE_BENCH_CHURN_ONLY=sluice.
+    let total = match std::env::var("SLUICE_BENCH_CHURN_TASKS") {
+        Ok(n) => n
+            .parse()
+            .map_err(|e| format!("SLUICE_BENCH_CHURN_TASKS={n}: {e}"))?,
+        Err(_) if ctx.scale.quick => 100_000,
+        Err(_) => 2_000_000,
+    };
+    let only_sluice = std::env::var("SLUICE_BENCH_CHURN_ONLY").is_ok_and(|v| v == "sluice");
     let backlog = ctx.scale.tasks(20_000).max(2 * ENQUEUE_BATCH);
-    for hold in [false, true] {
+    let holds: &[bool] = if only_sluice {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    for &hold in holds {
         let variant = if hold { ", xact held open" } else { "" };
         let mut results = Vec::new();
-        for system in [System::Sluice, System::Batched] {
+        let systems: &[System] = if only_sluice {
+            &[System::Sluice]
+        } else {
+            &[System::Sluice, System::Batched]
+        };
+        for &system in systems {
             let what = format!("churn {system:?}{variant}");
             let churn = db::retrying(&ctx.dsn, &what, || churn(ctx, system, total, backlog, hold))
                 .await
@@ -101,7 +124,13 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                     total_bytes(&churn.sizes_after) / 1_048_576.0
                 ),
             );
+            for point in churn.curve.as_array().into_iter().flatten() {
+                progress(&what, &point.to_string());
+            }
             results.push(churn);
+        }
+        if results.len() < 2 {
+            results.push(Churn::failed("not run (SLUICE_BENCH_CHURN_ONLY)".into()));
         }
         let (sluice, batched) = (&results[0], &results[1]);
         let shapes = [
@@ -122,6 +151,7 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 "growth_bytes_per_task": churn.growth_mb() * 1_048_576.0 / total as f64,
                 "second_half_growth_share": churn.second_half_share(),
                 "sizes_before": churn.sizes_before, "sizes_halfway": churn.sizes_halfway,
+                "curve": churn.curve,
                 "sizes_after": churn.sizes_after,
                 "check": churn.check.details,
             });
@@ -284,13 +314,29 @@ async fn churn(
                 )
             }
         }
-        let halfway = async {
+        // Sizes at every tenth of the executions; the fifth is the halfway point.
+        let curve = async {
             let observer = db::connect(&ctx.dsn).await?;
-            recorder
-                .executions
-                .wait_for(total / 2, STALL, "churn halfway")
-                .await?;
-            relation_sizes(&observer, schema).await
+            let mut points = Vec::new();
+            let mut halfway = Value::Null;
+            for tenth in 1..10 {
+                recorder
+                    .executions
+                    .wait_for(total * tenth / 10, STALL, "churn sizes")
+                    .await?;
+                let sizes = relation_sizes(&observer, schema).await?;
+                let rows = table_rows(&observer, schema).await?;
+                points.push(json!({
+                    "executed": total * tenth / 10,
+                    "seconds": start.elapsed().as_secs_f64(),
+                    "schema_mb": total_bytes(&sizes) / 1_048_576.0,
+                    "rows": rows,
+                }));
+                if tenth == 5 {
+                    halfway = sizes;
+                }
+            }
+            Ok::<_, crate::Error>((halfway, Value::from(points)))
         };
         let ran = async {
             produce(&client, task.is_some(), total, backlog, &recorder).await?;
@@ -303,7 +349,8 @@ async fn churn(
                 }
             }
         };
-        let (ran, sizes_halfway) = tokio::join!(ran, halfway);
+        let (ran, curve) = tokio::join!(ran, curve);
+        let (sizes_halfway, curve) = curve?;
         let stopped = match (sluice_workers, baseline_workers) {
             (Some(w), _) => w.stop().await,
             (_, Some(w)) => w.stop().await,
@@ -344,7 +391,8 @@ async fn churn(
             last_rate: rate(step * 10, at(90)?, at(100)?),
             overall_rate: rate(total, start, end),
             sizes_before,
-            sizes_halfway: sizes_halfway?,
+            sizes_halfway,
+            curve,
             sizes_after,
             held,
             check,
@@ -358,6 +406,30 @@ async fn churn(
         sluice_side::cleanup(&ctx.dsn, task).await;
     }
     outcome
+}
+
+/// The biggest table's row counts as the statistics have them: live and dead versions (the
+/// latter what vacuum has not reclaimed yet) and when autovacuum last ran on it.
+async fn table_rows(client: &Client, schema: &str) -> Result<Value> {
+    let table = if schema == "sluice" {
+        "task_run"
+    } else {
+        "naive_job"
+    };
+    let row = client
+        .query_opt(
+            "SELECT n_live_tup, n_dead_tup, autovacuum_count, last_autovacuum::text
+               FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = $2",
+            &[&schema, &table],
+        )
+        .await?;
+    Ok(match row {
+        Some(r) => json!({
+            "table": table, "live": r.get::<_, i64>(0), "dead": r.get::<_, i64>(1),
+            "autovacuums": r.get::<_, i64>(2), "last_autovacuum": r.get::<_, Option<String>>(3),
+        }),
+        None => Value::Null,
+    })
 }
 
 /// Succeeded tasks are deleted this long after they finish during the Sluice runs, so that
