@@ -362,7 +362,8 @@ struct Scheduler {
     last_history_purge: Instant,
     /// The last arrivals read while memory held `ROUNDS_IN_MEMORY` rounds of work.
     last_backlog_read: Instant,
-    /// A maintenance tick found a purge due: the housekeeping after it runs one.
+    /// A purge is due (once a second at maintenance, or again after a full batch): the
+    /// housekeeping after the tick runs one.
     purge_due: bool,
     /// Where the next purge starts, per status (succeeded, failed, cancelled) of tasks, then
     /// of workflow runs: finish times before were purged (back to the start with each sweep,
