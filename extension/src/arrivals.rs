@@ -15,7 +15,7 @@
 //! here on every row, not trusted to the index's predicate. If the table or the index is not
 //! as expected, `read` returns `None` and the scheduler runs the SQL statement instead.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 
 use pgrx::pg_sys;
 use pgrx::FromDatum;
@@ -76,7 +76,7 @@ pub fn read(after: (Micros, i64), until: Micros, limit: usize) -> Option<Vec<Arr
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let heap = pg_sys::table_open(relid, lock);
         let index = pg_sys::index_open(index_id, lock);
-        let rows = match attnums(heap) {
+        let rows = match catalog::attnums(heap, &COLUMNS) {
             Some(attnums) if index_fits(index, relid, &attnums) => {
                 Some(scan(heap, index, &attnums, after, until, limit))
             }
@@ -86,31 +86,6 @@ pub fn read(after: (Micros, i64), until: Micros, limit: usize) -> Option<Vec<Arr
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
         rows
-    }
-}
-
-/// The attribute numbers of `COLUMNS` in task_run, if all are there with their types.
-unsafe fn attnums(heap: pg_sys::Relation) -> Option<[i16; COLUMNS.len()]> {
-    unsafe {
-        let desc = (*heap).rd_att;
-        let attributes = (*desc).attrs.as_slice((*desc).natts as usize);
-        let mut found = [0i16; COLUMNS.len()];
-        for attribute in attributes.iter().filter(|a| !a.attisdropped) {
-            let name = CStr::from_ptr(attribute.attname.data.as_ptr());
-            let Some(i) = COLUMNS.iter().position(|(n, _)| *n == name) else {
-                continue;
-            };
-            let type_ok = if i == STATUS {
-                pg_sys::get_typtype(attribute.atttypid) == pg_sys::TYPTYPE_ENUM as c_char
-            } else {
-                attribute.atttypid == COLUMNS[i].1
-            };
-            if !type_ok {
-                return None;
-            }
-            found[i] = attribute.attnum;
-        }
-        found.iter().all(|&a| a > 0).then_some(found)
     }
 }
 

@@ -14,7 +14,7 @@
 //! timeout too long for the board (which the statement looks up in the definition), `read`
 //! returns `None` and the claim runs the statement.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
@@ -62,7 +62,7 @@ pub unsafe fn read(taken: &[Posted]) -> Option<Vec<QueuedRow>> {
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let heap = pg_sys::table_open(relid, lock);
         let index = pg_sys::index_open(index_id, lock);
-        let rows = match attnums(heap) {
+        let rows = match catalog::attnums(heap, &COLUMNS) {
             Some(attnums) if index_fits(index, relid, attnums[ID]) => {
                 Some(lookup(heap, index, &attnums, taken))
             }
@@ -72,31 +72,6 @@ pub unsafe fn read(taken: &[Posted]) -> Option<Vec<QueuedRow>> {
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
         rows
-    }
-}
-
-/// The attribute numbers of `COLUMNS` in task_run, if all are there with their types.
-unsafe fn attnums(heap: pg_sys::Relation) -> Option<[i16; COLUMNS.len()]> {
-    unsafe {
-        let desc = (*heap).rd_att;
-        let attributes = (*desc).attrs.as_slice((*desc).natts as usize);
-        let mut found = [0i16; COLUMNS.len()];
-        for attribute in attributes.iter().filter(|a| !a.attisdropped) {
-            let name = CStr::from_ptr(attribute.attname.data.as_ptr());
-            let Some(i) = COLUMNS.iter().position(|(n, _)| *n == name) else {
-                continue;
-            };
-            let type_ok = if i == STATUS {
-                pg_sys::get_typtype(attribute.atttypid) == pg_sys::TYPTYPE_ENUM as c_char
-            } else {
-                attribute.atttypid == COLUMNS[i].1
-            };
-            if !type_ok {
-                return None;
-            }
-            found[i] = attribute.attnum;
-        }
-        found.iter().all(|&a| a > 0).then_some(found)
     }
 }
 
