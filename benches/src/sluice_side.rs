@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use sluice_client::{define_task, enqueue_many, TaskDefinition, TaskError, TaskOptions, Worker};
+use sluice_client::{
+    define_task, enqueue_many, TaskDefinition, TaskError, TaskOptions, Worker, WorkerStats,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
@@ -75,6 +77,7 @@ pub async fn enqueue_range(client: &Client, range: Range<u64>) -> Result<()> {
 pub struct SluiceWorkers {
     stop: watch::Sender<bool>,
     handles: Vec<JoinHandle<Result<(), sluice_client::Error>>>,
+    stats: Vec<WorkerStats>,
     pub names: Vec<String>,
 }
 
@@ -90,6 +93,7 @@ impl SluiceWorkers {
     ) -> Result<SluiceWorkers> {
         let (stop, stopped) = watch::channel(false);
         let mut handles = Vec::new();
+        let mut stats = Vec::new();
         let mut names = Vec::new();
         for i in 0..count {
             let name = format!("{label}_{i}");
@@ -104,6 +108,7 @@ impl SluiceWorkers {
                 builder = builder.slots(slots);
             }
             let worker = builder.build()?;
+            stats.push(worker.stats());
             let mut stopped = stopped.clone();
             handles.push(tokio::spawn(worker.run_until(async move {
                 // Resolves on stop() and when the sender is dropped.
@@ -114,8 +119,24 @@ impl SluiceWorkers {
         Ok(SluiceWorkers {
             stop,
             handles,
+            stats,
             names,
         })
+    }
+
+    /// When the last of `n` completions committed, as the workers saw their answers (the
+    /// baselines' workers time their completions the same way), once all `n` have: a query
+    /// asking Postgres whether any is left costs up to 20 ms after a drain (it passes over the
+    /// dead index entries of every task just finished) and would be timed as drain.
+    pub fn all_completed_at(&self, n: usize) -> Option<Instant> {
+        let completed: u64 = self.stats.iter().map(WorkerStats::completed).sum();
+        if completed < n as u64 {
+            return None;
+        }
+        self.stats
+            .iter()
+            .filter_map(WorkerStats::last_ended_at)
+            .max()
     }
 
     /// Waits until every worker is registered (live in `sluice.workers`).

@@ -96,7 +96,7 @@ pub unsafe extern "C-unwind" fn sluice_await_tasks(
 
         let deadline = Instant::now() + wait_limit(timeout_ms);
         let ended = PgTryBuilder::new(|| wait(worker_id, deadline))
-            .finally(|| wake::unregister_waiter())
+            .finally(wake::unregister_waiter)
             .execute();
         // The claims take their times from now(), the transaction's start: not the wait's.
         commit_and_start_afresh();

@@ -24,24 +24,23 @@ use crate::claims;
 use crate::spi_plans;
 use crate::wake;
 
-/// Attempts claimed in memory. $1 worker, $2 all ids, $3 their attempts, $4 their outputs,
-/// $5 the claims' pick times (by position in $2), $6 the ids held in memory.
+/// Attempts claimed in memory. $1 worker, then one row per attempt: $2 ids, $3 attempts, $4
+/// outputs, $5 the claims' pick times. `status::text`: a comparison the planner cannot use to
+/// walk a partial index instead of the primary key.
 const HELD_SQL: &CStr = c"UPDATE sluice.task_run t
-   SET status = 'succeeded', output = $4[sluice._array_position($2, t.id)],
-       finished_at = now(), timeout_at = NULL, attempt = t.attempt + 1, worker_id = $1,
-       assigned_at = $5[sluice._array_position($2, t.id)],
-       picked_at = $5[sluice._array_position($2, t.id)]
- WHERE t.id = ANY($6) AND t.status::text = 'queued'
-   AND t.attempt = $3[sluice._array_position($2, t.id)] - 1
+   SET status = 'succeeded', output = e.output, finished_at = now(), timeout_at = NULL,
+       attempt = t.attempt + 1, worker_id = $1, assigned_at = e.picked, picked_at = e.picked
+  FROM unnest($2, $3, $4, $5) AS e(id, attempt, output, picked)
+ WHERE t.id = e.id AND t.status::text = 'queued' AND t.attempt = e.attempt - 1
 RETURNING t.id, t.attempt";
 
-/// Attempts running in their rows. $1 worker, $2 all ids, $3 their attempts, $4 their outputs,
-/// $5 the ids not ended by the first update.
+/// Attempts running in their rows. $1 worker, then one row per attempt: $2 ids, $3 attempts,
+/// $4 outputs.
 const RUNNING_SQL: &CStr = c"UPDATE sluice.task_run t
-   SET status = 'succeeded', output = $4[sluice._array_position($2, t.id)],
-       finished_at = now(), timeout_at = NULL
- WHERE t.id = ANY($5) AND t.attempt = $3[sluice._array_position($2, t.id)]
-   AND t.worker_id = $1 AND t.status::text = 'running'
+   SET status = 'succeeded', output = e.output, finished_at = now(), timeout_at = NULL
+  FROM unnest($2, $3, $4) AS e(id, attempt, output)
+ WHERE t.id = e.id AND t.attempt = e.attempt AND t.worker_id = $1
+   AND t.status::text = 'running'
 RETURNING t.id, t.attempt";
 
 thread_local! {
@@ -71,19 +70,16 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
     unsafe {
         let args = (*fcinfo).args.as_slice(4);
         let worker_id = args[0].value.value() as i64;
-        let ids_datum = args[1].value;
-        let attempts_datum = args[2].value;
-        let outputs_datum = args[3].value;
         // A NULL element becomes 0, which no task id or attempt equals (ids start at 1,
         // attempts fetched at 1), so it ends nothing.
-        let ids: Vec<i64> = Array::<i64>::from_datum(ids_datum, false)
+        let ids: Vec<i64> = Array::<i64>::from_datum(args[1].value, false)
             .map(|a| a.iter().map(|e| e.unwrap_or(0)).collect())
             .unwrap_or_default();
-        let attempts: Vec<i32> = Array::<i32>::from_datum(attempts_datum, false)
+        let attempts: Vec<i32> = Array::<i32>::from_datum(args[2].value, false)
             .map(|a| a.iter().map(|e| e.unwrap_or(0)).collect())
             .unwrap_or_default();
-        let outputs = Array::<pgrx::JsonB>::from_datum(outputs_datum, false).map_or(0, |a| a.len());
-        if ids.len() != attempts.len() || ids.len() != outputs {
+        let outputs = JsonbElements::of(args[3].value);
+        if ids.len() != attempts.len() || ids.len() != outputs.len() {
             ereport!(
                 ERROR,
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -91,7 +87,7 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
                     "task_ids, attempts and outputs must have the same length ({}, {}, {})",
                     ids.len(),
                     attempts.len(),
-                    outputs
+                    outputs.len()
                 )
             );
         }
@@ -103,13 +99,20 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
             return pg_sys::Datum::from(0);
         }
 
-        // The claims this worker holds for exactly these attempts, with their pick times by
-        // position (NULL where none).
-        let mut held_ids = Vec::new();
-        let mut picked: Vec<Option<TimestampWithTimeZone>> = vec![None; ids.len()];
+        // An id listed twice is ended by its first listing only (a join of the update with
+        // both would pick one of them at random).
+        let mut listed = rustc_hash::FxHashSet::default();
+        listed.reserve(ids.len());
+        let first_listing: Vec<bool> = ids.iter().map(|&id| listed.insert(id)).collect();
+
+        // The claims this worker holds for exactly these attempts, with their pick times.
+        let mut held = Vec::new();
+        let mut picked = Vec::new();
         for (i, claim) in claims::held_of(&ids, &attempts, worker_id) {
-            held_ids.push(claim.task_id);
-            picked[i] = Some(crate::timestamptz(claim.picked_at));
+            if first_listing[i] {
+                held.push(i);
+                picked.push(crate::timestamptz(claim.picked_at));
+            }
         }
 
         let nest_level = spi_plans::connect("sluice.complete_many");
@@ -117,14 +120,13 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
         let mut ended_ids: Vec<i64> = Vec::with_capacity(ids.len());
         let mut ended_attempts: Vec<i32> = Vec::with_capacity(ids.len());
         let worker = pg_sys::Datum::from(worker_id);
-        if !held_ids.is_empty() {
+        if !held.is_empty() {
             let mut values = [
                 worker,
-                ids_datum,
-                attempts_datum,
-                outputs_datum,
+                array_of(held.iter().map(|&i| ids[i])),
+                array_of(held.iter().map(|&i| attempts[i])),
+                outputs.at(&held),
                 picked.into_datum().expect("an array is never NULL"),
-                held_ids.into_datum().expect("an array is never NULL"),
             ];
             let types = [
                 pg_sys::INT8OID,
@@ -132,7 +134,6 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
                 pg_sys::INT4ARRAYOID,
                 pg_sys::JSONBARRAYOID,
                 pg_sys::TIMESTAMPTZARRAYOID,
-                pg_sys::INT8ARRAYOID,
             ];
             let table = spi_plans::execute(
                 &HELD_PLAN,
@@ -144,26 +145,22 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
             );
             collect_ended(table, &mut ended_ids, &mut ended_attempts);
         }
-        if ended_ids.len() < ids.len() {
-            let ended: rustc_hash::FxHashSet<i64> = ended_ids.iter().copied().collect();
-            let remaining: Vec<i64> = ids
-                .iter()
-                .copied()
-                .filter(|id| !ended.contains(id))
-                .collect();
+        let ended: rustc_hash::FxHashSet<i64> = ended_ids.iter().copied().collect();
+        let remaining: Vec<usize> = (0..ids.len())
+            .filter(|&i| first_listing[i] && !ended.contains(&ids[i]))
+            .collect();
+        if !remaining.is_empty() {
             let mut values = [
                 worker,
-                ids_datum,
-                attempts_datum,
-                outputs_datum,
-                remaining.into_datum().expect("an array is never NULL"),
+                array_of(remaining.iter().map(|&i| ids[i])),
+                array_of(remaining.iter().map(|&i| attempts[i])),
+                outputs.at(&remaining),
             ];
             let types = [
                 pg_sys::INT8OID,
                 pg_sys::INT8ARRAYOID,
                 pg_sys::INT4ARRAYOID,
                 pg_sys::JSONBARRAYOID,
-                pg_sys::INT8ARRAYOID,
             ];
             let table = spi_plans::execute(
                 &RUNNING_PLAN,
@@ -188,6 +185,83 @@ pub unsafe extern "C-unwind" fn sluice_complete_many(
             pg_sys::tuplestore_putvalues(result, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
         }
         pg_sys::Datum::from(0)
+    }
+}
+
+/// An array datum of these values.
+fn array_of<T: IntoDatum>(values: impl Iterator<Item = T>) -> pg_sys::Datum {
+    values
+        .collect::<Vec<T>>()
+        .into_datum()
+        .expect("an array is never NULL")
+}
+
+/// The elements of the outputs argument (`jsonb[]`), deconstructed once, so that the updates
+/// get arrays in the order of their other arrays: a subscript of a `jsonb[]` walks it from the
+/// start, and one per row made the completion quadratic in the batch.
+struct JsonbElements {
+    array: pg_sys::Datum,
+    elements: *mut pg_sys::Datum,
+    nulls: *mut bool,
+    len: usize,
+}
+
+impl JsonbElements {
+    /// # Safety
+    /// `datum` is a non-NULL `jsonb[]` of the current call.
+    unsafe fn of(datum: pg_sys::Datum) -> JsonbElements {
+        unsafe {
+            let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+            let mut elements = std::ptr::null_mut();
+            let mut nulls = std::ptr::null_mut();
+            let mut len = 0;
+            pg_sys::deconstruct_array(
+                array,
+                pg_sys::JSONBOID,
+                -1,
+                false,
+                pg_sys::TYPALIGN_INT as std::ffi::c_char,
+                &mut elements,
+                &mut nulls,
+                &mut len,
+            );
+            JsonbElements {
+                array: pg_sys::Datum::from(array),
+                elements,
+                nulls,
+                len: len as usize,
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// A `jsonb[]` of the elements at these positions, in their order: the argument itself
+    /// when that is all of it in order (a drain's batch).
+    unsafe fn at(&self, positions: &[usize]) -> pg_sys::Datum {
+        if positions.len() == self.len && positions.iter().enumerate().all(|(k, &i)| k == i) {
+            return self.array;
+        }
+        unsafe {
+            let mut elements: Vec<pg_sys::Datum> =
+                positions.iter().map(|&i| *self.elements.add(i)).collect();
+            let mut nulls: Vec<bool> = positions.iter().map(|&i| *self.nulls.add(i)).collect();
+            let mut dims = [positions.len() as i32];
+            let mut lower_bounds = [1];
+            pg_sys::Datum::from(pg_sys::construct_md_array(
+                elements.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+                1,
+                dims.as_mut_ptr(),
+                lower_bounds.as_mut_ptr(),
+                pg_sys::JSONBOID,
+                -1,
+                false,
+                pg_sys::TYPALIGN_INT as std::ffi::c_char,
+            ))
+        }
     }
 }
 

@@ -545,3 +545,148 @@ async fn a_task_lost_more_often_than_max_lost_attempts_fails_and_unfetched_assig
         "last_error should say why the task failed: {error}"
     );
 }
+
+/// One `complete_many` batch mixing claims held in memory (a plain task) and claims written to
+/// their rows (a rate-limited task): each listed attempt is ended once with its own output, an
+/// id listed twice is ended by its first listing, a wrong attempt ends nothing, and the same
+/// batch sent again ends nothing more.
+#[tokio::test]
+async fn a_batch_completion_ends_each_listed_attempt_once_held_or_in_its_row() {
+    let client = connect(&shared_dsn()).await;
+    let held_task = define_unique_task(&client, "batch_held", "").await;
+    let row_task = define_unique_task(
+        &client,
+        "batch_rows",
+        r#", rate_limits => '[{"key_path": "$.u", "limit": 100, "per": "1 hour"}]'"#,
+    )
+    .await;
+    let held = enqueue_copies(&client, &held_task, json!({}), 2).await;
+    let in_rows = enqueue_copies(&client, &row_task, json!({"u": "x"}), 2).await;
+
+    let session = connect(&shared_dsn()).await;
+    let worker: i64 = session
+        .query_one(
+            "SELECT sluice.register_worker('raw-batch', ARRAY[$1, $2], 4)",
+            &[&held_task, &row_task],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut claimed: Vec<(i64, i32)> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while claimed.len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {claimed:?} claimed after 15 s"
+        );
+        for r in session
+            .query(
+                "SELECT task_id, attempt FROM sluice.fetch_tasks($1)",
+                &[&worker],
+            )
+            .await
+            .unwrap()
+        {
+            claimed.push((r.get(0), r.get(1)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        claimed.iter().all(|&(_, attempt)| attempt == 1),
+        "{claimed:?}"
+    );
+    let split: (i64, i64) = {
+        let all: Vec<i64> = held.iter().chain(&in_rows).copied().collect();
+        let r = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM sluice._claims($1) c WHERE c.task_id = ANY($2)),
+                        (SELECT count(*) FROM sluice.task_run
+                          WHERE id = ANY($3) AND status = 'running')",
+                &[&all, &held, &in_rows],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(split, (2, 2), "(held claims, claims in rows)");
+
+    let complete = |ids: Vec<i64>, attempts: Vec<i32>, outputs: Vec<serde_json::Value>| {
+        let session = &session;
+        async move {
+            let mut ended: Vec<i64> = session
+                .query(
+                    "SELECT c FROM sluice.complete_many($1, $2, $3, $4) AS c",
+                    &[&worker, &ids, &attempts, &outputs],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            ended.sort();
+            ended
+        }
+    };
+    let (h1, h2, r1, r2) = (held[0], held[1], in_rows[0], in_rows[1]);
+    let sorted = |mut v: Vec<i64>| {
+        v.sort();
+        v
+    };
+    let batch_ids = vec![h1, r1, h1, r2, h2];
+    let batch_attempts = vec![1, 1, 1, 1, 99];
+    let outputs: Vec<serde_json::Value> = (1..=5).map(|n| json!({ "n": n })).collect();
+    assert_eq!(
+        complete(batch_ids.clone(), batch_attempts, outputs.clone()).await,
+        sorted(vec![h1, r1, r2]),
+        "the first listing of each current attempt is ended; attempt 99 is not current"
+    );
+    let state = |id: i64| {
+        let client = &client;
+        async move {
+            let r = client
+                .query_one(
+                    "SELECT status::text, attempt, output FROM sluice.tasks WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            (
+                r.get::<_, String>(0),
+                r.get::<_, i32>(1),
+                r.get::<_, Option<serde_json::Value>>(2),
+            )
+        }
+    };
+    assert_eq!(
+        state(h1).await,
+        ("succeeded".into(), 1, Some(json!({"n": 1})))
+    );
+    assert_eq!(
+        state(r1).await,
+        ("succeeded".into(), 1, Some(json!({"n": 2})))
+    );
+    assert_eq!(
+        state(r2).await,
+        ("succeeded".into(), 1, Some(json!({"n": 4})))
+    );
+    assert_eq!(state(h2).await, ("running".into(), 1, None));
+
+    // The same batch again, now with h2's right attempt: only h2 is left to end.
+    assert_eq!(
+        complete(batch_ids, vec![1, 1, 1, 1, 1], outputs).await,
+        vec![h2]
+    );
+    assert_eq!(
+        state(h2).await,
+        ("succeeded".into(), 1, Some(json!({"n": 5})))
+    );
+    assert_eq!(
+        state(h1).await.2,
+        Some(json!({"n": 1})),
+        "h1's output stands"
+    );
+    session
+        .execute("SELECT sluice.deregister_worker($1)", &[&worker])
+        .await
+        .unwrap();
+}

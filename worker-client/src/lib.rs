@@ -49,6 +49,7 @@ mod error;
 mod pool;
 mod producer;
 mod runtime;
+mod stats;
 mod task;
 mod triggers;
 mod worker;
@@ -61,6 +62,7 @@ pub use producer::{
     Concurrency, ConcurrencyStrategy, DesiredLabel, EnqueueOptions, PreparedEnqueue, RateLimitUse,
     TaskOptions, Units,
 };
+pub use stats::WorkerStats;
 pub use task::{TaskDefinition, TaskError};
 pub use triggers::{
     delete_scheduled, delete_scheduled_run, push_event, push_events, reschedule, reschedule_run,

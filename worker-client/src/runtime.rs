@@ -24,6 +24,7 @@ use crate::batch::{group_by_worker, AttemptKey, CompletionBatcher, Ending, Pendi
 use crate::context::TaskContext;
 use crate::error::{worker_not_registered, Error};
 use crate::pool::ConnectionPool;
+use crate::stats::WorkerStats;
 use crate::task::TaskError;
 use crate::worker::{HandlerFuture, WorkerConfig};
 
@@ -376,6 +377,10 @@ impl Runtime<'_> {
             return false;
         };
         let completed = in_flight.completed_in_transaction.load(Ordering::Acquire);
+        if completed {
+            // The handler's own transaction ended the attempt, and committed before it returned.
+            self.config.stats.add_completed(1, Instant::now());
+        }
         if let Some(ending) = decide_ending(completed, in_flight.cancelled, finished.result) {
             self.batcher.push(finished.key, ending, Instant::now());
         }
@@ -583,6 +588,7 @@ impl Runtime<'_> {
             Arc::clone(&self.pool),
             Arc::clone(&completed_in_transaction),
         );
+        self.config.stats.add_started();
         let abort = spawn_reporting(key, handler(context, input), self.finished_tx.clone());
         self.in_flight.insert(
             key,
@@ -644,7 +650,7 @@ impl Runtime<'_> {
             return Ok(());
         };
         let endings = self.batcher.take();
-        match send_endings(session, &endings).await {
+        match send_endings(session, &endings, &self.config.stats).await {
             Ok(warnings) => {
                 for warning in warnings {
                     self.warn(&warning);
@@ -727,7 +733,7 @@ impl Runtime<'_> {
             )));
         };
         let endings = self.batcher.take();
-        let sent = send_endings(session, &endings).await;
+        let sent = send_endings(session, &endings, &self.config.stats).await;
         let deregistered = session
             .client
             .execute("SELECT sluice.deregister_worker($1)", &[&worker_id])
@@ -1036,7 +1042,11 @@ async fn connect_listening(
 
 /// Sends endings with complete_many / fail_many. Returns warnings about endings Postgres
 /// rejected one by one; an Err is transient and nothing can be assumed sent.
-async fn send_endings(session: &Session, endings: &[PendingEnding]) -> Result<Vec<String>, Error> {
+async fn send_endings(
+    session: &Session,
+    endings: &[PendingEnding],
+    stats: &WorkerStats,
+) -> Result<Vec<String>, Error> {
     let mut warnings = Vec::new();
     let mut rejected_outputs = Vec::new();
     for batch in group_by_worker(endings) {
@@ -1056,7 +1066,8 @@ async fn send_endings(session: &Session, endings: &[PendingEnding]) -> Result<Ve
                 .await
                 .map_err(|e| Error::postgres("completing tasks failed", e));
             match sent {
-                Ok(_) => {}
+                // The rows are the attempts it ended (a late or duplicate ending is not one).
+                Ok(rows) => stats.add_completed(rows.len(), Instant::now()),
                 Err(error) if error.is_transient() => return Err(error),
                 Err(_) => {
                     for i in 0..batch.completed_ids.len() {
@@ -1079,7 +1090,7 @@ async fn send_endings(session: &Session, endings: &[PendingEnding]) -> Result<Ve
                             .await
                             .map_err(|e| Error::postgres("Postgres rejected the task output", e));
                         match one {
-                            Ok(_) => {}
+                            Ok(rows) => stats.add_completed(rows.len(), Instant::now()),
                             Err(error) if error.is_transient() => return Err(error),
                             Err(error) => rejected_outputs.push(PendingEnding {
                                 key,
@@ -1094,11 +1105,11 @@ async fn send_endings(session: &Session, endings: &[PendingEnding]) -> Result<Ve
             }
         }
         if !batch.failed_ids.is_empty() {
-            fail_batch(session, &batch, &mut warnings).await?;
+            fail_batch(session, &batch, &mut warnings, stats).await?;
         }
     }
     for batch in group_by_worker(&rejected_outputs) {
-        fail_batch(session, &batch, &mut warnings).await?;
+        fail_batch(session, &batch, &mut warnings, stats).await?;
     }
     Ok(warnings)
 }
@@ -1107,6 +1118,7 @@ async fn fail_batch(
     session: &Session,
     batch: &crate::batch::WorkerBatch,
     warnings: &mut Vec<String>,
+    stats: &WorkerStats,
 ) -> Result<(), Error> {
     let sent = session
         .client
@@ -1123,7 +1135,10 @@ async fn fail_batch(
         .await
         .map_err(|e| Error::postgres("failing tasks failed", e));
     match sent {
-        Ok(_) => Ok(()),
+        Ok(rows) => {
+            stats.add_failed(rows.len(), Instant::now());
+            Ok(())
+        }
         Err(error) if error.is_transient() => Err(error),
         Err(error) => {
             warnings.push(format!(

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::context::TaskContext;
 use crate::error::Error;
 use crate::runtime;
+use crate::stats::WorkerStats;
 use crate::task::{TaskDefinition, TaskError};
 
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
@@ -28,6 +29,7 @@ pub(crate) struct WorkerConfig {
     pub(crate) handlers: HashMap<String, ErasedHandler>,
     /// Labels for placement (`desired_labels` on task definitions), a JSON object.
     pub(crate) labels: serde_json::Map<String, serde_json::Value>,
+    pub(crate) stats: WorkerStats,
 }
 
 /// Runs task handlers for the tasks it was built with, as one registered Sluice worker.
@@ -50,6 +52,11 @@ impl Worker {
             duplicate_task: None,
             labels: serde_json::Map::new(),
         }
+    }
+
+    /// What this worker has done so far, updated while it runs: keep the handle before `run`.
+    pub fn stats(&self) -> WorkerStats {
+        self.config.stats.clone()
     }
 
     /// Runs until SIGTERM or Ctrl-C, then shuts down gracefully.
@@ -205,6 +212,7 @@ impl WorkerBuilder {
                 batch_max_delay: self.batch_max_delay,
                 handlers: self.handlers,
                 labels: self.labels,
+                stats: WorkerStats::default(),
             },
         })
     }

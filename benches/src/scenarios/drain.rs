@@ -243,10 +243,12 @@ pub(super) async fn sluice_drain(
             sluice_side::wait_all_finished(&client, task, STALL).await
         }
         .await;
+        let end = drained.map(|db_end| workers.all_completed_at(n).unwrap_or(db_end));
         let stopped = workers.stop().await;
-        let end = drained?;
+        let end = end?;
         stopped?;
         let check = sluice_side::check(&client, task, &recorder, true).await?;
+        print_timeline(&recorder, n, start, end);
         Ok((rate(n, start, end), (end - start).as_secs_f64(), check))
     }
     .await;
@@ -283,6 +285,7 @@ async fn baseline_drain(
     let end = completions
         .at(n)
         .ok_or("the last completion has no instant")?;
+    print_timeline(&recorder, n, start, end);
     let executions = recorder.check(true);
     let (jobs, done) = baseline::job_counts(&client).await?;
     let check = Check {
@@ -290,6 +293,27 @@ async fn baseline_drain(
         details: json!({ "executions": executions.to_json(), "jobs": jobs, "done": done }),
     };
     Ok((rate(n, start, end), (end - start).as_secs_f64(), check))
+}
+
+/// With SLUICE_BENCH_DRAIN_TIMELINE set: when the first task, 1%, 10%, ... and the last
+/// started, and the end, in ms from the start (where a drain loses time: its start, its middle
+/// or its end).
+fn print_timeline(recorder: &Recorder, n: usize, start: Instant, end: Instant) {
+    if std::env::var_os("SLUICE_BENCH_DRAIN_TIMELINE").is_none() {
+        return;
+    }
+    let ms = |at: Option<Instant>| at.map_or(f64::NAN, |at| (at - start).as_secs_f64() * 1000.0);
+    let started = &recorder.executions;
+    let marks: Vec<String> = [1, 10, 50, 90, 99, 100]
+        .iter()
+        .map(|&pct| format!("{pct}% {:.1}", ms(started.at(n * pct / 100))))
+        .collect();
+    eprintln!(
+        "  timeline (ms since start): first {:.1}, {}, end {:.1}",
+        ms(started.first()),
+        marks.join(", "),
+        ms(Some(end))
+    );
 }
 
 fn emit(report: &mut Report, n: usize, runs: &[Run], rounds: &[Vec<(&str, f64)>]) -> Result<()> {
