@@ -213,6 +213,13 @@ pub extern "C-unwind" fn sluice_scheduler_main(_arg: pg_sys::Datum) {
                 Spi::connect_mut(|client| this.housekeeping(client))
             });
         }
+        // A client backend sends its table statistics before it waits for the next command; a
+        // background worker only when it asks. Without this the scheduler's purges and updates
+        // never reached pg_stat_user_tables (n_tup_del, n_dead_tup, n_live_tup) until it
+        // exited, and autovacuum, which starts from those counts, missed the purge's dead rows.
+        // Outside a transaction, as it must be; Postgres sends at most one a second unless
+        // forced, so asking every tick costs a clock read.
+        unsafe { pg_sys::pgstat_report_stat(false) };
         sleep = match outcome {
             Tick::Ran { next_due, assigned } => {
                 stats.record(started.elapsed(), assigned, &mut scheduler);

@@ -279,6 +279,29 @@ async fn a_backlog_of_finished_tasks_is_purged_batch_after_batch_without_waiting
         took_s < 3.5,
         "the backlog took {took_s:.2} s to be deleted once it was due"
     );
+    // The scheduler is the only one deleting here: its deletions reach the statistics that
+    // autovacuum and monitoring read, not only at its exit.
+    wait_until(
+        Duration::from_secs(10),
+        "the purge's deletions in pg_stat_user_tables",
+        || async {
+            let deleted: i64 = client
+                .query_one(
+                    "SELECT n_tup_del FROM pg_stat_user_tables
+                      WHERE relid = 'sluice.task_run'::regclass",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if deleted >= ids.len() as i64 {
+                Ok(())
+            } else {
+                Err(format!("n_tup_del is {deleted}"))
+            }
+        },
+    )
+    .await;
 }
 
 /// The history around tasks follows retention too: pushed events after
