@@ -223,7 +223,7 @@ pub struct QueueState {
     ready: FxHashMap<String, BTreeSet<(Reverse<i32>, i64)>>,
     /// Per task name with a concurrency rule, per key.
     keyed: FxHashMap<String, KeyedName>,
-    rules: HashMap<String, ConcurrencyRule>,
+    rules: FxHashMap<String, ConcurrencyRule>,
     /// Flow facts (and task name) of ready and running tasks that have any.
     flow: FxHashMap<i64, (String, TaskFlow)>,
     /// Running (or posted) task ids per (task name, concurrency key).
@@ -256,7 +256,7 @@ impl QueueState {
         QueueState {
             ready: FxHashMap::default(),
             keyed: FxHashMap::default(),
-            rules: HashMap::new(),
+            rules: FxHashMap::default(),
             flow: FxHashMap::default(),
             key_running: FxHashMap::default(),
             served_seq: 0,
@@ -359,7 +359,7 @@ impl QueueState {
     /// Sets the concurrency rules per task name. The ready tasks of a name whose rule appeared
     /// or went move between the plain and the keyed queues, in memory (a reread from the table
     /// would walk every index entry not yet vacuumed); running counts per key are kept.
-    pub fn set_rules(&mut self, rules: HashMap<String, ConcurrencyRule>) {
+    pub fn set_rules(&mut self, rules: FxHashMap<String, ConcurrencyRule>) {
         if rules == self.rules {
             return;
         }
@@ -1374,8 +1374,8 @@ mod unit_tests {
             .collect()
     }
 
-    fn rule(max_runs: u32, strategy: Strategy) -> HashMap<String, ConcurrencyRule> {
-        HashMap::from([("a".to_string(), ConcurrencyRule { max_runs, strategy })])
+    fn rule(max_runs: u32, strategy: Strategy) -> FxHashMap<String, ConcurrencyRule> {
+        FxHashMap::from_iter([("a".to_string(), ConcurrencyRule { max_runs, strategy })])
     }
 
     /// Admits up to `slots` tasks of name "a" on worker 7 as the scheduler would; returns ids.
@@ -1407,14 +1407,14 @@ mod unit_tests {
         assert_eq!((q.running_for_key("a", "k"), q.ready_len()), (2, 2));
         assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![4]);
         // Without a rule the tasks are plain again, and back under one when it returns.
-        q.set_rules(HashMap::new());
+        q.set_rules(FxHashMap::default());
         assert_eq!(q.ready_len(), 1);
         q.set_rules(rule(3, Strategy::GroupRoundRobin));
         assert!(
             admit(&mut q, &mut limits, 10, 0).is_empty(),
             "k is full (3 running)"
         );
-        q.set_rules(HashMap::new());
+        q.set_rules(FxHashMap::default());
         assert_eq!(admit(&mut q, &mut limits, 10, 0), vec![5]);
     }
 

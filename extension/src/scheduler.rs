@@ -417,7 +417,7 @@ struct Definitions {
     /// Execution timeout per task name (microseconds): estimates a posted task's timeout until
     /// its claim's own is read.
     execution_timeouts: rustc_hash::FxHashMap<String, Micros>,
-    rules: HashMap<String, ConcurrencyRule>,
+    rules: rustc_hash::FxHashMap<String, ConcurrencyRule>,
     /// Per task name, per entry of its rate_limits: the limit of a dynamic key.
     dynamic_limits: HashMap<String, Vec<Option<Limit>>>,
     /// Per task name: the worker labels it asks for (if any).
